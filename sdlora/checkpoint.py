@@ -1,0 +1,191 @@
+"""Resumable training state: trainable weights, optimizer, LR schedule, step counters and every RNG.
+
+Tensors go to safetensors, everything else to JSON: no pickle anywhere, so a checkpoint from someone else is safe
+to open. A checkpoint is written into a temporary folder and renamed when complete, so an interrupted write is
+never mistaken for a checkpoint; `latest_checkpoint` only ever sees complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdlora.fileio import ensure_free_space
+
+CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+@dataclass
+class TrainingState:
+    """Everything a resumed run needs to continue as if it had never stopped."""
+
+    step: int
+    micro_step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nested state dicts <-> (flat tensors, JSON skeleton)
+
+
+def _split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), _split_tensors(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, np.ndarray):
+        tensors[prefix] = torch.from_numpy(obj.copy())
+        return {"__ndarray__": prefix}
+    return obj
+
+
+def _key(key: Any) -> Any:
+    return {"__int__": key} if isinstance(key, int) else key
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__tuple__" in obj:
+            return tuple(_join_tensors(v, tensors) for v in obj["__tuple__"])
+        if "__dict__" in obj:
+            return {
+                (k["__int__"] if isinstance(k, dict) else k): _join_tensors(v, tensors) for k, v in obj["__dict__"]
+            }
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    for name, generator in generators.items():
+        generator.set_state(state["generators"][name])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
+    """Write `folder/step-NNNNNN/` atomically, then delete all but the newest `keep` checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = {
+        "step": state.step,
+        "micro_step": state.micro_step,
+        "optimizer": _split_tensors(state.optimizer, "optimizer", tensors),
+        "lr_scheduler": _split_tensors(state.lr_scheduler, "lr_scheduler", tensors),
+        "scaler": _split_tensors(state.scaler, "scaler", tensors),
+        "rng": _split_tensors(state.rng, "rng", tensors),
+        "extra": state.extra,
+    }
+    trainable = {name: t.detach().cpu().contiguous() for name, t in state.trainable.items()}
+    size = sum(t.numel() * t.element_size() for t in [*tensors.values(), *trainable.values()])
+    ensure_free_space(folder, size + 1_000_000, "a checkpoint")
+    final = folder / checkpoint_name(state.step)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=folder))
+    try:
+        save_file(trainable, str(staging / "trainable.safetensors"))
+        save_file(tensors, str(staging / "state.safetensors"))
+        (staging / STATE_FILE).write_text(json.dumps(skeleton, default=_jsonable), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"checkpoint state holds a {type(value).__name__}, which cannot be stored as JSON")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Partial (temporary) folders never match the name pattern."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> TrainingState:
+    try:
+        skeleton = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(str(path / "state.safetensors"))
+        trainable = load_file(str(path / "trainable.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from None
+    return TrainingState(
+        step=skeleton["step"],
+        micro_step=skeleton["micro_step"],
+        trainable=trainable,
+        optimizer=_join_tensors(skeleton["optimizer"], tensors),
+        lr_scheduler=_join_tensors(skeleton["lr_scheduler"], tensors),
+        scaler=_join_tensors(skeleton["scaler"], tensors),
+        rng=_join_tensors(skeleton["rng"], tensors),
+        extra=skeleton.get("extra", {}),
+    )

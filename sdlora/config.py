@@ -1,0 +1,249 @@
+"""Typed run configuration: the only module that reads config files.
+
+A run is described by one YAML or TOML file. Every field has its default here, in the schema, and nowhere else.
+Unknown keys are refused (a misspelt option must never silently do nothing) and every error names the field,
+the value it got and what it accepts. The validated config is frozen: nothing changes it after loading.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    base: str = Field(
+        "sdlora:tiny",
+        description="Base model: a hub id, a local diffusers folder, a single .safetensors checkpoint, "
+        "or a built-in name such as 'sdlora:tiny'.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `base` is a hub id.")
+    variant: str | None = Field(None, description="Weights variant to load from a hub repo or folder, e.g. 'fp16'.")
+    single_file_config: str | None = Field(
+        None,
+        description="Local diffusers folder (or hub id) whose configs describe a single-file checkpoint; "
+        "needed offline, since diffusers otherwise fetches them.",
+    )
+
+
+class DataSection(_Section):
+    path: Path = Field(Path("datasets/demo-style"), description="Folder of images with captions (searched recursively).")
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (square crop of this side).")
+    crop: Literal["center", "random"] = Field("center", description="How images are cropped to the resolution.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random (skip for asymmetric subjects).")
+    caption_extension: str = Field(".txt", description="Extension of the sidecar caption file next to each image.")
+    default_caption: str = Field("", description="Caption used for images that have none (a warning names them).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if not value.startswith("."):
+            raise ValueError(f"must start with a dot, e.g. '.txt', got {value!r}")
+        return value
+
+
+UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LoraSection(_Section):
+    rank: int = Field(4, ge=1, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    unet_targets: tuple[str, ...] = Field(UNET_ATTENTION_TARGETS, description="UNet module names that get LoRA.")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
+    text_encoder_targets: tuple[str, ...] = Field(
+        TEXT_ENCODER_ATTENTION_TARGETS, description="Text-encoder module names that get LoRA."
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @field_validator("unet_targets", "text_encoder_targets")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name at least one module, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']")
+        return value
+
+
+class TrainSection(_Section):
+    steps: int = Field(1000, ge=1, description="Optimizer steps to train for.")
+    batch_size: int = Field(1, ge=1, description="Images per device per micro-batch.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Learning rate of the UNet LoRA.")
+    text_encoder_learning_rate: float | None = Field(None, gt=0, description="Text-encoder LoRA LR. Default: learning_rate.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule (diffusers' get_scheduler names).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs bitsandbytes (CUDA).")
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Compute dtype of the frozen weights.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="xformers is used only when installed on CUDA.")
+    seed: int = Field(42, description="Seed for LoRA init, data order, crops, noise and timesteps.")
+    noise_offset: float = Field(0.0, ge=0.0, description="Noise offset (Guttenberg 2023); ~0.05 helps very dark/light images.")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is typical.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Training target; default: the base scheduler's prediction_type."
+    )
+    checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
+
+
+class OutputSection(_Section):
+    dir: Path = Field(Path("runs/lora"), description="Run folder: adapter, checkpoints, samples, the resolved config.")
+    name: str = Field("pytorch_lora_weights", description="Adapter file name, without extension.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(f"must be a plain file name without folders, got {value!r}")
+        return value
+
+
+class SampleSection(_Section):
+    prompts: tuple[str, ...] = Field((), description="Prompts rendered after training (and every `every` steps).")
+    every: int = Field(0, ge=0, description="Render samples every N steps while training (0: only at the end).")
+    seed: int = Field(0, description="Seed for sample images (fixed so samples are comparable across steps).")
+    steps: int = Field(20, ge=1, description="Denoising steps for samples.")
+    guidance_scale: float = Field(7.5, ge=0.0)
+    negative_prompt: str = Field("")
+
+
+class RunConfig(_Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+    sample: SampleSection = SampleSection()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RunConfig:
+        if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_scheduler != "constant":
+            raise ValueError(
+                f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.steps ({self.train.steps})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, as recorded in adapter metadata and the run folder."""
+        return json.loads(self.model_dump_json())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or TOML file into a dict, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: config must be .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides; values are parsed as YAML (so `5`, `1e-4`, `true`, `[a, b]` work)."""
+    data = json.loads(json.dumps(data, default=str))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r}: expected section.field=value, e.g. train.steps=200")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{where}'{_suggest(err['loc'])}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {where}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    """'did you mean' for a misspelt key, from the fields of the section it sits in."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Allowed here: {', '.join(allowed)}"
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a run config. Relative data/output paths stay relative to the working folder."""
+    data = read_config_file(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return validate_config(data, source=str(path) if path is not None else "overrides")
+
+
+def dump_config(config: RunConfig) -> str:
+    """YAML text of a validated config (what the run folder keeps next to the adapter)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

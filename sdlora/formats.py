@@ -1,0 +1,180 @@
+"""The one place that knows LoRA file formats, key names and metadata.
+
+In memory an adapter is an `AdapterFile`: per component (`unet`, `text_encoder`, `text_encoder_2`) a peft-style
+state dict (`<module>.lora_A.weight` [r, in], `<module>.lora_B.weight` [out, r]) and its `AdapterShape`
+(rank, alpha, target modules). Files are read into that form whatever their format, and written from it.
+
+diffusers / peft format (`pytorch_lora_weights.safetensors`): keys `<component>.<module>.lora_A.weight`; header
+`format: pt` and `lora_adapter_metadata`, a JSON object of LoraConfig fields flattened with the component prefix
+(`"unet.r"`, `"unet.lora_alpha"`, ...). Without that header diffusers assumes alpha = rank, so it is always written,
+and kept minimal: the full peft `to_dict()` carries fields an older peft refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdlora import __version__
+from sdlora.fileio import save_safetensors_atomic
+from sdlora.lora import AdapterShape
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# diffusers' older key style, still found in files on the Hub.
+_LEGACY_KEY = re.compile(r"^(?P<module>.+)\.lora(?:_linear_layer)?\.(?P<part>up|down)\.weight$")
+
+
+class AdapterFormatError(ValueError):
+    """A LoRA file that sdlora cannot read; the message lists what did not match."""
+
+
+@dataclass
+class AdapterFile:
+    tensors: dict[str, dict[str, torch.Tensor]]
+    shapes: dict[str, AdapterShape]
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "diffusers"
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if self.tensors.get(c)]
+
+
+def shape_from_tensors(tensors: dict[str, torch.Tensor], alpha: float | None = None) -> AdapterShape:
+    """Rank and exact target modules read off the tensors; per-module ranks go to peft's rank_pattern."""
+    ranks: dict[str, int] = {}
+    for key, value in tensors.items():
+        match = _PEFT_KEY.match(key)
+        if match and match["part"] == "A":
+            ranks[match["module"]] = int(value.shape[0])
+    if not ranks:
+        raise AdapterFormatError("no lora_A tensors found")
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    rank_pattern = {module: r for module, r in ranks.items() if r != rank}
+    return AdapterShape(
+        rank=rank,
+        alpha=float(alpha if alpha is not None else rank),
+        target_modules=tuple(sorted(ranks)),
+        rank_pattern=rank_pattern,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers / peft
+
+
+def _adapter_metadata(shapes: dict[str, AdapterShape]) -> str:
+    flat: dict[str, object] = {}
+    for component, shape in shapes.items():
+        fields = {
+            "r": shape.rank,
+            "lora_alpha": shape.alpha,
+            "target_modules": list(shape.target_modules),
+            "rank_pattern": dict(shape.rank_pattern),
+            "alpha_pattern": dict(shape.alpha_pattern),
+            "use_dora": False,
+            "lora_bias": False,
+        }
+        flat.update({f"{component}.{name}": value for name, value in fields.items()})
+    return json.dumps(flat, sort_keys=True)
+
+
+def to_diffusers_state_dict(adapter: AdapterFile) -> dict[str, torch.Tensor]:
+    return {
+        f"{component}.{key}": tensor for component in adapter.components for key, tensor in adapter.tensors[component].items()
+    }
+
+
+def save_diffusers(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None = None) -> Path:
+    """Write the diffusers/peft file that `pipe.load_lora_weights` loads as is. Atomic."""
+    tensors = to_diffusers_state_dict(adapter)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    metadata = {str(k): str(v) for k, v in adapter.metadata.items()}
+    metadata.update(
+        {
+            "format": "pt",
+            "lora_adapter_metadata": _adapter_metadata({c: adapter.shapes[c] for c in adapter.components}),
+            "sdlora.version": __version__,
+        }
+    )
+    save_safetensors_atomic(tensors, path, metadata)
+    return Path(path)
+
+
+def _parse_adapter_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"lora_adapter_metadata is not valid JSON: {exc}") from None
+    per_component: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, name = key.partition(".")
+        per_component.setdefault(component, {})[name] = value
+    return per_component
+
+
+def from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
+    """Split prefixed keys by component; alpha from the header, else alpha = rank (diffusers' rule)."""
+    per_component: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, value in tensors.items():
+        component, _, rest = key.partition(".")
+        legacy = _LEGACY_KEY.match(rest)
+        if legacy:
+            rest = f"{legacy['module']}.lora_{'A' if legacy['part'] == 'down' else 'B'}.weight"
+        if component not in COMPONENTS or not _PEFT_KEY.match(rest):
+            unmatched.append(key)
+            continue
+        per_component.setdefault(component, {})[rest] = value
+    if unmatched:
+        raise AdapterFormatError(
+            f"{len(unmatched)} key(s) match no known LoRA layout: {', '.join(sorted(unmatched)[:10])}"
+        )
+    configs = _parse_adapter_metadata(metadata)
+    shapes = {}
+    for component, component_tensors in per_component.items():
+        config = configs.get(component, {})
+        shape = shape_from_tensors(component_tensors, config.get("lora_alpha"))
+        if config.get("alpha_pattern"):
+            shape = AdapterShape(**{**shape.__dict__, "alpha_pattern": dict(config["alpha_pattern"])})
+        shapes[component] = shape
+    return AdapterFile(tensors=per_component, shapes=shapes, metadata=dict(metadata), format="diffusers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading any file
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: adapter file not found")
+    if path.suffix != ".safetensors":
+        raise AdapterFormatError(f"{path}: sdlora reads adapters only from .safetensors files")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file: {exc}") from None
+    return tensors, metadata
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read a LoRA file in any supported layout into an `AdapterFile`; unknown keys are an error, listed."""
+    tensors, metadata = read_safetensors(path)
+    try:
+        return from_diffusers_state_dict(tensors, metadata)
+    except AdapterFormatError as exc:
+        raise AdapterFormatError(f"{path}: {exc}") from None

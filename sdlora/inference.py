@@ -1,0 +1,198 @@
+"""Generate images from a base model with several LoRA adapters stacked at chosen weights.
+
+Adapters are read by `formats` (any supported file layout) and injected through peft, each as its own named
+adapter, so weights can change between images without reloading, and the stack can be fused into the base weights
+for full-speed generation and unfused again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from sdlora import formats, lora
+from sdlora.models import BaseModel
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter to stack: a file, its UNet weight and its text-encoder weight (default: the same)."""
+
+    source: str
+    unet_weight: float = 1.0
+    text_encoder_weight: float | None = None
+
+    @property
+    def te_weight(self) -> float:
+        return self.unet_weight if self.text_encoder_weight is None else self.text_encoder_weight
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        """`path`, `path:w` or `path:w_unet:w_te` (Windows drive letters and hub ids keep their colons)."""
+        parts = text.rsplit(":", 2)
+        numbers: list[float] = []
+        while len(parts) > 1 and _is_number(parts[-1]) and len(numbers) < 2:
+            numbers.insert(0, float(parts.pop()))
+        source = ":".join(parts)
+        if not source:
+            raise ValueError(f"--lora {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]]")
+        if not numbers:
+            return cls(source)
+        return cls(source, numbers[0], numbers[1] if len(numbers) == 2 else None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """A diffusers StableDiffusionPipeline over already-loaded components (no second copy of the weights)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
+    return pipe.to(device) if base.unet.dtype == dtype else pipe.to(device, dtype)
+
+
+class AdapterStack:
+    """Named adapters on one pipeline; `set_weights` chooses which are active and how strongly."""
+
+    COMPONENT_ATTRS = {"unet": "unet", "text_encoder": "text_encoder"}
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.names: list[str] = []
+
+    def _module(self, component: str) -> torch.nn.Module:
+        if component not in self.COMPONENT_ATTRS:
+            raise formats.AdapterFormatError(f"this pipeline has no {component} for the adapter to patch")
+        return getattr(self.pipe, self.COMPONENT_ATTRS[component])
+
+    def add(self, name: str, adapter: formats.AdapterFile) -> None:
+        if name in self.names:
+            raise ValueError(f"adapter name {name!r} is already loaded")
+        device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
+        for component in adapter.components:
+            tensors = {k: v.to(device, dtype) for k, v in adapter.tensors[component].items()}
+            lora.load_adapter(self._module(component), tensors, adapter.shapes[component], name)
+        self.names.append(name)
+
+    def set_weights(self, weights: dict[str, tuple[float, float]]) -> None:
+        """`{name: (unet_weight, text_encoder_weight)}`; adapters not named are switched off."""
+        unknown = set(weights) - set(self.names)
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
+        for component, index in (("unet", 0), ("text_encoder", 1)):
+            module = getattr(self.pipe, component)
+            lora.set_weights(module, {name: w[index] for name, w in weights.items()})
+
+    def fuse(self) -> None:
+        for component in self.COMPONENT_ATTRS:
+            lora.fuse(getattr(self.pipe, component))
+
+    def unfuse(self) -> None:
+        for component in self.COMPONENT_ATTRS:
+            lora.unfuse(getattr(self.pipe, component))
+
+
+def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack:
+    """Load each spec's file (resolved to a local path by `resolve`, e.g. a hub download) and set its weights."""
+    stack = AdapterStack(pipe)
+    weights = {}
+    for number, spec in enumerate(specs):
+        path = resolve(spec.source) if resolve else spec.source
+        name = f"{number}_{Path(str(path)).stem}"
+        stack.add(name, formats.read_adapter(path))
+        weights[name] = (spec.unet_weight, spec.te_weight)
+    stack.set_weights(weights)
+    return stack
+
+
+@contextlib.contextmanager
+def rng_isolated():
+    """Sampling must not move the training RNG streams: a run with previews equals one without."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+
+
+def generate(pipe, prompt: str, *, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
+             negative_prompt: str = "", height: int | None = None, width: int | None = None,
+             num_images: int = 1) -> list[Image.Image]:
+    """Images for one prompt; image i uses seed + i, so a batch equals separate single-image calls."""
+    images = []
+    with rng_isolated(), torch.no_grad():
+        for index in range(num_images):
+            generator = torch.Generator(device="cpu").manual_seed(seed + index)
+            out = pipe(
+                prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                guidance_scale=guidance_scale, generator=generator, height=height, width=width, output_type="pil",
+            )
+            images.extend(out.images)
+    return images
+
+
+def _label_margins(row_labels, column_labels) -> tuple[int, int]:
+    font = ImageFont.load_default()
+    left = 8 + max((int(font.getlength(label)) for label in row_labels or []), default=-8)
+    return left, 16 if column_labels else 0
+
+
+def image_grid(images: list[Image.Image], columns: int, row_labels: list[str] | None = None,
+               column_labels: list[str] | None = None) -> Image.Image:
+    """A labelled grid; cells are pasted unscaled so each cell's pixels equal the image's."""
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    font = ImageFont.load_default()
+    left, top = _label_margins(row_labels, column_labels)
+    grid = Image.new("RGB", (left + columns * width, top + rows * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for number, image in enumerate(images):
+        row, column = divmod(number, columns)
+        grid.paste(image, (left + column * width, top + row * height))
+    for column, label in enumerate(column_labels or []):
+        draw.text((left + column * width + 2, 2), label, fill="black", font=font)
+    for row, label in enumerate(row_labels or []):
+        draw.text((2, top + row * height + height // 2 - 6), label, fill="black", font=font)
+    return grid
+
+
+def cell_origin(index: int, columns: int, cell_size: tuple[int, int], row_labels, column_labels) -> tuple[int, int]:
+    """Top-left pixel of cell `index` in an `image_grid` built with the same arguments (for tests and tools)."""
+    left, top = _label_margins(row_labels, column_labels)
+    row, column = divmod(index, columns)
+    return left + column * cell_size[0], top + row * cell_size[1]

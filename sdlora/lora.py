@@ -1,0 +1,133 @@
+"""Attach, read, weight and fuse LoRA adapters with peft. Tensors only: no file I/O here.
+
+State dicts are keyed by module path relative to the model, peft-style: `<module>.lora_A.weight` ([r, in]) and
+`<module>.lora_B.weight` ([out, r]). Each adapter is applied as W + w * (alpha / r) * B @ A, the arithmetic that
+diffusers, ComfyUI and AUTOMATIC1111 share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """What peft needs to rebuild an adapter on a model: rank, alpha and the module names it wraps."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    dropout: float = 0.0
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def peft_config(self, init: str | bool = True) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            rank_pattern=dict(self.rank_pattern),
+            alpha_pattern=dict(self.alpha_pattern),
+            init_lora_weights=init,
+        )
+
+
+def attach(model: torch.nn.Module, shape: AdapterShape, adapter_name: str = "default", init="gaussian") -> None:
+    """Wrap `shape.target_modules` of a diffusers or transformers model with a fresh trainable LoRA.
+
+    peft's default init makes B zero, so the adapter starts as the identity and training moves it; "gaussian"
+    (diffusers' training scripts) initialises A with a small normal and keeps B zero.
+    """
+    model.add_adapter(shape.peft_config(init=init), adapter_name=adapter_name)
+
+
+def cast_lora_to_fp32(*models: torch.nn.Module) -> None:
+    """Frozen weights stay in the compute dtype; trainable LoRA weights are kept in fp32 (diffusers' practice)."""
+    for model in models:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed `<module>.lora_A.weight` / `.lora_B.weight`, detached copies on CPU."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+
+
+def load_adapter(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], shape: AdapterShape, adapter_name: str
+) -> None:
+    """Add a named adapter to a model and fill it, failing on any key that does not land (never silently)."""
+    model.add_adapter(shape.peft_config(init=False), adapter_name=adapter_name)
+    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    expected_prefix = f".{adapter_name}."
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k and expected_prefix in k]
+    if unexpected or missing:
+        delete_adapter(model, adapter_name)
+        raise KeyError(
+            f"adapter {adapter_name!r} does not fit this model: "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(missing)} missing {missing[:5]}"
+        )
+
+
+def lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for layer in lora_layers(model):
+        for name in layer.lora_A.keys():
+            names[name] = None
+    return list(names)
+
+
+def set_weights(model: torch.nn.Module, weights: dict[str, float]) -> None:
+    """Activate exactly the adapters in `weights`, each scaled to w * alpha / r. An empty dict disables all."""
+    for layer in lora_layers(model):
+        present = [name for name in weights if name in layer.lora_A]
+        if not present:
+            layer.enable_adapters(False)
+            continue
+        layer.enable_adapters(True)
+        layer.set_adapter(present)
+        for name in present:
+            layer.set_scale(name, weights[name])
+        # set_adapter marks the active adapters trainable; generation never trains them.
+        for name in present:
+            for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                param.requires_grad_(False)
+
+
+def delete_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    for layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+    config = getattr(model, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(adapter_name, None)
+
+
+def fuse(model: torch.nn.Module) -> None:
+    """Merge the active adapters (at their current weights) into the base weights for full-speed inference."""
+    for layer in lora_layers(model):
+        if layer.active_adapters and not layer.disable_adapters:
+            layer.merge(adapter_names=list(layer.active_adapters))
+
+
+def unfuse(model: torch.nn.Module) -> None:
+    for layer in lora_layers(model):
+        while layer.merged:
+            layer.unmerge()

@@ -1,0 +1,142 @@
+"""The training loop, and nothing else: no file formats, no config files, no image decoding.
+
+`fit` runs optimizer steps, each over `gradient_accumulation` micro-batches, and calls `hooks.after_step` so the
+caller can checkpoint, sample or save. Randomness comes only from `parts.generator` (noise, timesteps, latent
+sampling) and torch's global RNG (LoRA dropout), both of which checkpoints capture, so a resumed run is the
+same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from sdlora import diffusion
+
+
+@dataclass
+class TrainingParts:
+    accelerator: Any
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: Any
+    noise_scheduler: Any
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    params: list[torch.nn.Parameter]
+    generator: torch.Generator
+    prediction_type: str
+    weight_dtype: torch.dtype = torch.float32
+    gradient_accumulation: int = 1
+    max_grad_norm: float | None = 1.0
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None
+    train_text_encoder: bool = False
+
+
+class Hooks(Protocol):
+    def after_step(self, step: int, loss: float, lr: float) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+def _global_draw(parts: TrainingParts, fn, batch_size: int):
+    """Draw for the whole global batch and keep this process's slice, so N processes with batch b equal one
+    process with batch N*b (same noise and timesteps per sample)."""
+    world, rank = parts.accelerator.num_processes, parts.accelerator.process_index
+    full = fn(batch_size * world)
+    return full[rank * batch_size : (rank + 1) * batch_size]
+
+
+def encode_prompts(parts: TrainingParts, captions: list[str]) -> torch.Tensor:
+    tokens = parts.tokenizer(
+        captions, padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(parts.accelerator.device)
+    with contextlib.nullcontext() if parts.train_text_encoder else torch.no_grad():
+        return parts.text_encoder(tokens, return_dict=False)[0]
+
+
+def encode_images(parts: TrainingParts, pixel_values: torch.Tensor) -> torch.Tensor:
+    vae = parts.vae
+    with torch.no_grad():
+        pixels = pixel_values.to(parts.accelerator.device, dtype=vae.dtype)
+        latent_dist = vae.encode(pixels).latent_dist
+        latents = latent_dist.mean + latent_dist.std * _global_draw(
+            parts,
+            lambda n: torch.randn((n, *latent_dist.mean.shape[1:]), generator=parts.generator, device=pixels.device),
+            pixels.shape[0],
+        ).to(latent_dist.mean.dtype)
+    return (latents * vae.config.scaling_factor).float()
+
+
+def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor:
+    """Diffusion loss of one micro-batch. Cached batches carry latents / text states and skip the encoders."""
+    latents = batch["latents"] if "latents" in batch else encode_images(parts, batch["pixel_values"])
+    latents = latents.to(parts.accelerator.device, dtype=torch.float32)
+    if "encoder_hidden_states" in batch:
+        states = batch["encoder_hidden_states"].to(parts.accelerator.device)
+    else:
+        states = encode_prompts(parts, batch["captions"])
+    size, device = latents.shape[0], latents.device
+    noise = _global_draw(
+        parts,
+        lambda n: diffusion.sample_noise(
+            torch.empty((n, *latents.shape[1:]), device=device), parts.generator, parts.noise_offset
+        ),
+        size,
+    )
+    timesteps = _global_draw(
+        parts,
+        lambda n: diffusion.sample_timesteps(n, parts.noise_scheduler.config.num_train_timesteps, parts.generator, device),
+        size,
+    )
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    with parts.accelerator.autocast():
+        prediction = parts.unet(
+            noisy.to(parts.weight_dtype), timesteps, states.to(parts.weight_dtype), return_dict=False
+        )[0]
+    target = diffusion.training_target(parts.noise_scheduler, latents, noise, timesteps, parts.prediction_type)
+    return diffusion.diffusion_loss(
+        prediction, target, timesteps, parts.noise_scheduler, parts.prediction_type, parts.snr_gamma,
+        batch.get("loss_weights"),
+    )
+
+
+def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int, total_steps: int, hooks: Hooks,
+        progress=None) -> list[float]:
+    """Run optimizer steps start_step+1 .. total_steps; returns each step's mean micro-batch loss."""
+    accelerator, losses = parts.accelerator, []
+    parts.unet.train()
+    for step in range(start_step + 1, total_steps + 1):
+        step_loss = 0.0
+        for micro in range(parts.gradient_accumulation):
+            last = micro == parts.gradient_accumulation - 1
+            # Gradients are all-reduced only on the last micro-batch of an accumulation window.
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(parts.unet)
+            with sync:
+                loss = micro_step_loss(parts, next(batches))
+                accelerator.backward(loss / parts.gradient_accumulation)
+            step_loss += loss.detach().float().item() / parts.gradient_accumulation
+        if parts.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
+        parts.optimizer.step()
+        parts.lr_scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(step_loss):
+            step_loss = float("nan")
+        losses.append(step_loss)
+        lr = parts.lr_scheduler.get_last_lr()[0]
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        hooks.after_step(step, step_loss, lr)
+        if hooks.should_stop():
+            break
+    return losses
