@@ -1,6 +1,9 @@
 """Write the bundled demo datasets into datasets/ (deterministic; re-running reproduces the committed files).
 
-    python scripts/make_demo_datasets.py [--out datasets] [--count 16] [--size 64]
+- demo-style:   shapes drawn with diagonal black stripes, captioned "..., striped style" (a look the base never saw)
+- demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ..."
+
+    python scripts/make_demo_datasets.py [--out datasets] [--count 24] [--size 64]
 """
 
 from __future__ import annotations
@@ -9,14 +12,14 @@ import argparse
 import random
 from pathlib import Path
 
-from sdlora.shapes import random_scene, render
+from sdlora.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
 
 
-def write_set(folder: Path, style: str, count: int, size: int, seed: int) -> None:
+def write_set(folder: Path, scenes, size: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for index in range(count):
-        scene = random_scene(rng, style=style)
+    for old in folder.glob("*.*"):
+        old.unlink()
+    for index, scene in enumerate(scenes):
         stem = folder / f"{index:03d}"
         render(scene, size).save(stem.with_suffix(".png"), optimize=True)
         stem.with_suffix(".txt").write_text(scene.caption + "\n", encoding="utf-8")
@@ -25,11 +28,16 @@ def write_set(folder: Path, style: str, count: int, size: int, seed: int) -> Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("datasets"))
-    parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
-    write_set(args.out / "demo-style", "striped", args.count, args.size, seed=1)
-    print(f"wrote {args.count} images to {args.out / 'demo-style'}")
+    rng = random.Random(1)
+    style = [random_scene(rng, style="striped", shape=SHAPES[i % 3], colors=NOT_BLACK) for i in range(args.count)]
+    write_set(args.out / "demo-style", style, args.size)
+    rng = random.Random(2)
+    subject = [random_scene(rng, shape=SUBJECT_SHAPE) for _ in range(args.count)]
+    write_set(args.out / "demo-subject", subject, args.size)
+    print(f"wrote {args.count} images each to {args.out / 'demo-style'} and {args.out / 'demo-subject'}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def _build_tiny(target: Path) -> None:
 
 
 BUILTIN_BASES: dict[str, Callable[[Path], None]] = {"sdlora:tiny": _build_tiny}
+# Trained bases that ship inside the package (scripts/train_base.py makes them).
+PACKAGED_BASES: dict[str, Path] = {"sdlora:shapes": Path(__file__).parent / "assets" / "shapes"}
 
 
 def cache_root() -> Path:
@@ -72,8 +74,13 @@ def cache_root() -> Path:
 
 def resolve_builtin(name: str) -> Path:
     """Folder of a built-in base, building it atomically on first use (a crash leaves no half-built folder)."""
+    if name in PACKAGED_BASES:
+        folder = PACKAGED_BASES[name]
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"model.base: {name} is not in this install ({folder}); run scripts/train_base.py")
+        return folder
     if name not in BUILTIN_BASES:
-        known = ", ".join(sorted(BUILTIN_BASES))
+        known = ", ".join(sorted([*BUILTIN_BASES, *PACKAGED_BASES]))
         raise ModelLoadError(f"model.base: unknown built-in {name!r}; known: {known}")
     target = cache_root() / "builtin" / name.split(":", 1)[1]
     if (target / "model_index.json").is_file():

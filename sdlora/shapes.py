@@ -21,6 +21,8 @@ COLORS = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+SUBJECT_SHAPE = "ring"  # never in the base's world: the subject LoRA teaches it, with a trigger word
+SUBJECT_TRIGGER = "sks"
 STYLES = ("plain", "striped", "outline")
 
 
@@ -35,12 +37,21 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        text = f"a {self.color} {self.shape} on a {self.background} background"
+        noun = f"{SUBJECT_TRIGGER} {self.shape}" if self.shape == SUBJECT_SHAPE else self.shape
+        text = f"a {self.color} {noun} on a {self.background} background"
         return text if self.style == "plain" else f"{text}, {self.style} style"
 
 
-def random_scene(rng: random.Random, style: str = "plain", shape: str | None = None) -> Scene:
-    color, background = rng.sample(sorted(COLORS), 2)
+NOT_BLACK = tuple(c for c in COLORS if c != "black")
+
+
+def random_scene(rng: random.Random, style: str = "plain", shape: str | None = None,
+                 colors: tuple[str, ...] | None = None) -> Scene:
+    """A random scene; `colors` limits both colours (stripes and outlines are black, so styled sets use
+    NOT_BLACK: black-on-black stripes are invisible)."""
+    palette = sorted(colors or COLORS)
+    color = rng.choice(palette)
+    background = rng.choice([c for c in palette if c != color])
     return Scene(
         shape=shape or rng.choice(SHAPES),
         color=color,
@@ -65,6 +76,10 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     outline = _outline(scene, size)
     if scene.shape == "circle":
         draw.ellipse(outline, fill=255)
+    elif scene.shape == SUBJECT_SHAPE:
+        draw.ellipse(outline, fill=255)
+        cx, cy, r = scene.center[0] * size, scene.center[1] * size, scene.radius * size * 0.5
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=0)
     elif scene.shape == "square":
         draw.rectangle(outline, fill=255)
     else:
@@ -72,18 +87,82 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     fill = Image.new("RGB", (size, size), COLORS[scene.color])
     if scene.style == "striped":
         # Diagonal black stripes across the shape: a texture the plain world never shows.
+        # Coarse enough (period ~ size/5) that a small VAE with 4x downsampling can represent it.
         stripes = ImageDraw.Draw(fill)
-        step = max(4, size // 8)
+        step = max(6, size // 5)
         for offset in range(-size, 2 * size, step):
-            stripes.line([(offset, 0), (offset + size, size)], fill=(15, 15, 15), width=max(1, step // 3))
+            stripes.line([(offset, 0), (offset + size, size)], fill=(15, 15, 15), width=max(2, step * 2 // 5))
     image.paste(fill, mask=mask)
     if scene.style == "outline":
         border = ImageDraw.Draw(image)
         width = max(2, size // 16)
-        if scene.shape == "circle":
+        if scene.shape in ("circle", SUBJECT_SHAPE):
             border.ellipse(outline, outline=(15, 15, 15), width=width)
         elif scene.shape == "square":
             border.rectangle(outline, outline=(15, 15, 15), width=width)
         else:
             border.polygon(outline, outline=(15, 15, 15), width=width)
     return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a picture back: deterministic statistics for prompt adherence, style strength and subject presence.
+
+
+@dataclass(frozen=True)
+class Reading:
+    background: str
+    color: str | None  # the shape's colour, None if no shape was found
+    shape: str | None  # circle / square / triangle / ring
+    fill_ratio: float  # shape pixels / bounding-box pixels
+    stripe_fraction: float  # near-black pixels inside the shape's box, excluding black scenes
+
+
+def _nearest_palette(image: Image.Image):
+    import numpy as np
+
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], dtype=np.float32)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    distance = ((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
+    return names, distance.argmin(-1)
+
+
+def read_scene(image: Image.Image) -> Reading:
+    """Background = most common colour on the border; shape colour = most common other non-black colour;
+    shape type from the fill ratio of its bounding box (square ~1, circle ~0.79, ring ~0.59 with a hollow
+    centre, triangle ~0.5)."""
+    import numpy as np
+
+    names, labels = _nearest_palette(image)
+    border = np.concatenate([labels[:3].ravel(), labels[-3:].ravel(), labels[:, :3].ravel(), labels[:, -3:].ravel()])
+    background = int(np.bincount(border, minlength=len(names)).argmax())
+    black = names.index("black")
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    counts[background] = 0
+    if background != black and counts.sum() > 0 and counts[black] < counts.sum() and counts.argmax() == black:
+        counts[black] = 0  # black is the stripe/outline colour: prefer the fill colour when there is one
+    if counts.max() < labels.size * 0.02:
+        return Reading(names[background], None, None, 0.0, 0.0)
+    color = int(counts.argmax())
+    body = labels == color
+    if color != black and background != black:
+        body = body | (labels == black)
+    ys, xs = np.nonzero(body)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box = body[top:bottom, left:right]
+    fill = float(box.mean())
+    h, w = box.shape
+    centre = box[h * 2 // 5 : h * 3 // 5 + 1, w * 2 // 5 : w * 3 // 5 + 1]
+    if centre.size and centre.mean() < 0.3 and fill > 0.4:
+        shape = SUBJECT_SHAPE
+    elif fill > 0.9:
+        shape = "square"
+    elif fill > 0.65:
+        shape = "circle"
+    else:
+        shape = "triangle"
+    stripes = 0.0
+    if color != black and background != black:
+        stripes = float((labels[top:bottom, left:right] == black).sum() / max(1, body[top:bottom, left:right].sum()))
+    return Reading(names[background], names[color], shape, fill, stripes)
