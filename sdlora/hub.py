@@ -41,10 +41,13 @@ def _api(endpoint: str | None = None):
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    return (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError, OSError)
+    try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx; both transports' errors are network errors
+        import httpx2 as transport
+    except ImportError:
+        import httpx as transport
+    return (HfHubHTTPError, OfflineModeIsEnabled, transport.HTTPError, OSError)
 
 
 def _reason(exc: BaseException) -> str:
