@@ -24,11 +24,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdlora import inference
+    from sdlora.hub import resolve_adapter
     from sdlora.models import load_base_model
 
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
-    stack = inference.stack_adapters(pipe, specs)
+    stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse()
     images = inference.generate(
@@ -41,6 +42,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         inference.image_grid(images, columns=len(images)).save(args.output)
     print(f"image: {args.output}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from sdlora.card import write_card
+
+    print(f"card: {write_card(args.run_dir, repo_id=args.repo_id)}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from sdlora import hub
+
+    if args.dry_run:
+        plan = hub.plan_upload(args.run_dir, args.repo_id)
+        print(plan.describe())
+        print(f"--- {hub.card.CARD_NAME} ---")
+        print(plan.card_text)
+        return 0
+    print(f"pushed: {hub.push(args.run_dir, args.repo_id, private=args.private)}")
     return 0
 
 
@@ -71,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fuse", action="store_true", help="fuse adapters into the base weights (faster)")
     gen.add_argument("-o", "--output", type=Path, default=Path("sdlora.png"))
     gen.set_defaults(func=cmd_generate)
+
+    card = commands.add_parser("card", help="write the model card (README.md) of a run folder")
+    card.add_argument("run_dir", type=Path, help="run folder (output.dir of a finished run)")
+    card.add_argument("--repo-id", help="USER/NAME to put in the usage snippets")
+    card.set_defaults(func=cmd_card)
+
+    push = commands.add_parser("push", help="upload a run to the Hugging Face Hub in one commit")
+    push.add_argument("run_dir", type=Path, help="run folder (output.dir of a finished run)")
+    push.add_argument("repo_id", help="USER/NAME; created if it does not exist")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--dry-run", action="store_true", help="print the file list and the card; upload nothing")
+    push.set_defaults(func=cmd_push)
     return parser
 
 

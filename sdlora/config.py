@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -129,6 +130,15 @@ class OutputSection(_Section):
             raise ValueError(f"must be a plain file name without folders, got {value!r}")
         return value
 
+    trigger_words: tuple[str, ...] = Field((), description="Words that call up the LoRA; written to the model card.")
+    recommended_weight: float = Field(1.0, gt=0, description="Adapter weight the model card recommends.")
+    license: str | None = Field(
+        None, description="Model card license id; default: the base's (creativeml-openrail-m for SD1, openrail++)."
+    )
+    base_model_id: str | None = Field(
+        None, description="Hub id recorded as the card's base_model when model.base is a local folder or file."
+    )
+
 
 class SampleSection(_Section):
     prompts: tuple[str, ...] = Field((), description="Prompts rendered after training (and every `every` steps).")
@@ -139,6 +149,22 @@ class SampleSection(_Section):
     negative_prompt: str = Field("")
 
 
+class HubSection(_Section):
+    repo_id: str | None = Field(None, description="Hub repository (user/name) that push_checkpoints uploads to.")
+    private: bool = Field(False, description="Create the repository as private.")
+    push_checkpoints: bool = Field(
+        False, description="Upload each checkpoint, then the finished run, in the background while training."
+    )
+
+    @model_validator(mode="after")
+    def _needs_repo(self) -> HubSection:
+        if self.push_checkpoints and not self.repo_id:
+            raise ValueError("hub.push_checkpoints needs hub.repo_id (user/name)")
+        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+            raise ValueError(f"hub.repo_id must look like user/name, got {self.repo_id!r}")
+        return self
+
+
 class RunConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -146,6 +172,7 @@ class RunConfig(_Section):
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
     sample: SampleSection = SampleSection()
+    hub: HubSection = HubSection()
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import checkpoint, formats, inference, lora
+from sdlora import card, checkpoint, formats, hub, inference, lora
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate, discover
 from sdlora.fileio import write_text_atomic
@@ -91,6 +91,7 @@ class TrainingRun:
         self.weight_dtype = DTYPES[config.train.mixed_precision]
         self.parts: TrainingParts | None = None
         self.base: BaseModel | None = None
+        self.pusher: hub.CheckpointPusher | None = None
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -177,6 +178,8 @@ class TrainingRun:
             )
             path = checkpoint.save_checkpoint(self.output_dir / "checkpoints", state, self.config.train.keep_checkpoints)
             log.info("checkpoint written: %s", path)
+            if self.pusher is not None:
+                self.pusher.submit(path)
         self.accelerator.wait_for_everyone()
 
     def restore(self, resume: str) -> int:
@@ -251,6 +254,8 @@ class TrainingRun:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.output_dir / "config.yaml", dump_config(cfg))
+            if cfg.hub.push_checkpoints:
+                self.pusher = hub.CheckpointPusher(self.output_dir, cfg.hub.repo_id, cfg.hub.private)
         start = self.restore(resume) if resume else 0
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
@@ -276,8 +281,12 @@ class TrainingRun:
             log.info("adapter written: %s", adapter_path)
             sample_path = self.render_samples(final_step)
             samples = [sample_path] if sample_path else []
+            log.info("model card written: %s", card.write_card(self.output_dir, dataset_size=len(self.dataset)))
         if final_step < cfg.train.steps or cfg.train.checkpoint_every:
             self.save_checkpoint(final_step)
+        if self.pusher is not None:
+            self.pusher.submit_run()
+            self.pusher.close()
         accelerator.wait_for_everyone()
         return RunResult(self.output_dir, adapter_path, losses, final_step, samples)
 

@@ -28,6 +28,7 @@ def test_train_then_generate(tiny_base, style_dataset, tmp_path):
     out = tmp_path / "out"
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [
+        "README.md",
         "checkpoints/step-000002/state.json",
         "checkpoints/step-000002/state.safetensors",
         "checkpoints/step-000002/trainable.safetensors",

@@ -1,0 +1,323 @@
+"""The model card (README.md) of a run folder: the Hub's LoRA front matter, then how to use the adapter anywhere.
+
+Everything on the card is read back from the run folder (config.yaml, the adapter headers, samples/,
+train_log.jsonl), so `sdlora card RUN_DIR` rebuilds the same card the end of training wrote. The card is built
+with huggingface_hub's `ModelCard` / `ModelCardData`: the front matter is YAML that the Hub validates, never
+pasted strings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
+from sdlora.fileio import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+FAMILY_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+# The licenses the bases ship under: SD1.x CreativeML OpenRAIL-M; SD2.x and SDXL CreativeML Open RAIL++-M.
+FAMILY_LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+FAMILY_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# kohya / A1111 / ComfyUI key prefixes (see formats.py and FORMATS.md); the card only needs to tell the files apart.
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+class CardError(ValueError):
+    """A run folder a card cannot be written for; the message names the folder and what is missing."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str  # file name in the run folder (and in the repo)
+    format: str  # "diffusers" or "kohya"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunFacts:
+    """What a card says about a run, gathered from its folder."""
+
+    config: RunConfig
+    adapters: list[AdapterInfo]
+    samples: list[str]  # repo-relative paths, oldest first
+    dataset_size: int | None
+    final_loss: float | None
+    steps_done: int | None
+
+    @property
+    def primary(self) -> AdapterInfo:
+        """The diffusers file named by output.name (what `load_lora_weights` takes), else the first file."""
+        wanted = f"{self.config.output.name}.safetensors"
+        return next((a for a in self.adapters if a.name == wanted), self.adapters[0])
+
+    @property
+    def kohya(self) -> AdapterInfo | None:
+        return next((a for a in self.adapters if a.format == "kohya"), None)
+
+    @property
+    def family(self) -> str:
+        return self.primary.metadata.get("sdlora.family", "sd1")
+
+    @property
+    def base_model(self) -> str | None:
+        """A hub id for the card's base_model; a local folder or file is not one (the Hub rejects it)."""
+        if self.config.output.base_model_id:
+            return self.config.output.base_model_id
+        base = self.primary.metadata.get("sdlora.base_model", self.config.model.base)
+        return base if HUB_ID.match(base) and not Path(base).exists() else None
+
+
+def _read_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys()), dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CardError(f"{path}: not a readable safetensors file: {exc}") from None
+
+
+def adapter_files(run_dir: Path) -> list[Path]:
+    """Every top-level .safetensors in a run folder is an adapter (diffusers and, when exported, kohya)."""
+    return sorted(p for p in Path(run_dir).glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
+
+
+def sample_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (Path(run_dir) / "samples").glob("*.png") if p.is_file())
+
+
+def _load_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise CardError(f"{run_dir}: no config.yaml; is this a finished sdlora run folder (output.dir)?")
+    try:
+        return validate_config(read_config_file(path), source=str(path))
+    except ConfigError as exc:
+        raise CardError(str(exc)) from None
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    path = run_dir / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _count_images(config: RunConfig) -> int | None:
+    from sdlora.data import DatasetError, discover
+
+    try:
+        return len(discover(config.data.path, config.data.caption_extension, config.data.default_caption, verify=False))
+    except DatasetError:
+        return None  # the dataset is not on this machine; the card says "not recorded"
+
+
+def gather(run_dir: str | Path, dataset_size: int | None = None) -> RunFacts:
+    run_dir = Path(run_dir)
+    config = _load_run_config(run_dir)
+    adapters = []
+    for path in adapter_files(run_dir):
+        keys, metadata = _read_header(path)
+        kohya = any(k.startswith(KOHYA_PREFIXES) for k in keys)
+        adapters.append(AdapterInfo(path.name, "kohya" if kohya else "diffusers", metadata))
+    if not adapters:
+        raise CardError(f"{run_dir}: no adapter (.safetensors) in the run folder; train first")
+    log_rows = _losses(run_dir)
+    tail = [row["loss"] for row in log_rows[-20:]]
+    return RunFacts(
+        config=config, adapters=adapters,
+        samples=[p.relative_to(run_dir).as_posix() for p in sample_files(run_dir)],
+        dataset_size=dataset_size if dataset_size is not None else _count_images(config),
+        final_loss=sum(tail) / len(tail) if tail else None,
+        steps_done=log_rows[-1]["step"] if log_rows else None,
+    )
+
+
+def card_data(facts: RunFacts) -> ModelCardData:
+    """The YAML front matter the Hub reads for a LoRA text-to-image repo."""
+    out, prompts = facts.config.output, facts.config.sample.prompts
+    widget = []
+    if facts.samples and prompts:
+        # Each final grid holds one column per prompt; every prompt points at the latest grid.
+        widget = [{"text": prompt, "output": {"url": facts.samples[-1]}} for prompt in prompts]
+    return ModelCardData(
+        base_model=facts.base_model,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=out.license or FAMILY_LICENSES[facts.family],
+        tags=["text-to-image", FAMILY_TAGS[facts.family], "diffusers", "lora", "template:sd-lora", "sdlora"],
+        instance_prompt=", ".join(out.trigger_words) or None,
+        widget=widget or None,
+    )
+
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A LoRA adapter for {{ base_text }}, trained with [sdlora](https://github.com/sdlora/sdlora).
+
+{% if trigger_words -%}
+## Trigger words
+
+Use {{ trigger_words }} in the prompt to call up the adapter.
+{%- else -%}
+## Trigger words
+
+None: the adapter was trained without a trigger word and applies to every prompt.
+{%- endif %}
+
+Recommended weight: **{{ weight }}** (0 = off, 1 = as trained).
+
+## Files
+
+| file | format | loads in |
+|---|---|---|
+{% for row in files -%}
+| `{{ row.name }}` | {{ row.format }} | {{ row.where }} |
+{% endfor %}
+{% if samples %}
+## Samples
+
+{{ sample_caption }}
+
+![samples]({{ samples[-1] }})
+{% endif %}
+## Use it
+
+### diffusers
+
+```python
+import torch
+from diffusers import {{ pipeline_class }}
+
+pipe = {{ pipeline_class }}.from_pretrained("{{ base_id }}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{{ repo }}", weight_name="{{ primary }}", adapter_name="{{ adapter_name }}")
+pipe.set_adapters(["{{ adapter_name }}"], adapter_weights=[{{ weight }}])
+image = pipe("{{ example_prompt }}").images[0]
+image.save("out.png")
+```
+
+Stack it with another adapter: load both with their own `adapter_name`, then
+`pipe.set_adapters(["{{ adapter_name }}", "other"], adapter_weights=[{{ weight }}, 0.5])`.
+
+### ComfyUI
+
+{% if kohya -%}
+Download `{{ kohya }}` into `ComfyUI/models/loras/`
+(`hf download {{ repo }} {{ kohya }} --local-dir ComfyUI/models/loras`), then put a **LoraLoader** node between the
+checkpoint loader and the sampler:
+
+```json
+{"class_type": "LoraLoader", "inputs": {"lora_name": "{{ kohya }}", "strength_model": {{ weight }}, "strength_clip": {{ weight }}, "model": ["4", 0], "clip": ["4", 1]}}
+```
+{%- else -%}
+ComfyUI reads kohya-format files; this repository holds only the diffusers file `{{ primary }}`, whose key names
+ComfyUI does not match. Export a kohya-format copy with sdlora and use that in a **LoraLoader** node at strength
+{{ weight }}.
+{%- endif %}
+
+### AUTOMATIC1111 / Forge
+
+{% if kohya -%}
+Download `{{ kohya }}` into `stable-diffusion-webui/models/Lora/` and write in the prompt:
+
+```text
+<lora:{{ kohya_stem }}:{{ weight }}> {{ example_prompt }}
+```
+{%- else -%}
+AUTOMATIC1111 reads kohya-format files; this repository holds only the diffusers file `{{ primary }}`. Export a
+kohya-format copy with sdlora, put it in `models/Lora/` and prompt `<lora:NAME:{{ weight }}>`.
+{%- endif %}
+
+### sdlora
+
+```bash
+sdlora generate --base {{ base_id }} --lora {{ repo }}:{{ primary }}:{{ weight }} --prompt "{{ example_prompt }}"
+```
+
+## Training
+
+| setting | value |
+|---|---|
+{% for key, value in settings -%}
+| {{ key }} | {{ value }} |
+{% endfor %}
+The full configuration is in [`config.yaml`](config.yaml).
+"""
+
+
+def _settings(facts: RunFacts) -> list[tuple[str, str]]:
+    cfg = facts.config
+    rows = [
+        ("base model", f"`{facts.primary.metadata.get('sdlora.base_model', cfg.model.base)}` ({facts.family})"),
+        ("dataset size", f"{facts.dataset_size} images" if facts.dataset_size is not None else "not recorded"),
+        ("resolution", f"{cfg.data.resolution} px, {cfg.data.crop} crop" + (", random flip" if cfg.data.random_flip else "")),
+        ("steps", str(facts.steps_done if facts.steps_done is not None else cfg.train.steps)),
+        ("batch size", f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation} accumulation"),
+        ("rank / alpha", f"{cfg.lora.rank} / {cfg.lora.effective_alpha:g}"),
+        ("UNet targets", ", ".join(cfg.lora.unet_targets)),
+        ("text encoder", "trained (" + ", ".join(cfg.lora.text_encoder_targets) + ")" if cfg.lora.train_text_encoder else "frozen"),
+        ("optimizer", f"{cfg.train.optimizer}, lr {cfg.train.learning_rate:g}, {cfg.train.lr_scheduler} schedule"),
+        ("precision", cfg.train.mixed_precision if cfg.train.mixed_precision != "no" else "fp32"),
+        ("seed", str(cfg.train.seed)),
+    ]
+    if cfg.train.snr_gamma:
+        rows.append(("min-SNR gamma", f"{cfg.train.snr_gamma:g}"))
+    if cfg.train.noise_offset:
+        rows.append(("noise offset", f"{cfg.train.noise_offset:g}"))
+    if facts.final_loss is not None:
+        rows.append(("final loss (mean of last 20 steps)", f"{facts.final_loss:.4f}"))
+    return rows
+
+
+def build_card(run_dir: str | Path, repo_id: str | None = None, dataset_size: int | None = None) -> ModelCard:
+    """The card for a run folder; `repo_id` goes into the snippets (default: a placeholder to replace)."""
+    facts = gather(run_dir, dataset_size)
+    out, prompts = facts.config.output, facts.config.sample.prompts
+    words = ", ".join(f"`{w}`" for w in out.trigger_words)
+    repo = repo_id or "USER/REPO"
+    kohya = facts.kohya
+    base_id = facts.base_model or "BASE_MODEL_ID"
+    files = [
+        {"name": a.name, "format": a.format,
+         "where": "diffusers, sdlora" if a.format == "diffusers" else "ComfyUI, AUTOMATIC1111, Forge, kohya, sdlora"}
+        for a in facts.adapters
+    ]
+    example = ", ".join([*out.trigger_words, prompts[0]] if prompts else [*out.trigger_words, "a photo"])
+    sample_caption = (
+        f"Step {facts.samples[-1].rsplit('-', 1)[-1].removesuffix('.png').lstrip('0') or '0'}, seed "
+        f"{facts.config.sample.seed}, {facts.config.sample.steps} steps, one column per prompt: "
+        + "; ".join(f"*{p}*" for p in prompts)
+        if facts.samples else ""
+    )
+    return ModelCard.from_template(
+        card_data(facts),
+        template_str=TEMPLATE,
+        title=repo_id.split("/")[-1] if repo_id else out.name,
+        base_text=f"`{facts.base_model}`" if facts.base_model else "a Stable Diffusion base",
+        trigger_words=words, weight=f"{out.recommended_weight:g}", files=files, samples=facts.samples,
+        sample_caption=sample_caption, pipeline_class=FAMILY_PIPELINES[facts.family], base_id=base_id, repo=repo,
+        primary=facts.primary.name, adapter_name=re.sub(r"\W", "_", out.name), example_prompt=example,
+        kohya=kohya.name if kohya else None, kohya_stem=Path(kohya.name).stem if kohya else None,
+        settings=_settings(facts),
+    )
+
+
+def write_card(run_dir: str | Path, repo_id: str | None = None, dataset_size: int | None = None) -> Path:
+    """Write README.md into the run folder (atomically) and return its path."""
+    path = Path(run_dir) / CARD_NAME
+    write_text_atomic(path, str(build_card(run_dir, repo_id, dataset_size)))
+    return path
