@@ -244,7 +244,8 @@ class TrainingRun:
 
     def adapter(self) -> formats.AdapterFile:
         cfg = self.config
-        tensors = {name: distributed.lora_tensors(self.accelerator, model) for name, model in self._trained_models().items()}
+        models = self._trained_models()
+        tensors = {name: distributed.lora_tensors(self.accelerator, model) for name, model in models.items()}
         shapes = {c: formats.shape_from_tensors(t, cfg.lora.effective_alpha) for c, t in tensors.items()}
         metadata = {
             "sdlora.base_model": self.base.source,
