@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import card, checkpoint, formats, hub, inference, lora
+from sdlora import card, checkpoint, distributed, formats, hub, inference, lora
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate, discover
 from sdlora.fileio import write_text_atomic
@@ -44,7 +44,12 @@ def _build_accelerator(config: RunConfig) -> Accelerator:
     precision = config.train.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision: fp16 needs a CUDA GPU; use 'no' (fp32) or 'bf16' on this machine")
-    return Accelerator(mixed_precision=precision)
+    distributed.warn_on_precision_mismatch(precision)
+    # accelerate owns the accumulation window so DDP, FSDP and DeepSpeed all skip the all-reduce inside it.
+    return Accelerator(
+        mixed_precision=precision, cpu=distributed.cpu_only_launch(),
+        gradient_accumulation_steps=config.train.gradient_accumulation,
+    )
 
 
 def _adapter_shape(config: RunConfig, targets: tuple[str, ...]) -> lora.AdapterShape:
@@ -92,6 +97,8 @@ class TrainingRun:
         self.parts: TrainingParts | None = None
         self.base: BaseModel | None = None
         self.pusher: hub.CheckpointPusher | None = None
+        self.resumed_samples: int | None = None
+        self.data_origin = (0, 0)  # (step, samples seen) where this process's run began
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -129,11 +136,16 @@ class TrainingRun:
             cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
             num_training_steps=cfg.train.steps,
         )
+        distributed.check_strategy(accelerator, cfg)
+        distributed.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
         unet, text_encoder, optimizer = base.unet, base.text_encoder, optimizer
         if cfg.lora.train_text_encoder:
             unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
         else:
             unet, optimizer = accelerator.prepare(unet, optimizer)
+        # FSDP replaces parameters with sharded ones: clip what the optimizer now holds.
+        unet_params = [p for p in unet.parameters() if p.requires_grad]
+        te_params = [p for p in text_encoder.parameters() if p.requires_grad] if cfg.lora.train_text_encoder else []
         generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
         self.parts = TrainingParts(
             accelerator=accelerator, unet=unet, text_encoder=text_encoder, vae=base.vae, tokenizer=base.tokenizer,
@@ -166,21 +178,36 @@ class TrainingRun:
 
     def save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
+        parts = self.parts
+        trainable = distributed.trainable_state(self.accelerator, self._trained_models())
         if self.accelerator.is_main_process:
-            parts = self.parts
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
             state = checkpoint.TrainingState(
                 step=step, micro_step=step * parts.gradient_accumulation,
-                trainable={k: p.data for k, p in self._trainable_by_name().items()},
+                trainable=trainable,
                 optimizer=parts.optimizer.state_dict(), lr_scheduler=parts.lr_scheduler.state_dict(),
                 scaler=scaler, rng=checkpoint.capture_rng({GENERATOR: parts.generator}),
-                extra={"world_size": self.accelerator.num_processes},
+                extra={"world_size": self.accelerator.num_processes, "samples_seen": self._samples_seen(step)},
             )
             path = checkpoint.save_checkpoint(self.output_dir / "checkpoints", state, self.config.train.keep_checkpoints)
             log.info("checkpoint written: %s", path)
             if self.pusher is not None:
                 self.pusher.submit(path)
         self.accelerator.wait_for_everyone()
+
+    def _trained_models(self) -> dict[str, torch.nn.Module]:
+        models = {"unet": self.parts.unet}
+        if self.config.lora.train_text_encoder:
+            models["text_encoder"] = self.parts.text_encoder
+        return models
+
+    def _samples_seen(self, step: int) -> int:
+        origin_step, origin_samples = self.data_origin
+        return origin_samples + (step - origin_step) * self._layout().effective_batch
+
+    def _layout(self) -> distributed.Layout:
+        train = self.config.train
+        return distributed.Layout(self.accelerator.num_processes, train.batch_size, train.gradient_accumulation)
 
     def restore(self, resume: str) -> int:
         """Load `resume` ('latest' or a checkpoint folder) into the live objects; returns the step reached."""
@@ -202,6 +229,17 @@ class TrainingRun:
         if state.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state.scaler)
         checkpoint.restore_rng(state.rng, {GENERATOR: self.parts.generator})
+        # Checkpoints from before samples_seen was stored were written by one process.
+        self.resumed_samples = state.extra.get(
+            "samples_seen", state.micro_step * self.config.train.batch_size * state.extra.get("world_size", 1)
+        )
+        if state.extra.get("world_size", 1) != self.accelerator.num_processes:
+            log.info(
+                "resuming a %d-process run on %d processes: step counter and LR schedule continue at step %d, "
+                "data continues after %d samples; effective batch is now %d",
+                state.extra.get("world_size", 1), self.accelerator.num_processes, state.step, self.resumed_samples,
+                self._layout().effective_batch,
+            )
         log.info("resumed from %s at step %d", path, state.step)
         return state.step
 
@@ -209,9 +247,8 @@ class TrainingRun:
 
     def adapter(self) -> formats.AdapterFile:
         cfg = self.config
-        tensors = {"unet": lora.lora_state_dict(self.accelerator.unwrap_model(self.parts.unet))}
-        if cfg.lora.train_text_encoder:
-            tensors["text_encoder"] = lora.lora_state_dict(self.accelerator.unwrap_model(self.parts.text_encoder))
+        models = self._trained_models()
+        tensors = {name: distributed.lora_tensors(self.accelerator, model) for name, model in models.items()}
         shapes = {c: formats.shape_from_tensors(t, cfg.lora.effective_alpha) for c, t in tensors.items()}
         metadata = {
             "sdlora.base_model": self.base.source,
@@ -259,8 +296,12 @@ class TrainingRun:
         start = self.restore(resume) if resume else 0
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
+        position = start * cfg.train.gradient_accumulation
+        if self.resumed_samples is not None:
+            position = distributed.resume_micro_step(self.resumed_samples, self._layout())
+        self.data_origin = (start, position * self._layout().global_micro_batch)
         sampler = ResumableBatchSampler(
-            len(self.dataset), cfg.train.batch_size, cfg.train.seed, start=start * cfg.train.gradient_accumulation,
+            len(self.dataset), cfg.train.batch_size, cfg.train.seed, start=position,
             num_replicas=accelerator.num_processes, rank=accelerator.process_index,
         )
         # Its own generator: a DataLoader otherwise draws a seed from torch's global RNG on every iter(), which
@@ -276,8 +317,9 @@ class TrainingRun:
         adapter_path = self.output_dir / f"{cfg.output.name}.safetensors"
         samples = []
         accelerator.wait_for_everyone()
+        adapter = self.adapter()  # every process: gathering under FSDP / DeepSpeed is collective
         if accelerator.is_main_process:
-            formats.save_diffusers(adapter_path, self.adapter())
+            formats.save_diffusers(adapter_path, adapter)
             log.info("adapter written: %s", adapter_path)
             sample_path = self.render_samples(final_step)
             samples = [sample_path] if sample_path else []

@@ -113,16 +113,21 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
         progress=None) -> list[float]:
     """Run optimizer steps start_step+1 .. total_steps; returns each step's mean micro-batch loss."""
     accelerator, losses = parts.accelerator, []
+    if accelerator.gradient_accumulation_steps != parts.gradient_accumulation:
+        raise ValueError(
+            f"Accelerator(gradient_accumulation_steps={accelerator.gradient_accumulation_steps}) must equal "
+            f"parts.gradient_accumulation ({parts.gradient_accumulation}): it scales the loss and picks the sync step"
+        )
+    trained = (parts.unet, parts.text_encoder) if parts.train_text_encoder else (parts.unet,)
     parts.unet.train()
     for step in range(start_step + 1, total_steps + 1):
         step_loss = 0.0
-        for micro in range(parts.gradient_accumulation):
-            last = micro == parts.gradient_accumulation - 1
-            # Gradients are all-reduced only on the last micro-batch of an accumulation window.
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(parts.unet)
-            with sync:
+        for _ in range(parts.gradient_accumulation):
+            # accelerate all-reduces only on the last micro-batch of the window (DDP/FSDP no_sync, DeepSpeed's
+            # boundary flag) and divides the loss by the window length (Accelerator(gradient_accumulation_steps)).
+            with accelerator.accumulate(*trained):
                 loss = micro_step_loss(parts, next(batches))
-                accelerator.backward(loss / parts.gradient_accumulation)
+                accelerator.backward(loss)
             step_loss += loss.detach().float().item() / parts.gradient_accumulation
         if parts.max_grad_norm is not None:
             accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)

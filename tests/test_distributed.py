@@ -1,0 +1,194 @@
+"""Data parallelism on CPU: 2 gloo processes under torchrun equal 1 process with the same effective batch, write
+every file once, fail as a whole when one dies, and resume on a different number of processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from sdlora import distributed
+from sdlora.checkpoint import latest_checkpoint, load_checkpoint
+from sdlora.config import ConfigError
+from sdlora.formats import read_adapter
+from sdlora.run import TrainingRun
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(*args: str, nproc: int = 2) -> subprocess.Popen:
+    """`torchrun --nproc_per_node N -m sdlora ...` with gloo on loopback only."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "sdlora", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_config(tmp_path: Path, tiny_base: Path, data: Path, **train) -> Path:
+    settings = {"steps": 4, "learning_rate": 2e-3, "seed": 7, **train}
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model:\n  base: {tiny_base}\ndata:\n  path: {data}\n  resolution: 64\n"
+        + "train:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
+    )
+    return path
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _assert_same_adapter(a: Path, b: Path, atol: float = 1e-4) -> None:
+    """Equal up to float reduction order (gloo sums in another order; Adam amplifies it slightly), and far closer
+    than the training moved them: lora_B starts at zero, so its values are the update itself."""
+    ta, tb = read_adapter(a).tensors["unet"], read_adapter(b).tensors["unet"]
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.allclose(ta[key], tb[key], atol=atol), (key, (ta[key] - tb[key]).abs().max())
+    update = max(t.abs().max().item() for k, t in ta.items() if k.endswith("lora_B.weight"))
+    assert update > 50 * atol, f"training moved lora_B by only {update}; the comparison proves nothing"
+
+
+def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_dataset, tmp_path, make_config):
+    # 2 processes x batch 1 x accumulation 2 == 1 process x batch 2 x accumulation 2 (effective batch 4).
+    config = _run_config(tmp_path, tiny_base, style_dataset, batch_size=1, gradient_accumulation=2,
+                         checkpoint_every=2)
+    ddp_out = tmp_path / "ddp"
+    launch = _torchrun("train", str(config), f"output.dir={ddp_out}")
+    out, err = launch.communicate(timeout=300)
+    assert launch.returncode == 0, err[-3000:]
+    assert out.count("adapter: ") == 2, out  # both processes finished
+    assert err.count("world size 2 x batch 1 x accumulation 2 = effective batch 4") == 2, err[-3000:]
+    assert _files(ddp_out) == [
+        "checkpoints/step-000002/state.json", "checkpoints/step-000002/state.safetensors",
+        "checkpoints/step-000002/trainable.safetensors", "checkpoints/step-000004/state.json",
+        "checkpoints/step-000004/state.safetensors", "checkpoints/step-000004/trainable.safetensors",
+        "config.yaml", "pytorch_lora_weights.safetensors", "train_log.jsonl",
+    ]
+    assert len((ddp_out / "train_log.jsonl").read_text().splitlines()) == 4  # one writer, not two
+    state = load_checkpoint(ddp_out / "checkpoints" / "step-000002")
+    assert state.extra == {"world_size": 2, "samples_seen": 8}
+
+    common = ["train.batch_size=2", "train.gradient_accumulation=2", "train.seed=7", "train.learning_rate=2e-3"]
+    single = TrainingRun(make_config(*common, f"output.dir={tmp_path / 'single'}"))
+    single.build()
+    straight = single.fit()
+    _assert_same_adapter(ddp_out / "pytorch_lora_weights.safetensors", straight.adapter_path)
+
+    # Resume the 2-process run on 1 process at step 2: same step counter, same data position, same result.
+    resumed_out = tmp_path / "resumed"
+    shutil.copytree(ddp_out / "checkpoints" / "step-000002", resumed_out / "checkpoints" / "step-000002")
+    resumed = TrainingRun(make_config(*common, "train.checkpoint_every=2", f"output.dir={resumed_out}"))
+    resumed.build()
+    result = resumed.fit(resume="latest")
+    assert result.final_step == 4 and len(result.losses) == 2
+    assert result.losses == pytest.approx(straight.losses[2:], abs=1e-4)
+    _assert_same_adapter(result.adapter_path, straight.adapter_path)
+    assert load_checkpoint(resumed_out / "checkpoints" / "step-000004").extra == {"world_size": 1, "samples_seen": 16}
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """LOCAL_RANK -> pid of torchrun's worker processes."""
+    workers = {}
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"LOCAL_RANK="):
+                workers[int(entry.split(b"=")[1])] = pid
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds worker processes through /proc")
+def test_killing_one_process_fails_the_launch_and_leaves_a_resumable_checkpoint(tiny_base, style_dataset, tmp_path):
+    config = _run_config(tmp_path, tiny_base, style_dataset, steps=100_000, batch_size=1, checkpoint_every=2,
+                         keep_checkpoints=2)
+    out_dir = tmp_path / "out"
+    launch = _torchrun("train", str(config), f"output.dir={out_dir}")
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(out_dir / "checkpoints") is None:
+            assert launch.poll() is None, launch.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        workers = _worker_pids(launch.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = launch.communicate(timeout=120)  # the survivor must not hang in an all-reduce
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.communicate()
+    assert launch.returncode != 0
+    assert "ChildFailedError" in err and "SIGKILL" in err, err[-3000:]
+
+    latest = latest_checkpoint(out_dir / "checkpoints")
+    state = load_checkpoint(latest)  # intact: complete files only, never a half-written folder
+    assert state.step >= 2 and state.extra["world_size"] == 2
+    assert state.extra["samples_seen"] == state.step * 2
+    # Resume on 1 process with batch 2 (same effective batch): the step counter and data position carry over.
+    done = subprocess.run(
+        [sys.executable, "-m", "sdlora", "train", str(config), f"output.dir={out_dir}", "train.batch_size=2",
+         f"train.steps={state.step + 2}", "--resume", str(latest)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming a 2-process run on 1 processes: step counter and LR schedule continue at step {state.step}" \
+        in done.stderr
+    final = load_checkpoint(out_dir / "checkpoints" / f"step-{state.step + 2:06d}")
+    assert final.extra == {"world_size": 1, "samples_seen": (state.step + 2) * 2}
+
+
+def test_resume_position_maps_samples_to_the_new_layout(caplog):
+    assert distributed.resume_micro_step(8, distributed.Layout(2, 1, 2)) == 4
+    assert distributed.resume_micro_step(8, distributed.Layout(1, 4, 1)) == 2
+    with caplog.at_level("WARNING"):
+        assert distributed.resume_micro_step(10, distributed.Layout(4, 1, 1)) == 2
+    assert "2 sample(s) are seen again" in caplog.text
+    assert distributed.Layout(4, 2, 3).effective_batch == 24
+
+
+def test_cache_work_is_split_with_no_item_twice():
+    items = [f"latent-{i}.safetensors" for i in range(11)]
+    shards = [distributed.shard_for_process(items, 3, rank) for rank in range(3)]
+    assert sorted(sum(shards, [])) == sorted(items)
+    assert [len(s) for s in shards] == [4, 4, 3]
+    with pytest.raises(ValueError, match="process_index 3 is outside 0..2"):
+        distributed.shard_for_process(items, 3, 3)
+
+
+def test_cpu_launch_is_detected_only_for_several_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.cpu_only_launch() is (torch.accelerator.current_accelerator() is None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.cpu_only_launch() is False
+
+
+@pytest.mark.parametrize(("kind", "override", "message"), [
+    (DistributedType.DEEPSPEED, "lora.train_text_encoder=true", "lora.train_text_encoder: DeepSpeed"),
+    (DistributedType.FSDP, "train.checkpoint_every=5", "train.checkpoint_every: resumable checkpoints are not"),
+    (DistributedType.FSDP, "sample.prompts=[a cat]", "sample.prompts: samples are rendered by the main process"),
+])
+def test_sharded_strategies_refuse_what_they_cannot_save(make_config, kind, override, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.check_strategy(SimpleNamespace(distributed_type=kind), make_config(override))
+    distributed.check_strategy(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), make_config(override))
