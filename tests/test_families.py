@@ -150,3 +150,17 @@ def test_sd1_epsilon_path_is_unchanged(make_config):
 
     # The family conditioning and the loop's own SD1 encoding give the same loss, to the bit.
     assert torch.equal(loss(parts.conditioning), loss(None))
+
+
+def test_family_presets():
+    from pathlib import Path
+
+    from sdlora.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    sdxl = load_config(configs / "sdxl-gpu.yaml")
+    assert sdxl.data.resolution == 1024 and sdxl.train.mixed_precision == "bf16"
+    assert sdxl.train.gradient_checkpointing and sdxl.train.optimizer == "adamw8bit"
+    sd21 = load_config(configs / "sd21-gpu.yaml")
+    assert sd21.data.resolution == 768 and sd21.train.prediction_type == "v_prediction"
+    assert sd21.train.zero_terminal_snr

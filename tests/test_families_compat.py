@@ -89,8 +89,6 @@ def test_sdxl_adapter_loads_in_diffusers_and_matches_sdlora(sdxl_run, tiny_sdxl_
     # PIL quantises our image to 8 bits: one level is fp32 noise.
     assert np.abs(ours - theirs).max() <= 1.5 / 255
     assert np.abs(theirs - base).max() > 10 / 255, "adapter had no visible effect"
-    half = _diffusers_image(StableDiffusionXLPipeline, tiny_sdxl_base, adapter, weight=0.5)
-    assert np.abs(_sdlora_image(tiny_sdxl_base, adapter, weight=0.5) - half).max() <= 1.5 / 255
     # Fusing reorders fp32 sums; with this deliberately strong adapter that moves up to two 8-bit levels.
     assert np.abs(_sdlora_image(tiny_sdxl_base, adapter, fuse=True) - theirs).max() <= 2.5 / 255
 
