@@ -39,6 +39,11 @@ class ModelSection(_Section):
         description="Local diffusers folder (or hub id) whose configs describe a single-file checkpoint; "
         "needed offline, since diffusers otherwise fetches them.",
     )
+    family: Literal["sd1", "sd2", "sd2-v", "sdxl"] | None = Field(
+        None,
+        description="Stable Diffusion family of the base; default: detected from its components (or a single "
+        "file's keys). 'sd2-v' also makes an SD2 single file predict v.",
+    )
 
 
 class DataSection(_Section):
@@ -117,6 +122,9 @@ class TrainSection(_Section):
     )
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
+    zero_terminal_snr: bool = Field(
+        False, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2024); v-prediction only."
+    )
 
 
 class OutputSection(_Section):

@@ -65,17 +65,26 @@ def _is_number(text: str) -> bool:
 
 def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32):
-    """A diffusers StableDiffusionPipeline over already-loaded components (no second copy of the weights)."""
+    """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) over already-loaded
+    components (no second copy of the weights)."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if base.family == "sdxl":
+        # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=sampler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
     return pipe.to(device) if base.unet.dtype == dtype else pipe.to(device, dtype)
@@ -84,16 +93,22 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
 class AdapterStack:
     """Named adapters on one pipeline; `set_weights` chooses which are active and how strongly."""
 
-    COMPONENT_ATTRS = {"unet": "unet", "text_encoder": "text_encoder"}
+    COMPONENT_ATTRS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
     def __init__(self, pipe):
         self.pipe = pipe
         self.names: list[str] = []
 
     def _module(self, component: str) -> torch.nn.Module:
-        if component not in self.COMPONENT_ATTRS:
+        module = getattr(self.pipe, self.COMPONENT_ATTRS.get(component, ""), None)
+        if module is None:
             raise formats.AdapterFormatError(f"this pipeline has no {component} for the adapter to patch")
-        return getattr(self.pipe, self.COMPONENT_ATTRS[component])
+        return module
+
+    def _present(self) -> list[tuple[str, torch.nn.Module]]:
+        """Components this pipeline has: SD1/SD2 pipelines have no text_encoder_2."""
+        found = [(c, getattr(self.pipe, attr, None)) for c, attr in self.COMPONENT_ATTRS.items()]
+        return [(c, module) for c, module in found if module is not None]
 
     def add(self, name: str, adapter: formats.AdapterFile) -> None:
         if name in self.names:
@@ -109,17 +124,17 @@ class AdapterStack:
         unknown = set(weights) - set(self.names)
         if unknown:
             raise KeyError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
-        for component, index in (("unet", 0), ("text_encoder", 1)):
-            module = getattr(self.pipe, component)
+        for component, module in self._present():
+            index = 0 if component == "unet" else 1  # the text-encoder weight applies to both SDXL encoders
             lora.set_weights(module, {name: w[index] for name, w in weights.items()})
 
     def fuse(self) -> None:
-        for component in self.COMPONENT_ATTRS:
-            lora.fuse(getattr(self.pipe, component))
+        for _, module in self._present():
+            lora.fuse(module)
 
     def unfuse(self) -> None:
-        for component in self.COMPONENT_ATTRS:
-            lora.unfuse(getattr(self.pipe, component))
+        for _, module in self._present():
+            lora.unfuse(module)
 
 
 def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack:

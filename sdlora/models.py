@@ -1,7 +1,8 @@
 """Load a base Stable Diffusion model from wherever a user has it, freeze it and put it in the compute dtype.
 
-Sources: a built-in name (`sdlora:tiny`), a local diffusers folder, a single-file checkpoint (`.safetensors`), or a
-hub id. Only LoRA weights ever train; everything loaded here is frozen.
+Sources: a built-in name (`sdlora:tiny`), a local diffusers folder (SD1, SD2 or SDXL), a single-file checkpoint
+(`.safetensors`, family read from its keys or given), or a hub id. Only LoRA weights ever train; everything loaded
+here is frozen.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from sdlora import backends
+from sdlora import backends, families
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class BaseModel:
     tokenizer: Any
     scheduler: Any
     source: str
+    # SDXL's second text encoder (OpenCLIP-bigG, with projection) and its tokenizer; None for SD1/SD2.
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    declared_family: str | None = None  # model.family, when the user names it
 
     @property
     def prediction_type(self) -> str:
@@ -44,13 +49,20 @@ class BaseModel:
 
     @property
     def family(self) -> str:
-        """'sdxl', 'sd2' or 'sd1', read from the UNet config (SDXL conditions on time ids; SD2 on 1024-d text)."""
-        config = self.unet.config
-        if config.get("addition_embed_type") == "text_time":
-            return "sdxl"
-        if config.get("cross_attention_dim") == 1024:
-            return "sd2"
-        return "sd1"
+        """'sd1', 'sd2', 'sd2-v' or 'sdxl': as declared in the config, else read from the components."""
+        if self.declared_family:
+            return self.declared_family
+        return families.detect_family(self.unet.config, self.text_encoder.config, self.prediction_type)
+
+    @property
+    def text_encoders(self) -> dict[str, Any]:
+        """Text encoders by adapter component name (`text_encoder`, and `text_encoder_2` for SDXL)."""
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: module for name, module in encoders.items() if module is not None}
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +75,20 @@ def _build_tiny(target: Path) -> None:
     save_tiny_pipeline(target)
 
 
+def _build_tiny_sdxl(target: Path) -> None:
+    from sdlora.tiny import save_tiny_sdxl_pipeline
+
+    save_tiny_sdxl_pipeline(target)
+
+
+def _build_tiny_sd2v(target: Path) -> None:
+    from sdlora.tiny import save_tiny_sd2v_pipeline
+
+    save_tiny_sd2v_pipeline(target)
+
+
 BUILTIN_BASES: dict[str, Callable[[Path], None]] = {"sdlora:tiny": _build_tiny}
+BUILTIN_BASES.update({"sdlora:tiny-sdxl": _build_tiny_sdxl, "sdlora:tiny-sd2-v": _build_tiny_sd2v})
 # Trained bases that ship inside the package (scripts/train_base.py makes them).
 PACKAGED_BASES: dict[str, Path] = {"sdlora:shapes": Path(__file__).parent / "assets" / "shapes"}
 
@@ -104,10 +129,18 @@ def resolve_builtin(name: str) -> Path:
 
 def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, torch_dtype) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common = {"revision": revision} if revision else {}
     weights = dict(common, variant=variant) if variant else dict(common)
+    sdxl = {}
+    if _has_component(source, "text_encoder_2", common):
+        sdxl = {
+            "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", dtype=torch_dtype, **weights
+            ),
+        }
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype, **weights),
@@ -115,11 +148,30 @@ def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, 
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **weights),
         scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         source=source,
+        **sdxl,
     )
 
 
-def _load_single_file(path: Path, config: str | None, torch_dtype) -> BaseModel:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def _has_component(source: str, name: str, common: dict) -> bool:
+    """Whether a diffusers pipeline (folder or hub repo) has a component, e.g. SDXL's text_encoder_2."""
+    if Path(source).is_dir():
+        return (Path(source) / name / "config.json").is_file()
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source, **common)
+    return bool(index.get(name)) and index[name][0] is not None
+
+
+def single_file_family(path: Path) -> str | None:
+    """Family of a `.safetensors` single-file checkpoint, read from its key names without loading tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return families.family_from_checkpoint_keys(handle.keys())
+
+
+def _load_single_file(path: Path, config: str | None, torch_dtype, family: str | None = None) -> BaseModel:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if path.suffix != ".safetensors":
         raise ModelLoadError(
@@ -131,8 +183,15 @@ def _load_single_file(path: Path, config: str | None, torch_dtype) -> BaseModel:
         if config.startswith("sdlora:"):
             config = str(resolve_builtin(config))
         kwargs.update(config=config, local_files_only=Path(config).is_dir())
+    family = family or single_file_family(path)
+    if family is None:
+        raise ModelLoadError(
+            f"model.base: cannot tell which Stable Diffusion family {path} is from its keys; set model.family "
+            f"to one of {', '.join(families.FAMILIES)}"
+        )
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as exc:
         raise ModelLoadError(
             f"model.base: cannot load single-file checkpoint {path}: {exc}. Offline, set model.single_file_config "
@@ -145,6 +204,8 @@ def _load_single_file(path: Path, config: str | None, torch_dtype) -> BaseModel:
         tokenizer=pipe.tokenizer,
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         source=str(path),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
     )
 
 
@@ -155,15 +216,18 @@ def load_base_model(
     variant: str | None = None,
     single_file_config: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
+    family: str | None = None,
 ) -> BaseModel:
-    """Load the base from a built-in name, a folder, a single file or a hub id; frozen, in eval mode."""
+    """Load the base from a built-in name, a folder, a single file or a hub id; frozen, in eval mode.
+    `family` (model.family) overrides detection: it picks the single-file pipeline class, and 'sd2-v' makes
+    the scheduler predict v."""
     if base.startswith("sdlora:"):
         model = _load_folder_or_hub(str(resolve_builtin(base)), None, None, torch_dtype)
         model.source = base
     elif Path(base).is_file() or base.endswith(SINGLE_FILE_SUFFIXES):
         if not Path(base).is_file():
             raise ModelLoadError(f"model.base: checkpoint file {base} does not exist")
-        model = _load_single_file(Path(base), single_file_config, torch_dtype)
+        model = _load_single_file(Path(base), single_file_config, torch_dtype, family)
     elif Path(base).is_dir():
         if not (Path(base) / "model_index.json").is_file() and not (Path(base) / "unet").is_dir():
             raise ModelLoadError(f"model.base: {base} is a folder but not a diffusers pipeline (no model_index.json)")
@@ -175,12 +239,25 @@ def load_base_model(
             raise ModelLoadError(
                 f"model.base: {base!r} is not a local folder or file, and loading it as a hub id failed: {exc}"
             ) from exc
+    if family is not None:
+        _declare_family(model, family)
     freeze(model)
     return model
 
 
+def _declare_family(model: BaseModel, family: str) -> None:
+    if family == "sdxl" and model.text_encoder_2 is None:
+        raise ModelLoadError(f"model.family: 'sdxl', but {model.source} has no text_encoder_2 (not an SDXL base)")
+    if family != "sdxl" and model.text_encoder_2 is not None:
+        raise ModelLoadError(f"model.family: {family!r}, but {model.source} has two text encoders (an SDXL base)")
+    if family == "sd2-v" and model.prediction_type != "v_prediction":
+        # SD2 single files do not say whether they predict v; the user said so.
+        model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type="v_prediction")
+    model.declared_family = family
+
+
 def freeze(model: BaseModel) -> None:
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in (model.unet, model.vae, *model.text_encoders.values()):
         module.requires_grad_(False)
         module.eval()
 
@@ -192,8 +269,8 @@ def vae_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
 
 def place(model: BaseModel, device: torch.device, weight_dtype: torch.dtype) -> None:
     """Move frozen weights to the device in the compute dtype; the VAE in a dtype that cannot overflow."""
-    for module, dtype in ((model.unet, weight_dtype), (model.text_encoder, weight_dtype),
-                          (model.vae, vae_dtype_for(weight_dtype))):
+    text_encoders = [(module, weight_dtype) for module in model.text_encoders.values()]
+    for module, dtype in ((model.unet, weight_dtype), *text_encoders, (model.vae, vae_dtype_for(weight_dtype))):
         # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
         module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
 

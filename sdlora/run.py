@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import card, checkpoint, distributed, formats, hub, inference, lora
+from sdlora import card, checkpoint, distributed, families, formats, hub, inference, lora
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate, discover
 from sdlora.fileio import write_text_atomic
@@ -112,23 +112,28 @@ class TrainingRun:
         set_seed(cfg.train.seed)
         base = load_base_model(
             cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
-            single_file_config=cfg.model.single_file_config,
+            single_file_config=cfg.model.single_file_config, family=cfg.model.family,
         )
         self.base = base
+        prediction_type = cfg.train.prediction_type or base.prediction_type
+        if cfg.train.zero_terminal_snr:
+            base.scheduler = families.with_zero_terminal_snr(base.scheduler, prediction_type)
         lora.attach(base.unet, _adapter_shape(cfg, cfg.lora.unet_targets))
         te_params = []
-        if cfg.lora.train_text_encoder:
-            lora.attach(base.text_encoder, _adapter_shape(cfg, cfg.lora.text_encoder_targets))
+        # "Train the text encoder" means every text encoder of the base: SDXL's two (kohya's te1 / te2).
+        trained_encoders = list(base.text_encoders.values()) if cfg.lora.train_text_encoder else []
+        for encoder in trained_encoders:
+            lora.attach(encoder, _adapter_shape(cfg, cfg.lora.text_encoder_targets))
         place(base, accelerator.device, self.weight_dtype)
-        lora.cast_lora_to_fp32(base.unet, base.text_encoder)
+        lora.cast_lora_to_fp32(base.unet, *base.text_encoders.values())
         attention = set_attention_backend(base.unet, cfg.train.attention, accelerator.device)
         if cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
-            if cfg.lora.train_text_encoder:
-                base.text_encoder.gradient_checkpointing_enable()
+            for encoder in trained_encoders:
+                encoder.gradient_checkpointing_enable()
         unet_params = lora.trainable_parameters(base.unet)
-        if cfg.lora.train_text_encoder:
-            te_params = lora.trainable_parameters(base.text_encoder)
+        for encoder in trained_encoders:
+            te_params += lora.trainable_parameters(encoder)
         optimizer = _build_optimizer(cfg, unet_params, te_params)
         from diffusers.optimization import get_scheduler
 
@@ -139,22 +144,34 @@ class TrainingRun:
         distributed.check_strategy(accelerator, cfg)
         distributed.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
         unet, text_encoder, optimizer = base.unet, base.text_encoder, optimizer
+        text_encoders = list(base.text_encoders.values())
         if cfg.lora.train_text_encoder:
-            unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+            unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
+            text_encoder = text_encoders[0]
         else:
             unet, optimizer = accelerator.prepare(unet, optimizer)
+        # The (wrapped) models whose LoRA is trained, by adapter-file component: what checkpoints and saves read.
+        self.trained_models = {"unet": unet}
+        if cfg.lora.train_text_encoder:
+            self.trained_models.update(zip(base.text_encoders.keys(), text_encoders))
         # FSDP replaces parameters with sharded ones: clip what the optimizer now holds.
         unet_params = [p for p in unet.parameters() if p.requires_grad]
-        te_params = [p for p in text_encoder.parameters() if p.requires_grad] if cfg.lora.train_text_encoder else []
+        te_params = [
+            p for name, model in self.trained_models.items() if name != "unet"
+            for p in model.parameters() if p.requires_grad
+        ]
         generator = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed)
         self.parts = TrainingParts(
             accelerator=accelerator, unet=unet, text_encoder=text_encoder, vae=base.vae, tokenizer=base.tokenizer,
             noise_scheduler=base.scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
             params=unet_params + te_params, generator=generator,
-            prediction_type=cfg.train.prediction_type or base.prediction_type, weight_dtype=self.weight_dtype,
+            prediction_type=prediction_type, weight_dtype=self.weight_dtype,
             gradient_accumulation=cfg.train.gradient_accumulation, max_grad_norm=cfg.train.max_grad_norm,
             noise_offset=cfg.train.noise_offset, snr_gamma=cfg.train.snr_gamma,
             train_text_encoder=cfg.lora.train_text_encoder,
+            conditioning=families.conditioning_for(
+                base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
+            ),
         )
         n_train = sum(p.numel() for p in self.parts.params)
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
@@ -170,7 +187,7 @@ class TrainingRun:
 
     def _trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
         named = {}
-        for prefix, module in (("unet", self.base.unet), ("text_encoder", self.base.text_encoder)):
+        for prefix, module in (("unet", self.base.unet), *self.base.text_encoders.items()):
             for name, param in module.named_parameters():
                 if param.requires_grad:
                     named[f"{prefix}.{name}"] = param
@@ -179,7 +196,7 @@ class TrainingRun:
     def save_checkpoint(self, step: int) -> None:
         self.accelerator.wait_for_everyone()
         parts = self.parts
-        trainable = distributed.trainable_state(self.accelerator, self._trained_models())
+        trainable = distributed.trainable_state(self.accelerator, self.trained_models)
         if self.accelerator.is_main_process:
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
             state = checkpoint.TrainingState(
@@ -194,12 +211,6 @@ class TrainingRun:
             if self.pusher is not None:
                 self.pusher.submit(path)
         self.accelerator.wait_for_everyone()
-
-    def _trained_models(self) -> dict[str, torch.nn.Module]:
-        models = {"unet": self.parts.unet}
-        if self.config.lora.train_text_encoder:
-            models["text_encoder"] = self.parts.text_encoder
-        return models
 
     def _samples_seen(self, step: int) -> int:
         origin_step, origin_samples = self.data_origin
@@ -247,8 +258,7 @@ class TrainingRun:
 
     def adapter(self) -> formats.AdapterFile:
         cfg = self.config
-        models = self._trained_models()
-        tensors = {name: distributed.lora_tensors(self.accelerator, model) for name, model in models.items()}
+        tensors = {name: distributed.lora_tensors(self.accelerator, m) for name, m in self.trained_models.items()}
         shapes = {c: formats.shape_from_tensors(t, cfg.lora.effective_alpha) for c, t in tensors.items()}
         metadata = {
             "sdlora.base_model": self.base.source,
@@ -257,6 +267,7 @@ class TrainingRun:
             "sdlora.rank": str(cfg.lora.rank),
             "sdlora.alpha": str(cfg.lora.effective_alpha),
             "sdlora.training_config": json.dumps(cfg.to_dict(), sort_keys=True),
+            **families.adapter_metadata(self.base.family, self.parts.prediction_type, cfg.data.resolution),
         }
         return formats.AdapterFile(tensors=tensors, shapes=shapes, metadata=metadata)
 
@@ -267,7 +278,8 @@ class TrainingRun:
         unet = self.accelerator.unwrap_model(self.parts.unet)
         text_encoder = self.accelerator.unwrap_model(self.parts.text_encoder)
         view = BaseModel(unet=unet, vae=self.base.vae, text_encoder=text_encoder, tokenizer=self.base.tokenizer,
-                         scheduler=self.base.scheduler, source=self.base.source)
+                         scheduler=self.base.scheduler, source=self.base.source,
+                         text_encoder_2=self.base.text_encoder_2, tokenizer_2=self.base.tokenizer_2)
         pipe = inference.build_pipeline(view, device=self.accelerator.device, dtype=self.weight_dtype)
         unet.eval()
         images = []

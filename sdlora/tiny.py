@@ -1,4 +1,4 @@
-"""Tiny SD1.5-shaped pipelines built from small configs: the base for tests and the offline demo.
+"""Tiny SD1.5-, SD2-v- and SDXL-shaped pipelines from small configs: the base for tests and the offline demo.
 
 Nothing here is downloaded. The tokenizer is a CLIP byte-level BPE whose vocabulary and merges sdlora makes
 itself from a word list, so any text tokenizes (unknown words fall back to characters) and the words the demo
@@ -64,11 +64,12 @@ def make_clip_bpe(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tuple[d
     return vocab, merges
 
 
-def make_tokenizer(words=DEFAULT_WORDS, max_length: int = 77):
+def make_tokenizer(words=DEFAULT_WORDS, max_length: int = 77, pad_token: str | None = None):
     from transformers import CLIPTokenizer
 
     vocab, merges = make_clip_bpe(tuple(words))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    extra = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, **extra)
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,22 @@ class TinySpec:
     sample_size: int = 64
     prediction_type: str = "epsilon"
     words: tuple[str, ...] = DEFAULT_WORDS
+    # SD2.x shapes: OpenCLIP-H's text encoder uses exact GELU and pads with "!", the UNet linear projections.
+    text_hidden_act: str = "quick_gelu"
+    pad_token: str | None = None
+    use_linear_projection: bool = False
+
+
+# SD2.1-768-v shaped: v-prediction, OpenCLIP-like text encoder (cross-attention width stays tiny).
+SD2_V_SPEC = TinySpec(prediction_type="v_prediction", text_hidden_act="gelu", pad_token="!", use_linear_projection=True)
 
 
 def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
     """UNet, VAE, text encoder, tokenizer and scheduler with seeded random weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    tokenizer = make_tokenizer(spec.words, spec.max_length)
+    tokenizer = make_tokenizer(spec.words, spec.max_length, spec.pad_token)
     torch.manual_seed(seed)
     latent_size = spec.sample_size // 2 ** (len(spec.vae_channels) - 1)
     down = ("CrossAttnDownBlock2D",) * (len(spec.unet_channels) - 1) + ("DownBlock2D",)
@@ -110,6 +119,7 @@ def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
         cross_attention_dim=spec.text_hidden,
         attention_head_dim=spec.attention_head_dim,
         norm_num_groups=min(32, spec.unet_channels[0]),
+        use_linear_projection=spec.use_linear_projection,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -122,20 +132,7 @@ def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
         norm_num_groups=min(32, spec.vae_channels[0]),
         sample_size=spec.sample_size,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden,
-            intermediate_size=spec.text_hidden * 4,
-            num_attention_heads=spec.text_heads,
-            num_hidden_layers=spec.text_layers,
-            max_position_embeddings=spec.max_length,
-            projection_dim=spec.text_hidden,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_config(spec, tokenizer, spec.text_hidden, spec.text_hidden_act))
     # SD1.5's own scheduler settings, so timesteps, SNR and targets are the real ones.
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
@@ -149,6 +146,24 @@ def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
+def _text_config(spec: TinySpec, tokenizer, hidden: int, hidden_act: str, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_attention_heads=spec.text_heads,
+        num_hidden_layers=spec.text_layers,
+        max_position_embeddings=spec.max_length,
+        projection_dim=projection_dim or hidden,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def save_tiny_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     """Build a tiny pipeline and save it in diffusers layout (model_index.json + one folder per component)."""
     from diffusers import StableDiffusionPipeline
@@ -160,3 +175,86 @@ def save_tiny_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int 
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL-shaped: two text encoders (CLIP-L-like, and OpenCLIP-bigG-like with a projection for the pooled embedding),
+# a UNet conditioned on both encoders' states concatenated plus pooled embedding and six size/crop time ids.
+
+SDXL_TIME_EMBED_DIM = 8  # per time id; SDXL's is 256
+
+
+def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = make_tokenizer(spec.words, spec.max_length)
+    tokenizer_2 = make_tokenizer(spec.words, spec.max_length, pad_token="!")
+    torch.manual_seed(seed)
+    latent_size = spec.sample_size // 2 ** (len(spec.vae_channels) - 1)
+    hidden_2 = spec.text_hidden * 2  # bigG is wider than CLIP-L
+    # SDXL's layout: no attention at the highest resolution, attention below it.
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(spec.unet_channels) - 1)
+    up = ("CrossAttnUpBlock2D",) * (len(spec.unet_channels) - 1) + ("UpBlock2D",)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=spec.latent_channels,
+        out_channels=spec.latent_channels,
+        block_out_channels=spec.unet_channels,
+        layers_per_block=spec.unet_layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=spec.text_hidden + hidden_2,
+        attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=min(32, spec.unet_channels[0]),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        # six time ids (original size, crop top-left, target size) plus encoder 2's pooled projection
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + spec.text_hidden,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=spec.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+        latent_channels=spec.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, spec.vae_channels[0]),
+        sample_size=spec.sample_size,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text_encoder = CLIPTextModel(_text_config(spec, tokenizer, spec.text_hidden, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(spec, tokenizer_2, hidden_2, "gelu", projection_dim=spec.text_hidden)
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=spec.prediction_type,
+    )
+    return {
+        "unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": scheduler,
+    }
+
+
+def save_tiny_sdxl_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """A tiny StableDiffusionXLPipeline in diffusers layout (text_encoder_2 / tokenizer_2 folders included)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(spec, seed), add_watermarker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_sd2v_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A tiny SD2.1-768-v shaped pipeline: v-prediction scheduler, OpenCLIP-like text encoder."""
+    return save_tiny_pipeline(path, SD2_V_SPEC, seed)

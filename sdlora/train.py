@@ -38,6 +38,8 @@ class TrainingParts:
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     train_text_encoder: bool = False
+    # batch -> (encoder_hidden_states, added_cond_kwargs | None), from `families`; None: SD1/SD2 prompt states.
+    conditioning: Any = None
 
 
 class Hooks(Protocol):
@@ -63,6 +65,15 @@ def encode_prompts(parts: TrainingParts, captions: list[str]) -> torch.Tensor:
         return parts.text_encoder(tokens, return_dict=False)[0]
 
 
+def condition(parts: TrainingParts, batch: dict[str, Any]) -> tuple[torch.Tensor, dict | None]:
+    """Text conditioning of a batch. Cached batches carry the text states and skip the encoders."""
+    if parts.conditioning is not None:
+        return parts.conditioning(batch)
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"].to(parts.accelerator.device), None
+    return encode_prompts(parts, batch["captions"]), None
+
+
 def encode_images(parts: TrainingParts, pixel_values: torch.Tensor) -> torch.Tensor:
     vae = parts.vae
     with torch.no_grad():
@@ -80,10 +91,9 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
     """Diffusion loss of one micro-batch. Cached batches carry latents / text states and skip the encoders."""
     latents = batch["latents"] if "latents" in batch else encode_images(parts, batch["pixel_values"])
     latents = latents.to(parts.accelerator.device, dtype=torch.float32)
-    if "encoder_hidden_states" in batch:
-        states = batch["encoder_hidden_states"].to(parts.accelerator.device)
-    else:
-        states = encode_prompts(parts, batch["captions"])
+    states, added_cond = condition(parts, batch)
+    if added_cond is not None:
+        added_cond = {key: value.to(parts.weight_dtype) for key, value in added_cond.items()}
     size, device = latents.shape[0], latents.device
     noise = _global_draw(
         parts,
@@ -100,7 +110,8 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     with parts.accelerator.autocast():
         prediction = parts.unet(
-            noisy.to(parts.weight_dtype), timesteps, states.to(parts.weight_dtype), return_dict=False
+            noisy.to(parts.weight_dtype), timesteps, states.to(parts.weight_dtype), added_cond_kwargs=added_cond,
+            return_dict=False,
         )[0]
     target = diffusion.training_target(parts.noise_scheduler, latents, noise, timesteps, parts.prediction_type)
     return diffusion.diffusion_loss(

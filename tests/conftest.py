@@ -60,3 +60,19 @@ def make_config(tiny_base, style_dataset, tmp_path):
         return load_config(None, [*defaults, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_base(tmp_path_factory) -> Path:
+    """A saved tiny SDXL-shaped pipeline: two text encoders, time-id conditioned UNet."""
+    from sdlora.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_base(tmp_path_factory) -> Path:
+    """A saved tiny SD2.1-768-v-shaped pipeline: v-prediction, OpenCLIP-like text encoder."""
+    from sdlora.tiny import save_tiny_sd2v_pipeline
+
+    return save_tiny_sd2v_pipeline(tmp_path_factory.mktemp("tiny-sd2v") / "pipe", seed=0)

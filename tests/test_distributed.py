@@ -79,7 +79,7 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_
         "checkpoints/step-000002/state.json", "checkpoints/step-000002/state.safetensors",
         "checkpoints/step-000002/trainable.safetensors", "checkpoints/step-000004/state.json",
         "checkpoints/step-000004/state.safetensors", "checkpoints/step-000004/trainable.safetensors",
-        "config.yaml", "pytorch_lora_weights.safetensors", "train_log.jsonl",
+        "README.md", "config.yaml", "pytorch_lora_weights.safetensors", "train_log.jsonl",
     ]
     assert len((ddp_out / "train_log.jsonl").read_text().splitlines()) == 4  # one writer, not two
     state = load_checkpoint(ddp_out / "checkpoints" / "step-000002")

@@ -1,0 +1,159 @@
+"""What differs between Stable Diffusion families, and nothing else: detection, text conditioning, metadata.
+
+- **sd1**: one CLIP-L text encoder, its last hidden state conditions the UNet; epsilon target.
+- **sd2** / **sd2-v**: one OpenCLIP-H text encoder (exact GELU, where OpenAI's CLIP uses quick-GELU), last hidden
+  state; the 768 px models predict v (`sd2-v`).
+- **sdxl**: two text encoders (CLIP-L, OpenCLIP-bigG); both encoders' penultimate hidden states are concatenated,
+  the pooled projection of encoder 2 and six "time ids" (original size, crop top-left, target size; Podell et al.,
+  "SDXL", 2023, sec. 2.2) go to the UNet as `added_cond_kwargs`.
+
+The training loop gets a `Conditioning` object and calls it on each batch; it never asks which family it trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+
+
+def detect_family(unet_config, text_encoder_config, prediction_type: str) -> str:
+    """Family from the loaded components: SDXL conditions on time ids; SD2 has an OpenCLIP text encoder (1024-d
+    states, exact GELU); SD2's 768 px models predict v."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    openclip = getattr(text_encoder_config, "hidden_act", None) == "gelu"
+    if unet_config.get("cross_attention_dim") == 1024 or openclip:
+        return "sd2-v" if prediction_type == "v_prediction" else "sd2"
+    return "sd1"
+
+
+def family_from_checkpoint_keys(keys: Iterable[str]) -> str | None:
+    """Family of a single-file (original Stability layout) checkpoint from its key names, or None if unknown.
+    Whether an SD2 file predicts v is not in its weights: that comes from the config folder or `model.family`."""
+    sd2 = sd1 = False
+    for key in keys:
+        if key.startswith("conditioner.embedders.1."):
+            return "sdxl"
+        sd2 = sd2 or key.startswith("cond_stage_model.model.")
+        sd1 = sd1 or key.startswith("cond_stage_model.transformer.")
+    return "sd2" if sd2 else "sd1" if sd1 else None
+
+
+# Header values that A1111, ComfyUI and kohya's tools read to tell which base an adapter belongs to.
+_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sd2-v": "stable-diffusion-v2-768-v/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def adapter_metadata(family: str, prediction_type: str, resolution: int) -> dict[str, str]:
+    """`ss_base_model_version`, `ss_v2` and `modelspec.*` fields naming the base family (all values strings)."""
+    return {
+        "ss_base_model_version": _BASE_VERSION[family],
+        "ss_v2": str(family.startswith("sd2")),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _ARCHITECTURE[family],
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.resolution": f"{resolution}x{resolution}",
+    }
+
+
+def with_zero_terminal_snr(scheduler, prediction_type: str):
+    """The same schedule rescaled so the last timestep is pure noise (Lin et al., "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", 2024): fixes washed-out very dark / bright images. Only for v-prediction: at
+    zero SNR an epsilon target says nothing about the image."""
+    if prediction_type != "v_prediction":
+        raise ValueError(
+            "train.zero_terminal_snr: needs a v-prediction model (SD2.x 768-v) or train.prediction_type=v_prediction;"
+            f" this run predicts {prediction_type}"
+        )
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditioning: batch -> (encoder_hidden_states, added_cond_kwargs or None)
+
+
+def add_time_ids(batch: dict[str, Any], device=None) -> torch.Tensor:
+    """[B, 6] SDXL size conditioning: original (h, w), crop top-left (top, left), target (h, w), per image."""
+    rows = [
+        [*original, *crop, *target]
+        for original, crop, target in zip(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"])
+    ]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+@dataclass
+class Conditioning:
+    """SD1 / SD2 text conditioning: the text encoder's last hidden state.
+
+    `encode_text(captions)` is the encoder callable a text cache stores: it returns a dict of tensors, and a batch
+    that carries those same keys skips the encoders (frozen encoders only: a cache of a trained encoder is stale).
+    """
+
+    tokenizers: Sequence[Any]
+    text_encoders: Sequence[torch.nn.Module]
+    device: torch.device
+    train_text_encoder: bool = False
+
+    cached_keys = ("encoder_hidden_states",)
+
+    def _grad(self):
+        return contextlib.nullcontext() if self.train_text_encoder else torch.no_grad()
+
+    def _tokens(self, tokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        with self._grad():
+            tokens = self._tokens(self.tokenizers[0], captions)
+            return {"encoder_hidden_states": self.text_encoders[0](tokens, return_dict=False)[0]}
+
+    def text_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if all(key in batch for key in self.cached_keys):
+            return {key: batch[key].to(self.device) for key in self.cached_keys}
+        return self.encode_text(batch["captions"])
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        return self.text_outputs(batch)["encoder_hidden_states"], None
+
+
+@dataclass
+class SDXLConditioning(Conditioning):
+    """SDXL: both encoders' penultimate states concatenated; encoder 2's pooled projection and the time ids."""
+
+    cached_keys = ("encoder_hidden_states", "pooled_prompt_embeds")
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        states, pooled = [], None
+        with self._grad():
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+                out = encoder(self._tokens(tokenizer, captions), output_hidden_states=True)
+                # diffusers' rule: the pooled embedding is the last encoder's 2-D first output (text_embeds)
+                if out[0].ndim == 2:
+                    pooled = out[0]
+                states.append(out.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(states, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        text = self.text_outputs(batch)
+        added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": add_time_ids(batch, self.device)}
+        return text["encoder_hidden_states"], added
+
+
+def conditioning_for(family: str, tokenizers, text_encoders, device, train_text_encoder: bool) -> Conditioning:
+    kind = SDXLConditioning if family == "sdxl" else Conditioning
+    return kind(list(tokenizers), list(text_encoders), device, train_text_encoder)
