@@ -17,14 +17,15 @@ Bucket = tuple[int, int]  # (height, width)
 
 
 def make_buckets(resolution: int, step: int, min_side: int, max_side: int, max_aspect: float) -> list[Bucket]:
-    """For each width the tallest height within resolution**2 pixels, inside the side and aspect limits."""
+    """Landscape buckets (the widest width per height within resolution**2 pixels) and their portrait mirrors."""
     budget = resolution * resolution
-    found = set()
+    widest: dict[int, int] = {}  # landscape buckets: for each height, the widest width that fits
     for width in range(step * math.ceil(min_side / step), max_side + 1, step):
         height = min(max_side, (budget // width) // step * step)
-        if height < min_side or max(width / height, height / width) > max_aspect:
+        if height < min_side or height > width or width / height > max_aspect:
             continue
-        found.add((height, width))
+        widest[height] = max(width, widest.get(height, 0))
+    found = {(h, w) for h, w in widest.items()} | {(w, h) for h, w in widest.items()}  # and their portraits
     if not found:
         raise ValueError(
             f"data.bucketing: no bucket fits resolution {resolution} with step {step}, sides {min_side}..{max_side} "
