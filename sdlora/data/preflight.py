@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdlora.config import DataSection
-from sdlora.data.buckets import Bucket, assign_bucket, make_buckets
+from sdlora.data.buckets import Bucket, assign_bucket, make_buckets, nearest_bucket
 from sdlora.data.captions import build_caption, split_tags
 from sdlora.data.images import ImageLoadError, load_rgb
 from sdlora.data.sources import DatasetError, ImageRecord, scan_sources
@@ -146,8 +146,10 @@ def check(
                                        "px bucket side"))
                 continue
             if bucket not in buckets_available:
-                warnings.append(Finding(where, "small", f"{width}x{height}: trains in a smaller {bucket[1]}x"
-                                        f"{bucket[0]} bucket (data.bucketing.upscale=true enlarges it instead)"))
+                full_size = nearest_bucket(result, buckets_available)
+                warnings.append(Finding(where, "small", f"{width}x{height} is smaller than its {full_size[1]}x"
+                                        f"{full_size[0]} bucket: trains at {bucket[1]}x{bucket[0]} "
+                                        "(data.bucketing.upscale=true enlarges it instead)"))
         else:
             bucket = (data.resolution, data.resolution)
             if min(height, width) < data.resolution:
@@ -256,7 +258,19 @@ def _rows(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> l
     return lines
 
 
-def format_table(report: PreflightReport, top_tags: int = 10) -> str:
+def _capped(findings: list[Finding], roots: list[str], per_kind: int) -> list[tuple[str, str, str]]:
+    """At most `per_kind` rows of each kind, then one 'and N more' row (the JSON report lists them all)."""
+    rows, shown, total = [], Counter(), Counter(f.kind for f in findings)
+    for finding in findings:
+        shown[finding.kind] += 1
+        if shown[finding.kind] <= per_kind:
+            rows.append((finding.kind, _short(finding.path, roots), finding.detail))
+        elif shown[finding.kind] == total[finding.kind]:
+            rows.append((finding.kind, f"... and {total[finding.kind] - per_kind} more", ""))
+    return rows
+
+
+def format_table(report: PreflightReport, top_tags: int = 10, per_kind: int = 8) -> str:
     """The human-readable report: totals, skipped files, warnings, buckets, tags, epoch size."""
     roots = report.sources
     lines = [
@@ -268,10 +282,8 @@ def format_table(report: PreflightReport, top_tags: int = 10) -> str:
     ]
     if report.settings_files:
         lines.append(f"  folder settings: {', '.join(_short(p, roots) for p in report.settings_files)}")
-    lines += _rows("Skipped (not trained on)", ("kind", "file", "why"),
-                   [(f.kind, _short(f.path, roots), f.detail) for f in report.skipped])
-    lines += _rows("Warnings (trained on)", ("kind", "file", "detail"),
-                   [(f.kind, _short(f.path, roots), f.detail) for f in report.warnings])
+    lines += _rows("Skipped (not trained on)", ("kind", "file", "why"), _capped(report.skipped, roots, per_kind))
+    lines += _rows("Warnings (trained on)", ("kind", "file", "detail"), _capped(report.warnings, roots, per_kind))
     lines += _rows("Buckets", ("WxH", "images"), list(report.bucket_histogram().items()))
     for source, counts in report.tag_frequency.items():
         shown = list(counts.items())[:top_tags]
