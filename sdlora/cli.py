@@ -65,6 +65,21 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_check(args: argparse.Namespace) -> int:
+    import json
+
+    from sdlora.config import load_config
+    from sdlora.data import preflight
+
+    is_folder = args.target.is_dir()
+    config = load_config(None if is_folder else args.target, [*([f"data.path={args.target}"] if is_folder else []),
+                                                               *args.overrides])
+    report = preflight.check(config.data, config.train.batch_size, config.train.gradient_accumulation,
+                             tokens=preflight.tokenizer_counter(config.model.base))
+    print(json.dumps(report.to_json(), indent=2) if args.json else preflight.format_table(report))
+    return 0 if report.usable else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train, stack and share Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--dry-run", action="store_true", help="print the file list and the card; upload nothing")
     push.set_defaults(func=cmd_push)
+
+    dataset = commands.add_parser("dataset", help="dataset tools").add_subparsers(dest="dataset_command", required=True)
+    check = dataset.add_parser("check", help="decode every image and report what would and would not train")
+    check.add_argument("target", type=Path, help="run config (.yaml / .toml) or an image folder")
+    check.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.bucketing.enabled=true")
+    check.add_argument("--json", action="store_true", help="machine-readable report")
+    check.set_defaults(func=cmd_dataset_check)
     return parser
 
 

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from sdlora import card, checkpoint, distributed, families, formats, hub, inference, lora
 from sdlora.config import RunConfig, dump_config
-from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate, discover
+from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
+from sdlora.data import cache, preflight
+from sdlora.data.buckets import BucketBatchSampler
 from sdlora.fileio import write_text_atomic
 from sdlora.models import BaseModel, load_base_model, place, set_attention_backend
-from sdlora.train import TrainingParts, fit
+from sdlora.train import TrainingParts, encode_prompts, fit
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,16 @@ class TrainingRun:
     def build(self) -> None:
         cfg, accelerator = self.config, self.accelerator
         # The dataset is checked first: a bad folder fails in seconds, before a multi-GB model loads.
-        records = discover(cfg.data.path, cfg.data.caption_extension, cfg.data.default_caption)
+        self.report = preflight.check(
+            cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation, accelerator.num_processes,
+            tokens=preflight.tokenizer_counter(cfg.model.base),
+        )
+        preflight.require_usable(self.report, cfg.train.batch_size, accelerator.num_processes)
+        preflight.log_summary(self.report)
+        records = self.report.records
         self.dataset = CaptionedImageDataset(
-            records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed
+            records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed,
+            buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
         )
         set_seed(cfg.train.seed)
         base = load_base_model(
@@ -173,6 +182,8 @@ class TrainingRun:
                 base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
             ),
         )
+        if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
+            self.cache_stats = self._attach_caches()
         n_train = sum(p.numel() for p in self.parts.params)
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
         log.info(
@@ -181,6 +192,32 @@ class TrainingRun:
             base.source, base.family, self.parts.prediction_type, len(records), accelerator.device,
             cfg.train.mixed_precision, attention, n_train, accelerator.num_processes, cfg.train.batch_size,
             cfg.train.gradient_accumulation, effective,
+        )
+
+    def _attach_caches(self) -> cache.CacheStats:
+        """Encode every image / caption not cached yet; training then reads the cache and skips those encoders."""
+        cfg, parts, base = self.config, self.parts, self.base
+        vae = base.vae
+
+        def encode_latents(pixels: torch.Tensor):
+            dist = vae.encode(pixels.to(self.accelerator.device, dtype=vae.dtype)).latent_dist
+            return dist.mean, dist.std
+
+        folder = cfg.data.cache_dir or self.output_dir / "cache"
+        encoders = list(base.text_encoders.values())
+        accelerator = self.accelerator
+        return cache.attach_caches(
+            self.dataset, folder,
+            latent_encoder=encode_latents if cfg.data.cache_latents else None,
+            latent_model_key=f"{cache.module_fingerprint(vae)}:{vae.dtype}",
+            # The family's own encoder: SDXL caches both encoders' states and the pooled embedding.
+            text_encoder=parts.conditioning.encode_text if cfg.data.cache_text_embeddings else None,
+            text_model_key=":".join(cache.module_fingerprint(e) for e in encoders)
+            + f":{len(base.tokenizer)}:{base.tokenizer.model_max_length}:{self.weight_dtype}",
+            batch_size=cfg.train.batch_size, progress=tqdm if accelerator.is_main_process else None,
+            share=lambda work: distributed.shard_for_process(work, accelerator.num_processes,
+                                                             accelerator.process_index),
+            barrier=accelerator.wait_for_everyone,
         )
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -312,8 +349,12 @@ class TrainingRun:
         if self.resumed_samples is not None:
             position = distributed.resume_micro_step(self.resumed_samples, self._layout())
         self.data_origin = (start, position * self._layout().global_micro_batch)
-        sampler = ResumableBatchSampler(
-            len(self.dataset), cfg.train.batch_size, cfg.train.seed, start=position,
+        sampler_class = ResumableBatchSampler
+        size = len(self.dataset)
+        if cfg.data.bucketing.enabled:
+            sampler_class, size = BucketBatchSampler, self.dataset.item_buckets()
+        sampler = sampler_class(
+            size, cfg.train.batch_size, cfg.train.seed, start=position,
             num_replicas=accelerator.num_processes, rank=accelerator.process_index,
         )
         # Its own generator: a DataLoader otherwise draws a seed from torch's global RNG on every iter(), which

@@ -79,17 +79,31 @@ def encode_images(parts: TrainingParts, pixel_values: torch.Tensor) -> torch.Ten
     with torch.no_grad():
         pixels = pixel_values.to(parts.accelerator.device, dtype=vae.dtype)
         latent_dist = vae.encode(pixels).latent_dist
-        latents = latent_dist.mean + latent_dist.std * _global_draw(
+    return sample_latents(parts, latent_dist.mean, latent_dist.std)
+
+
+def sample_latents(parts: TrainingParts, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Draw from the VAE's latent distribution; cached (mean, std) take the same draws as a live encode."""
+    vae = parts.vae
+    with torch.no_grad():
+        mean = mean.to(parts.accelerator.device, dtype=vae.dtype)
+        std = std.to(parts.accelerator.device, dtype=vae.dtype)
+        latents = mean + std * _global_draw(
             parts,
-            lambda n: torch.randn((n, *latent_dist.mean.shape[1:]), generator=parts.generator, device=pixels.device),
-            pixels.shape[0],
-        ).to(latent_dist.mean.dtype)
+            lambda n: torch.randn((n, *mean.shape[1:]), generator=parts.generator, device=mean.device),
+            mean.shape[0],
+        ).to(mean.dtype)
     return (latents * vae.config.scaling_factor).float()
 
 
 def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor:
     """Diffusion loss of one micro-batch. Cached batches carry latents / text states and skip the encoders."""
-    latents = batch["latents"] if "latents" in batch else encode_images(parts, batch["pixel_values"])
+    if "latents" in batch:
+        latents = batch["latents"]
+    elif "latent_mean" in batch:
+        latents = sample_latents(parts, batch["latent_mean"], batch["latent_std"])
+    else:
+        latents = encode_images(parts, batch["pixel_values"])
     latents = latents.to(parts.accelerator.device, dtype=torch.float32)
     states, added_cond = condition(parts, batch)
     if added_cond is not None:

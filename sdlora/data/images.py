@@ -17,10 +17,14 @@ MAX_PIXELS = 64 * 1024 * 1024
 class ImageLoadError(ValueError):
     """An image file that cannot be used for training; `path` and `reason` say which and why."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: Path, reason: str, kind: str = "corrupt"):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
+        self.kind = kind  # one of KINDS: what the preflight report groups it under
+
+
+KINDS = ("empty", "not_an_image", "truncated", "corrupt", "too_large")
 
 
 def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -28,20 +32,27 @@ def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255
     path = Path(path)
     try:
         if path.stat().st_size == 0:
-            raise ImageLoadError(path, "empty file (0 bytes)")
+            raise ImageLoadError(path, "empty file (0 bytes)", "empty")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 if opened.width * opened.height > MAX_PIXELS:
-                    raise ImageLoadError(path, f"{opened.width}x{opened.height} is over the {MAX_PIXELS} pixel limit")
+                    raise ImageLoadError(
+                        path, f"{opened.width}x{opened.height} is over the {MAX_PIXELS} pixel limit", "too_large"
+                    )
                 opened.load()  # full decode here: a truncated file fails now, not mid-epoch
                 image = ImageOps.exif_transpose(opened)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image Pillow can read (wrong extension or corrupt)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(path, f"cannot decode: {exc}") from None
+        raise ImageLoadError(
+            path, "not an image Pillow can read (wrong extension or corrupt)", "not_an_image"
+        ) from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(path, f"decompression bomb guard: {exc}", "too_large") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        kind = "truncated" if "truncated" in str(exc).lower() or "broken data stream" in str(exc) else "corrupt"
+        raise ImageLoadError(path, f"cannot decode: {exc}", kind) from None
     return to_rgb(image, background)
 
 

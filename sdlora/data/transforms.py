@@ -20,23 +20,41 @@ class Placement:
     flipped: bool
 
 
-def resize_and_crop(
-    image: Image.Image, size: tuple[int, int], crop: str, rng: random.Random, flip_probability: float = 0.0
-) -> tuple[torch.Tensor, Placement]:
-    """Scale the short side to cover `size` (height, width), crop to it, maybe flip; returns [-1, 1] CHW."""
+def plan_crop(
+    original_size: tuple[int, int], size: tuple[int, int], crop: str, rng: random.Random, flip_probability: float = 0.0
+) -> tuple[tuple[int, int], Placement]:
+    """Resized (height, width) and placement for an image of `original_size`, without decoding it.
+
+    The latent cache relies on this: it finds an item's crop and flip from the image size alone.
+    """
+    height, width = original_size
     target_h, target_w = size
-    scale = max(target_h / image.height, target_w / image.width)
-    resized_w, resized_h = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
-    resized = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
+    scale = max(target_h / height, target_w / width)
+    resized_w, resized_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
     if crop == "random":
         top, left = rng.randint(0, resized_h - target_h), rng.randint(0, resized_w - target_w)
     else:
         top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
-    cropped = resized.crop((left, top, left + target_w, top + target_h))
     flipped = flip_probability > 0 and rng.random() < flip_probability
-    if flipped:
+    return (resized_h, resized_w), Placement((height, width), (top, left), (target_h, target_w), flipped)
+
+
+def apply_placement(image: Image.Image, resized: tuple[int, int], placement: Placement, flip: bool | None = None):
+    """The training tensor for `placement` ([-1, 1] CHW); `flip` overrides the placement's flip (cache variants)."""
+    resized_image = image.resize((resized[1], resized[0]), Image.Resampling.LANCZOS)
+    (top, left), (target_h, target_w) = placement.crop_top_left, placement.target_size
+    cropped = resized_image.crop((left, top, left + target_w, top + target_h))
+    if placement.flipped if flip is None else flip:
         cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(cropped), Placement((image.height, image.width), (top, left), (target_h, target_w), flipped)
+    return to_tensor(cropped)
+
+
+def resize_and_crop(
+    image: Image.Image, size: tuple[int, int], crop: str, rng: random.Random, flip_probability: float = 0.0
+) -> tuple[torch.Tensor, Placement]:
+    """Scale the short side to cover `size` (height, width), crop to it, maybe flip; returns [-1, 1] CHW."""
+    resized, placement = plan_crop((image.height, image.width), size, crop, rng, flip_probability)
+    return apply_placement(image, resized, placement), placement
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,0 +1,294 @@
+"""`sdlora dataset check`: decode every image and say, before any model loads, what will and won't be trained on.
+
+Training runs the same check and uses its result (sizes, content hashes, buckets), so what the report calls usable
+is exactly what trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sdlora.config import DataSection
+from sdlora.data.buckets import Bucket, assign_bucket, make_buckets, nearest_bucket
+from sdlora.data.captions import build_caption, split_tags
+from sdlora.data.images import ImageLoadError, load_rgb
+from sdlora.data.sources import DatasetError, ImageRecord, scan_sources
+
+log = logging.getLogger(__name__)
+
+CLIP_TOKEN_LIMIT = 77  # including the begin and end tokens
+_APPROX_TOKENS = re.compile(r"[a-z]+|\d|[^\sa-z\d]")
+
+
+def approximate_token_count(text: str) -> int:
+    """CLIP-like count without a tokenizer: words, single digits and punctuation, plus begin/end tokens."""
+    return len(_APPROX_TOKENS.findall(text.lower())) + 2
+
+
+@dataclass(frozen=True)
+class TokenCounter:
+    count: Callable[[str], int]
+    limit: int
+    name: str
+
+
+APPROXIMATE = TokenCounter(approximate_token_count, CLIP_TOKEN_LIMIT, "approximate")
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    kind: str
+    detail: str
+
+
+@dataclass
+class PreflightReport:
+    sources: list[str]
+    resolution: int
+    bucketing: bool
+    found: int
+    records: list[ImageRecord]  # usable, in training order; each with size and content hash
+    buckets: list[Bucket]  # the (height, width) each usable record trains at
+    skipped: list[Finding]
+    warnings: list[Finding]
+    tag_frequency: dict[str, dict[str, int]]
+    items_per_epoch: int
+    batches_per_epoch: int
+    steps_per_epoch: float
+    token_counter: str
+    settings_files: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return len(self.records)
+
+    def bucket_histogram(self) -> dict[str, int]:
+        counts = Counter(self.buckets)
+        return {f"{w}x{h}": counts[(h, w)] for h, w in sorted(counts)}
+
+    def to_json(self) -> dict:
+        return {
+            "sources": self.sources, "resolution": self.resolution, "bucketing": self.bucketing,
+            "images_found": self.found, "images_usable": self.usable,
+            "usable": [str(r.path) for r in self.records],
+            "skipped": [f.__dict__ for f in self.skipped], "warnings": [f.__dict__ for f in self.warnings],
+            "buckets": self.bucket_histogram(), "tag_frequency": self.tag_frequency,
+            "items_per_epoch": self.items_per_epoch, "batches_per_epoch": self.batches_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch, "token_counter": self.token_counter,
+            "settings_files": self.settings_files,
+        }
+
+
+def _inspect(path: Path, background: tuple[int, int, int]) -> tuple[str, tuple[int, int] | ImageLoadError]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return "", ImageLoadError(path, f"cannot read: {exc}", "corrupt")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = load_rgb(path, background)
+    except ImageLoadError as exc:
+        return digest, exc
+    return digest, (image.height, image.width)
+
+
+def check(
+    data: DataSection, batch_size: int = 1, gradient_accumulation: int = 1, num_replicas: int = 1,
+    tokens: TokenCounter | None = None, workers: int = 4,
+) -> PreflightReport:
+    """Decode and hash every image of every source; sort them into usable, skipped and warned-about."""
+    scan = scan_sources(data.resolved_sources())
+    if data.cache_text_embeddings:
+        for record in scan.records:
+            if record.captions.varies:
+                option = record.captions.varying_fields()[0]
+                raise DatasetError(
+                    f"{record.path.parent}: a dataset.toml there sets captions.{option}, which cannot be combined "
+                    f"with data.cache_text_embeddings: drop one of them"
+                )
+    # Pillow releases the GIL while decoding, so a few threads make a large folder check several times faster.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        inspected = list(pool.map(lambda r: _inspect(r.path, data.background), scan.records))
+    bucket_cfg = data.bucketing
+    buckets_available = make_buckets(
+        data.resolution, bucket_cfg.step, bucket_cfg.min_side or max(bucket_cfg.step, data.resolution // 2),
+        bucket_cfg.max_side or data.resolution * 2, bucket_cfg.max_aspect,
+    ) if bucket_cfg.enabled else []
+    tokens = tokens or APPROXIMATE
+    skipped = [Finding(str(p), "unsupported", f"not an image sdlora reads ({p.suffix or 'no extension'})")
+               for p in scan.unsupported]
+    warnings, records, buckets, seen = [], [], [], {}
+    tags: dict[str, Counter] = {}
+    for record, (digest, result) in zip(scan.records, inspected):
+        where = str(record.path)
+        if isinstance(result, ImageLoadError):
+            skipped.append(Finding(where, result.kind, result.reason))
+            continue
+        if digest in seen:
+            skipped.append(Finding(where, "duplicate", f"same content as {seen[digest]}"))
+            continue
+        seen[digest] = where
+        height, width = result
+        if bucket_cfg.enabled:
+            bucket = assign_bucket(result, buckets_available, bucket_cfg.step, bucket_cfg.upscale)
+            if bucket is None:
+                skipped.append(Finding(where, "too_small", f"{width}x{height} is smaller than one {bucket_cfg.step} "
+                                       "px bucket side"))
+                continue
+            if bucket not in buckets_available:
+                full_size = nearest_bucket(result, buckets_available)
+                warnings.append(Finding(where, "small", f"{width}x{height} is smaller than its {full_size[1]}x"
+                                        f"{full_size[0]} bucket: trains at {bucket[1]}x{bucket[0]} "
+                                        "(data.bucketing.upscale=true enlarges it instead)"))
+        else:
+            bucket = (data.resolution, data.resolution)
+            if min(height, width) < data.resolution:
+                warnings.append(Finding(where, "small", f"{width}x{height} is smaller than the training resolution "
+                                        f"{data.resolution}: it will be upscaled"))
+        if record.caption_status in ("missing", "empty"):
+            warnings.append(Finding(where, f"caption_{record.caption_status}",
+                                    f"no caption: uses the default caption {record.caption!r}"
+                                    if record.caption_status == "missing"
+                                    else f"caption is empty: uses the default caption {record.caption!r}"))
+        fixed = record.captions.model_copy(update={"dropout": 0.0, "tag_dropout": 0.0, "shuffle_tags": False})
+        full = build_caption(record.caption, fixed, random.Random(0))
+        length = tokens.count(full)
+        if length > tokens.limit:
+            warnings.append(Finding(where, "caption_long", f"{length} tokens, over the text encoder's limit of "
+                                    f"{tokens.limit}: the end is cut off"))
+        tags.setdefault(record.source, Counter()).update(split_tags(record.caption))
+        records.append(replace(record, size=result, content_hash=digest))
+        buckets.append(bucket)
+    items = sum(r.repeats for r in records)
+    global_batch = batch_size * num_replicas
+    if bucket_cfg.enabled:
+        per_bucket = Counter()
+        for record, bucket in zip(records, buckets):
+            per_bucket[bucket] += record.repeats
+        batches = sum(math.ceil(n / global_batch) for n in per_bucket.values())
+    else:
+        batches = items // global_batch
+    return PreflightReport(
+        sources=[str(s.path) for s in data.resolved_sources()], resolution=data.resolution,
+        bucketing=bucket_cfg.enabled, found=len(scan.records), records=records, buckets=buckets, skipped=skipped,
+        warnings=warnings, tag_frequency={k: dict(v.most_common()) for k, v in tags.items()}, items_per_epoch=items,
+        batches_per_epoch=batches, steps_per_epoch=batches / gradient_accumulation, token_counter=tokens.name,
+        settings_files=[str(p) for p in scan.settings_files],
+    )
+
+
+def tokenizer_counter(base: str) -> TokenCounter | None:
+    """Exact CLIP token counts when the base is a local diffusers folder with a tokenizer; else None (approximate)."""
+    folder = Path(base) / "tokenizer"
+    if not folder.is_dir():
+        return None
+    try:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the tokenizer in %s (%s); caption lengths are estimated", folder, exc)
+        return None
+    return TokenCounter(lambda text: len(tokenizer(text).input_ids), tokenizer.model_max_length, "tokenizer")
+
+
+def log_summary(report: PreflightReport) -> None:
+    """What a training run prints about its data: every skipped file by name, and how many warnings there are."""
+    for finding in report.skipped:
+        log.warning("skipping %s (%s): %s", finding.path, finding.kind, finding.detail)
+    kinds = Counter(f.kind for f in report.warnings)
+    if kinds:
+        log.warning("dataset warnings: %s (run `sdlora dataset check` for the list)",
+                    ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    missing = [f.path for f in report.warnings if f.kind == "caption_missing"]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        log.warning("%d image(s) have no caption; using the default caption: %s", len(missing), shown)
+    log.info("dataset: %d of %d image(s) usable, %d item(s) per epoch with repeats, %d batch(es) per epoch%s",
+             report.usable, report.found, report.items_per_epoch, report.batches_per_epoch,
+             f", buckets {report.bucket_histogram()}" if report.bucketing else "")
+
+
+def require_usable(report: PreflightReport, batch_size: int, num_replicas: int = 1) -> None:
+    """Stop before any model loads when there is nothing (or too little) to train on."""
+    where = report.sources[0] if len(report.sources) == 1 else f"{len(report.sources)} sources"
+    if not report.found:
+        raise DatasetError(f"data.path: no images in {where} (looked for .jpg, .jpeg, .png, .webp, .bmp in all "
+                           "subfolders)")
+    if not report.records:
+        first = report.skipped[0]
+        raise DatasetError(
+            f"data.path: none of the {report.found} image(s) in {where} can be used; first problem: "
+            f"{first.path}: {first.detail}; run `sdlora dataset check` to see them all"
+        )
+    if not report.bucketing and report.items_per_epoch < batch_size * num_replicas:
+        raise DatasetError(
+            f"train.batch_size: {report.items_per_epoch} usable image(s) (with repeats) cannot fill one batch of "
+            f"{batch_size} x {num_replicas} process(es); lower the batch size or add images"
+        )
+
+
+def _short(path: str, roots: list[str]) -> str:
+    for root in roots:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            continue
+    return path
+
+
+def _rows(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    if not rows:
+        return []
+    widths = [min(48, max(len(str(row[i])) for row in [header, *rows])) for i in range(len(header) - 1)]
+    lines = ["", title]
+    for row in [header, *rows]:
+        cells = [str(cell)[:width].ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  " + "  ".join([*cells, str(row[-1])]))
+    return lines
+
+
+def _capped(findings: list[Finding], roots: list[str], per_kind: int) -> list[tuple[str, str, str]]:
+    """At most `per_kind` rows of each kind, then one 'and N more' row (the JSON report lists them all)."""
+    rows, shown, total = [], Counter(), Counter(f.kind for f in findings)
+    for finding in findings:
+        shown[finding.kind] += 1
+        if shown[finding.kind] <= per_kind:
+            rows.append((finding.kind, _short(finding.path, roots), finding.detail))
+        elif shown[finding.kind] == total[finding.kind]:
+            rows.append((finding.kind, f"... and {total[finding.kind] - per_kind} more", ""))
+    return rows
+
+
+def format_table(report: PreflightReport, top_tags: int = 10, per_kind: int = 8) -> str:
+    """The human-readable report: totals, skipped files, warnings, buckets, tags, epoch size."""
+    roots = report.sources
+    lines = [
+        f"dataset check: {', '.join(roots)}",
+        f"  images found {report.found}, usable {report.usable}, skipped {len(report.skipped)}"
+        f" ({', '.join(f'{k} {v}' for k, v in sorted(Counter(f.kind for f in report.skipped).items())) or 'none'})",
+        f"  resolution {report.resolution}, bucketing {'on' if report.bucketing else 'off'}; caption tokens counted "
+        f"with the {report.token_counter} counter",
+    ]
+    if report.settings_files:
+        lines.append(f"  folder settings: {', '.join(_short(p, roots) for p in report.settings_files)}")
+    lines += _rows("Skipped (not trained on)", ("kind", "file", "why"), _capped(report.skipped, roots, per_kind))
+    lines += _rows("Warnings (trained on)", ("kind", "file", "detail"), _capped(report.warnings, roots, per_kind))
+    lines += _rows("Buckets", ("WxH", "images"), list(report.bucket_histogram().items()))
+    for source, counts in report.tag_frequency.items():
+        shown = list(counts.items())[:top_tags]
+        lines += _rows(f"Top tags in {source} ({len(counts)} distinct)", ("tag", "count"), shown)
+    steps = report.steps_per_epoch
+    lines += ["", f"Epoch: {report.items_per_epoch} items with repeats -> {report.batches_per_epoch} batches -> "
+              f"{steps:g} optimizer steps"]
+    return "\n".join(lines)

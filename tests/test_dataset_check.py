@@ -1,0 +1,120 @@
+"""Acceptance 1: a messy corpus is reported file by file, and training uses exactly its good images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from corpus import BACKGROUND, EXPECTED_SKIPS, LONG_CAPTION_FILE, USABLE, make_corpus
+
+from sdlora.config import load_config
+from sdlora.data import DatasetError, load_rgb
+from sdlora.data.images import ImageLoadError
+from sdlora.data.preflight import check, format_table
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "messy")
+
+
+def _config(folder, *overrides):
+    return load_config(None, [f"data.path={folder}", "data.resolution=64", *overrides])
+
+
+def test_check_sorts_every_file(corpus):
+    report = check(_config(corpus).data, batch_size=2)
+    assert sorted(r.path.name for r in report.records) == sorted(USABLE)
+    assert {f.path.split("/")[-1]: f.kind for f in report.skipped} == EXPECTED_SKIPS
+    warned = {(f.path.split("/")[-1], f.kind) for f in report.warnings}
+    assert ("nocap.png", "caption_missing") in warned
+    assert (LONG_CAPTION_FILE, "caption_long") in warned
+    sizes = {r.path.name: r.size for r in report.records}
+    assert sizes["exif.jpg"] == (96, 64)  # EXIF rotation applied: stored 96x64 (w x h), trains 64 wide x 96 high
+    tags = report.tag_frequency[str(corpus)]
+    assert tags["gradient"] == len(USABLE) - 2  # nocap has no caption, grey has the long one
+    assert report.items_per_epoch == len(USABLE) and report.batches_per_epoch == len(USABLE) // 2
+
+
+def test_small_images_are_warned_about(corpus):
+    report = check(_config(corpus, "data.resolution=96").data)
+    small = {f.path.split("/")[-1] for f in report.warnings if f.kind == "small"}
+    assert small == set(USABLE) - {"nocap.png"}  # the only one with both sides >= 96
+
+
+def test_images_convert_properly(corpus):
+    rgba = load_rgb(corpus / "rgba.png", BACKGROUND)
+    assert rgba.getpixel((5, 5)) == BACKGROUND and rgba.getpixel((60, 5)) == (255, 0, 0)
+    cmyk = load_rgb(corpus / "cmyk.jpg")
+    red, green, blue = cmyk.getpixel((10, 10))
+    assert red > 240 and green < 15 and blue < 15
+    grey16 = load_rgb(corpus / "grey16.png")
+    assert grey16.mode == "RGB" and grey16.getpixel((79, 79))[0] == 255 and grey16.getpixel((0, 0))[0] == 0
+    assert 100 < grey16.getpixel((40, 40))[0] < 155  # scaled from 16 bits, not clipped to white
+    assert load_rgb(corpus / "palette.png").mode == "RGB"
+    assert load_rgb(corpus / "exif.jpg").size == (64, 96)
+    for name, kind in (("cut.jpg", "truncated"), ("empty.png", "empty"), ("notes.png", "not_an_image")):
+        with pytest.raises(ImageLoadError, match=name) as caught:
+            load_rgb(corpus / name)
+        assert caught.value.kind == kind
+
+
+def test_cli_table_and_json(corpus):
+    run = subprocess.run([sys.executable, "-m", "sdlora", "dataset", "check", str(corpus), "data.resolution=64",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["images_usable"] == len(USABLE) and report["images_found"] == len(USABLE) + 4
+    assert {s["path"].split("/")[-1]: s["kind"] for s in report["skipped"]} == EXPECTED_SKIPS
+    assert report["buckets"] == {"64x64": len(USABLE)}
+    table = format_table(check(_config(corpus).data))
+    assert f"usable {len(USABLE)}, skipped 5" in table
+    for name, kind in EXPECTED_SKIPS.items():
+        assert any(name in line and kind in line for line in table.splitlines()), (name, table)
+    assert "Epoch: 10 items with repeats -> 10 batches -> 10 optimizer steps" in table
+
+
+def test_table_names_the_problem_kinds(corpus):
+    text = format_table(check(_config(corpus, "data.bucketing.enabled=true", "data.bucketing.step=16").data))
+    assert "bucketing on" in text and "Buckets" in text and "caption_missing" in text
+
+
+def test_training_uses_exactly_the_good_images(corpus, tiny_base, tmp_path, monkeypatch):
+    from sdlora.data.dataset import CaptionedImageDataset
+    from sdlora.run import TrainingRun
+
+    loaded = []
+    original = CaptionedImageDataset._load
+
+    def spy(self, index):
+        image, index = original(self, index)
+        loaded.append(self.records[index].path.name)
+        return image, index
+
+    monkeypatch.setattr(CaptionedImageDataset, "_load", spy)
+    config = _config(corpus, f"model.base={tiny_base}", "train.steps=3", "train.batch_size=2",
+                     "data.bucketing.enabled=true", "data.bucketing.step=16", f"data.background={list(BACKGROUND)}",
+                     f"output.dir={tmp_path / 'run'}")
+    run = TrainingRun(config)
+    run.build()
+    assert sorted(r.path.name for r in run.dataset.records) == sorted(USABLE)
+    result = run.fit()
+    assert result.final_step == 3 and all(loss == loss for loss in result.losses)
+    assert set(loaded) <= set(USABLE) and len(loaded) == 6
+    assert result.adapter_path.is_file()
+
+
+def test_nothing_usable_stops_before_models_load(tmp_path):
+    from sdlora.run import TrainingRun
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_text("text")
+    config = _config(folder, "model.base=/no/such/model", f"output.dir={tmp_path / 'run'}")
+    run = TrainingRun(config)
+    with pytest.raises(DatasetError, match="none of the 2 image.*can be used"):
+        run.build()
+    assert run.base is None
