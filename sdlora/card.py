@@ -22,11 +22,16 @@ from sdlora.fileio import write_text_atomic
 log = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-FAMILY_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+FAMILY_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sd2-v": "stable-diffusion",
+               "sdxl": "stable-diffusion-xl"}
 # The licenses the bases ship under: SD1.x CreativeML OpenRAIL-M; SD2.x and SDXL CreativeML Open RAIL++-M.
-FAMILY_LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
-FAMILY_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                    "sdxl": "StableDiffusionXLPipeline"}
+FAMILY_LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sd2-v": "openrail++", "sdxl": "openrail++"}
+FAMILY_PIPELINES = {
+    "sd1": "StableDiffusionPipeline",
+    "sd2": "StableDiffusionPipeline",
+    "sd2-v": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # kohya / A1111 / ComfyUI key prefixes (see formats.py and FORMATS.md); the card only needs to tell the files apart.
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
