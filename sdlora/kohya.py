@@ -66,8 +66,7 @@ def module_name(component: str, path: str, family: str) -> str:
         prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
         path = path if path.startswith("text_model.") else f"text_model.{path}"
     elif component == "text_encoder_2":
-        prefix = "lora_te2_"
-        path = path if path.startswith("text_model.") else f"text_model.{path}"
+        prefix = "lora_te2_"  # CLIPTextModelWithProjection paths already hold `text_model.` (or `text_projection`)
     else:
         raise ValueError(f"no kohya prefix for component {component!r}")
     return prefix + path.replace(".", "_")
@@ -85,7 +84,7 @@ def parse_module_name(name: str) -> tuple[str, str]:
         return component, sgm.from_sgm(path)
     if component == "text_encoder":
         return component, path.removeprefix("text_model.")
-    return component, path if path.startswith("text_model.") else f"text_model.{path}"
+    return component, path
 
 
 def is_kohya(keys) -> bool:
