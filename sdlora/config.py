@@ -121,6 +121,9 @@ class TrainSection(_Section):
 class OutputSection(_Section):
     dir: Path = Field(Path("runs/lora"), description="Run folder: adapter, checkpoints, samples, the resolved config.")
     name: str = Field("pytorch_lora_weights", description="Adapter file name, without extension.")
+    kohya: bool = Field(False, description="Also write `<name>_kohya.safetensors` for AUTOMATIC1111 / Forge / ComfyUI.")
+    trigger_words: tuple[str, ...] = Field((), description="Trigger words recorded in the adapter's metadata.")
+    recommended_weight: float = Field(1.0, description="Weight recommended to users, recorded in the metadata.")
 
     @field_validator("name")
     @classmethod
@@ -137,6 +140,10 @@ class SampleSection(_Section):
     steps: int = Field(20, ge=1, description="Denoising steps for samples.")
     guidance_scale: float = Field(7.5, ge=0.0)
     negative_prompt: str = Field("")
+    adapters: tuple[str, ...] = Field(
+        (), description="Other adapters stacked in the samples, as 'FILE:WEIGHT[:TEXT_ENCODER_WEIGHT]' "
+        "(judge a style LoRA on the subjects it will be used with)."
+    )
 
 
 class RunConfig(_Section):

@@ -112,3 +112,54 @@ def summary(metadata: dict[str, str]) -> dict[str, str]:
     """The header keys a person wants to read (`sdlora info`), training config excluded (it is long)."""
     keep = [k for k in metadata if k.startswith(("ss_", "modelspec.", "sdlora.", "sshs_"))]
     return {k: metadata[k] for k in sorted(keep) if k != "sdlora.training_config"}
+
+
+def _file_sha256(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_model_hash(source: str) -> str | None:
+    """SHA-256 over a local base's UNet and text-encoder weight files (a single file: the file itself).
+
+    None for hub ids: their revision names them. Weights, not configs, decide what an adapter was trained on."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for sub in ("unet", "text_encoder") for p in (path / sub).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}:{_file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_hash(records) -> str:
+    """SHA-256 over every training image's bytes and its caption, in a fixed order (renaming a folder keeps it)."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: (str(r.path.name), r.caption)):
+        digest.update(_file_sha256(record.path).encode())
+        digest.update(record.caption.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def provenance(*, base_source: str, records, trigger_words, recommended_weight: float, folder_name: str) -> dict[str, str]:
+    """sdlora's provenance keys plus kohya's tag frequency, for the header of every adapter a run writes."""
+    out = {
+        "sdlora.dataset_hash": dataset_hash(records),
+        "sdlora.trigger_words": ", ".join(trigger_words),
+        "sdlora.recommended_weight": str(float(recommended_weight)),
+        "ss_tag_frequency": tag_frequency([r.caption for r in records], folder_name),
+    }
+    base_hash = base_model_hash(base_source)
+    if base_hash:
+        out["sdlora.base_model_hash"] = base_hash
+    return out
