@@ -115,12 +115,24 @@ class AdapterStack:
             lora.set_weights(module, {name: w[index] for name, w in weights.items()})
 
     def fuse(self) -> None:
+        """Merge the active adapters at their weights into the base weights; the originals are kept (on CPU) so
+        `unfuse` restores them bit for bit (subtracting the update back would leave rounding residue)."""
+        self._originals = {}
         for component in self.COMPONENT_ATTRS:
-            lora.fuse(getattr(self.pipe, component))
+            module = getattr(self.pipe, component)
+            for layer_name, layer in module.named_modules():
+                if isinstance(layer, lora.BaseTunerLayer):
+                    self._originals[(component, layer_name)] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+            lora.fuse(module)
 
     def unfuse(self) -> None:
         for component in self.COMPONENT_ATTRS:
             lora.unfuse(getattr(self.pipe, component))
+        with torch.no_grad():
+            for (component, layer_name), weight in getattr(self, "_originals", {}).items():
+                base = getattr(self.pipe, component).get_submodule(layer_name).get_base_layer()
+                base.weight.copy_(weight)
+        self._originals = {}
 
 
 class LoraNameError(formats.AdapterFormatError):
