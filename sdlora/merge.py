@@ -1,7 +1,7 @@
 """Merge adapters into one, exactly or re-ranked by SVD, and bake an adapter into a base model. Tensors only.
 
 Each adapter contributes `w * (alpha / r) * B @ A` per module. Concatenating the A's along the rank and the
-scaled B's alongside gives one adapter of rank sum(r) with alpha = rank (scale 1) whose update is exactly the
+scaled B's alongside gives one adapter of rank sum(r) with one uniform alpha whose update is exactly the
 weighted sum. `rank=k` then replaces each module's product by its best rank-k approximation (truncated SVD),
 computed through QR factors so the full out x in matrix is never decomposed.
 """
@@ -28,13 +28,16 @@ def _modules(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tens
     return out
 
 
-def _shape(ranks: dict[str, int]) -> AdapterShape:
-    """Alpha = rank everywhere (scale 1): the weights are already folded into B."""
+def _uniform_alpha(state: dict[str, torch.Tensor], ranks: dict[str, int]) -> AdapterShape:
+    """One alpha for every module (diffusers mis-scales per-module kohya alphas): alpha = the common rank, and a
+    module of another rank r gets its B scaled by r / alpha, so every module's update stays exactly B @ A."""
     values = list(ranks.values())
     rank = max(set(values), key=values.count)
-    pattern = {m: r for m, r in ranks.items() if r != rank}
-    return AdapterShape(rank=rank, alpha=float(rank), target_modules=tuple(sorted(ranks)), rank_pattern=pattern,
-                        alpha_pattern={m: float(r) for m, r in pattern.items()})
+    for module, module_rank in ranks.items():
+        if module_rank != rank:
+            state[f"{module}.lora_B.weight"] = state[f"{module}.lora_B.weight"] * (module_rank / rank)
+    return AdapterShape(rank=rank, alpha=float(rank), target_modules=tuple(sorted(ranks)),
+                        rank_pattern={m: r for m, r in ranks.items() if r != rank})
 
 
 def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +76,8 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
                 a, b = _rerank(a, b, rank)
             state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
             ranks[module] = int(a.shape[0])
-        tensors[component], shapes[component] = state, _shape(ranks)
+        shapes[component] = _uniform_alpha(state, ranks)
+        tensors[component] = state
     first = items[0][0].metadata
     metadata = {k: v for k, v in first.items() if k in ("sdlora.family", "sdlora.base_model", "sdlora.prediction_type")}
     metadata["sdlora.merged_from"] = ", ".join(f"{a.metadata.get('modelspec.title', '?')}:{w}" for a, w in items)

@@ -94,3 +94,16 @@ def test_convert_and_info_commands(pair, tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     assert cli.main(["info", str(tmp_path / "bad.safetensors")]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_merge_of_different_coverage_keeps_one_alpha(tiny_base):
+    base = load_base_model(str(tiny_base))
+    a = make_adapter(base.unet, None, seed=3, rank=4, alpha=2, unet_targets=("to_q",))
+    b = make_adapter(base.unet, None, seed=4, rank=2, alpha=2)
+    merged = merge.merge_adapters([(a, 1.0), (b, 0.5)])
+    shape = merged.shapes["unet"]
+    assert shape.alpha_pattern == {} and shape.rank == 2 and shape.alpha == 2.0
+    q, k = (f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.{m}" for m in ("to_q", "to_k"))
+    assert shape.rank_pattern[q] == 6
+    torch.testing.assert_close(merge.delta(merged, "unet", q), merge.delta(a, "unet", q) + 0.5 * merge.delta(b, "unet", q))
+    torch.testing.assert_close(merge.delta(merged, "unet", k), 0.5 * merge.delta(b, "unet", k))
