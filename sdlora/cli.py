@@ -27,13 +27,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sdlora.hub import resolve_adapter
     from sdlora.models import load_base_model
 
-    specs = [inference.AdapterSpec.parse(text) for text in args.lora]
+    prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
+    specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse()
     images = inference.generate(
-        pipe, args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+        pipe, prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_images=args.num_images,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,70 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
     return 0 if report.usable else 1
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sdlora import formats
+
+    print(f"wrote: {formats.convert(args.input, args.output, args.to, args.dtype)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from sdlora import formats
+
+    print(json.dumps(formats.describe(args.file), indent=2))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sdlora import formats, inference, merge
+
+    specs = [inference.AdapterSpec.parse(text) for text in args.adapters]
+    merged = merge.merge_adapters([(formats.read_adapter(s.source), s.unet_weight) for s in specs], args.rank)
+    if args.into_base:
+        from sdlora.models import load_base_model
+
+        base = load_base_model(args.into_base)
+        merge.bake_into({"unet": base.unet, "text_encoder": base.text_encoder}, merged)
+        print(f"base with the adapter baked in: {merge.save_base(base, args.output)}")
+        return 0
+    print(f"merged adapter: {formats.save_adapter(args.output, merged, args.to)}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from sdlora import grid, inference
+    from sdlora.models import load_base_model
+
+    specs = [inference.AdapterSpec.parse(text) for text in args.lora]
+    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
+    stack = inference.stack_adapters(pipe, specs)
+    columns = grid.axis_from_text(args.x, args.x_values)
+    rows = grid.axis_from_text(args.y, args.y_values) if args.y else None
+    image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
+                        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                        height=args.height, width=args.width)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.output)
+    print(f"grid: {args.output}")
+    return 0
+
+
+def _generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="sdlora:tiny", help="base model: hub id, folder, .safetensors or sdlora:NAME")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
+                        help="adapter with weight (and text-encoder weight); repeat to stack")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpm++, ddpm")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train, stack and share Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -106,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--fuse", action="store_true", help="fuse adapters into the base weights (faster)")
     gen.add_argument("-o", "--output", type=Path, default=Path("sdlora.png"))
+    gen.add_argument("--lora-dir", type=Path, help="folder that <lora:name:w> tags in the prompt are looked up in")
     gen.set_defaults(func=cmd_generate)
 
     card = commands.add_parser("card", help="write the model card (README.md) of a run folder")
@@ -126,6 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.bucketing.enabled=true")
     check.add_argument("--json", action="store_true", help="machine-readable report")
     check.set_defaults(func=cmd_dataset_check)
+
+    convert = commands.add_parser("convert", help="convert an adapter between diffusers and kohya/A1111/ComfyUI")
+    convert.add_argument("input", type=Path)
+    convert.add_argument("output", type=Path)
+    convert.add_argument("--to", choices=("kohya", "diffusers"), required=True)
+    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="tensor dtype of the output file")
+    convert.set_defaults(func=cmd_convert)
+
+    info = commands.add_parser("info", help="show an adapter's format, rank, alpha and metadata")
+    info.add_argument("file", type=Path)
+    info.set_defaults(func=cmd_info)
+
+    merge = commands.add_parser("merge", help="merge weighted adapters into one (or into a base model)")
+    merge.add_argument("adapters", nargs="+", metavar="FILE:W", help="adapters with their weights")
+    merge.add_argument("-o", "--output", type=Path, required=True, help="adapter file, or folder with --into-base")
+    merge.add_argument("--rank", type=int, help="re-rank the merge to this rank by truncated SVD (default: exact)")
+    merge.add_argument("--to", choices=("diffusers", "kohya"), default="diffusers")
+    merge.add_argument("--into-base", metavar="BASE", help="bake into this base and save it in diffusers layout")
+    merge.set_defaults(func=cmd_merge)
+
+    grid = commands.add_parser("grid", help="labelled grid over adapter weights, prompts or seeds")
+    _generation_args(grid)
+    grid.add_argument("--x", default="weight:0", help="column axis: weight:N (adapter N), prompt or seed")
+    grid.add_argument("--x-values", required=True, help="0,0.5,1 or 0:1:0.25; prompts split at |")
+    grid.add_argument("--y", help="row axis (optional), as --x")
+    grid.add_argument("--y-values", default="")
+    grid.add_argument("-o", "--output", type=Path, default=Path("grid.png"))
+    grid.set_defaults(func=cmd_grid)
     return parser
 
 

@@ -221,6 +221,7 @@ class TrainSection(_Section):
 class OutputSection(_Section):
     dir: Path = Field(Path("runs/lora"), description="Run folder: adapter, checkpoints, samples, the resolved config.")
     name: str = Field("pytorch_lora_weights", description="Adapter file name, without extension.")
+    kohya: bool = Field(False, description="Also write `<name>_kohya.safetensors` for AUTOMATIC1111 / Forge / ComfyUI.")
 
     @field_validator("name")
     @classmethod
@@ -229,8 +230,12 @@ class OutputSection(_Section):
             raise ValueError(f"must be a plain file name without folders, got {value!r}")
         return value
 
-    trigger_words: tuple[str, ...] = Field((), description="Words that call up the LoRA; written to the model card.")
-    recommended_weight: float = Field(1.0, gt=0, description="Adapter weight the model card recommends.")
+    trigger_words: tuple[str, ...] = Field(
+        (), description="Words that call up the LoRA; written to the adapter metadata and the model card."
+    )
+    recommended_weight: float = Field(
+        1.0, gt=0, description="Adapter weight to recommend; written to the adapter metadata and the model card."
+    )
     license: str | None = Field(
         None, description="Model card license id; default: the base's (creativeml-openrail-m for SD1, openrail++)."
     )
@@ -246,6 +251,10 @@ class SampleSection(_Section):
     steps: int = Field(20, ge=1, description="Denoising steps for samples.")
     guidance_scale: float = Field(7.5, ge=0.0)
     negative_prompt: str = Field("")
+    adapters: tuple[str, ...] = Field(
+        (), description="Other adapters stacked in the samples, as 'FILE:WEIGHT[:TEXT_ENCODER_WEIGHT]' "
+        "(judge a style LoRA on the subjects it will be used with)."
+    )
 
 
 class HubSection(_Section):

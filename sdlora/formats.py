@@ -8,6 +8,9 @@ diffusers / peft format (`pytorch_lora_weights.safetensors`): keys `<component>.
 `format: pt` and `lora_adapter_metadata`, a JSON object of LoraConfig fields flattened with the component prefix
 (`"unet.r"`, `"unet.lora_alpha"`, ...). Without that header diffusers assumes alpha = rank, so it is always written,
 and kept minimal: the full peft `to_dict()` carries fields an older peft refuses.
+
+kohya / AUTOMATIC1111 / ComfyUI keys live in `sdlora.kohya` (SDXL's SGM UNet paths in `sdlora.sgm`) and header
+metadata in `sdlora.metadata`; this module detects a file's layout, reads it, and writes either layout.
 """
 
 from __future__ import annotations
@@ -134,11 +137,12 @@ def from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[s
         if component not in COMPONENTS or not _PEFT_KEY.match(rest):
             unmatched.append(key)
             continue
+        if component == "text_encoder":
+            # transformers 5 names CLIPTextModel modules without `text_model.`; older files carry it.
+            rest = rest.removeprefix("text_model.")
         per_component.setdefault(component, {})[rest] = value
     if unmatched:
-        raise AdapterFormatError(
-            f"{len(unmatched)} key(s) match no known LoRA layout: {', '.join(sorted(unmatched)[:10])}"
-        )
+        raise AdapterFormatError(_unmatched_message(unmatched))
     configs = _parse_adapter_metadata(metadata)
     shapes = {}
     for component, component_tensors in per_component.items():
@@ -171,10 +175,102 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+def _unmatched_message(unmatched: list[str]) -> str:
+    shown = sorted(unmatched)[:20]
+    more = f" (and {len(unmatched) - len(shown)} more)" if len(unmatched) > len(shown) else ""
+    return (
+        f"{len(unmatched)} key(s) match no known LoRA layout (diffusers/peft `unet.<module>.lora_A.weight`, or "
+        f"kohya `lora_unet_<module>.lora_down.weight`): " + ", ".join(shown) + more
+        + ". Nothing was loaded; LoCon/LoHa/LoKr/DoRA files are not supported"
+    )
+
+
+def detect_format(keys) -> str:
+    """'kohya' or 'diffusers' from the key names; an unknown layout raises, listing the keys."""
+    from sdlora import kohya
+
+    keys = list(keys)
+    if not keys:
+        raise AdapterFormatError("the file holds no tensors")
+    if kohya.is_kohya(keys):
+        return "kohya"
+    if any(key.partition(".")[0] in COMPONENTS for key in keys):
+        return "diffusers"
+    raise AdapterFormatError(_unmatched_message(keys))
+
+
+def from_kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
+    from sdlora import kohya
+
+    per_component, shapes, unmatched = kohya.from_kohya_state_dict(tensors)
+    if unmatched:
+        raise AdapterFormatError(_unmatched_message(unmatched))
+    return AdapterFile(tensors=per_component, shapes=shapes, metadata=dict(metadata), format="kohya")
+
+
 def read_adapter(path: str | Path) -> AdapterFile:
     """Read a LoRA file in any supported layout into an `AdapterFile`; unknown keys are an error, listed."""
     tensors, metadata = read_safetensors(path)
     try:
+        if detect_format(tensors) == "kohya":
+            return from_kohya_state_dict(tensors, metadata)
         return from_diffusers_state_dict(tensors, metadata)
     except AdapterFormatError as exc:
         raise AdapterFormatError(f"{path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kohya / AUTOMATIC1111 / ComfyUI
+
+
+def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None = None,
+               title: str | None = None) -> Path:
+    """Write the file A1111, Forge, ComfyUI and sd-scripts load: kohya keys, `ss_*` + `modelspec.*` header. Atomic."""
+    from sdlora import kohya, metadata as meta
+
+    family = meta.family_key(adapter.metadata, adapter.components)
+    shapes = {c: adapter.shapes[c] for c in adapter.components}
+    tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,
+                                        "sdxl" if family == "sdxl" else "sd")
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    main = shapes.get("unet") or next(iter(shapes.values()))
+    header = {k: v for k, v in adapter.metadata.items() if k.startswith(("sdlora.", "ss_", "modelspec."))}
+    header.update(meta.kohya_header(adapter.metadata, main.rank, main.alpha, family, title or Path(path).stem))
+    header["sdlora.version"] = __version__
+    header["sshs_model_hash"] = meta.tensor_bytes_hash(tensors, {})
+    save_safetensors_atomic(tensors, path, header)
+    return Path(path)
+
+
+def save_adapter(path: str | Path, adapter: AdapterFile, to: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
+    if to == "kohya":
+        return save_kohya(path, adapter, dtype)
+    if to == "diffusers":
+        return save_diffusers(path, adapter, dtype)
+    raise ValueError(f"--to: unknown format {to!r}; choose kohya or diffusers")
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def convert(source: str | Path, target: str | Path, to: str, dtype: str | None = None) -> Path:
+    """Read any supported file and write it in `to` layout, optionally cast to fp16 / bf16 / fp32."""
+    if dtype is not None and dtype not in DTYPES:
+        raise AdapterFormatError(f"--dtype: unknown {dtype!r}; choose fp16, bf16 or fp32")
+    adapter = read_adapter(source)
+    return save_adapter(target, adapter, to, DTYPES[dtype] if dtype else None)
+
+
+def describe(path: str | Path) -> dict:
+    """What `sdlora info` prints: layout, components with rank / alpha / module count, and the header summary."""
+    from sdlora import metadata as meta
+
+    adapter = read_adapter(path)
+    components = {
+        c: {"rank": s.rank, "alpha": s.alpha, "modules": len(s.target_modules),
+            "dtype": str(next(iter(adapter.tensors[c].values())).dtype).removeprefix("torch.")}
+        for c, s in adapter.shapes.items()
+    }
+    return {"file": str(path), "format": adapter.format, "components": components,
+            "metadata": meta.summary(adapter.metadata)}

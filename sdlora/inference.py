@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +130,109 @@ class AdapterStack:
             lora.set_weights(module, {name: w[index] for name, w in weights.items()})
 
     def fuse(self) -> None:
-        for _, module in self._present():
+        """Merge the active adapters at their weights into the base weights; the originals are kept (on CPU) so
+        `unfuse` restores them bit for bit (subtracting the update back would leave rounding residue)."""
+        self._originals = {}
+        for component, module in self._present():
+            for layer_name, layer in module.named_modules():
+                if isinstance(layer, lora.BaseTunerLayer):
+                    self._originals[(component, layer_name)] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
             lora.fuse(module)
 
     def unfuse(self) -> None:
         for _, module in self._present():
             lora.unfuse(module)
+        with torch.no_grad():
+            for (component, layer_name), weight in getattr(self, "_originals", {}).items():
+                base = getattr(self.pipe, component).get_submodule(layer_name).get_base_layer()
+                base.weight.copy_(weight)
+        self._originals = {}
+
+
+class LoraNameError(formats.AdapterFormatError):
+    """A `<lora:name:w>` in a prompt that names no adapter in the LoRA folder (or tries to leave it)."""
+
+
+_PROMPT_LORA = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+
+
+def parse_prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """AUTOMATIC1111's `<lora:name:w>` / `<lora:name:te_w:unet_w>` (also `te=`, `unet=`): the prompt without the
+    tags, and (name, unet_weight, text_encoder_weight) per tag. One number sets both; text encoder comes first."""
+    found = []
+    for match in _PROMPT_LORA.finditer(prompt):
+        name, rest = match[1].strip(), [a.strip() for a in match[2].split(":")[1:] if a.strip()]
+        named = dict(a.split("=", 1) for a in rest if "=" in a)
+        positional = [a for a in rest if "=" not in a]
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise LoraNameError(f"prompt: {match[0]!r}: weights must be numbers, e.g. <lora:{name}:0.7>") from None
+        found.append((name, unet, te))
+    cleaned = re.sub(r"\s{2,}", " ", _PROMPT_LORA.sub("", prompt)).strip().strip(",").strip()
+    return cleaned, found
+
+
+def resolve_in_folder(name: str, folder: str | Path) -> Path:
+    """The `.safetensors` file in `folder` (searched recursively) whose stem, or path without suffix, is `name`.
+
+    Only files found by listing `folder` are candidates, and each must resolve inside it: a name like
+    `../../etc/passwd` is refused before anything is read."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise LoraNameError(f"--lora-dir: {folder} is not a folder")
+    if Path(name).is_absolute() or ".." in re.split(r"[\\/]", name) or "\0" in name:
+        raise LoraNameError(f"<lora:{name}>: refused, adapter names must stay inside --lora-dir {folder}")
+    wanted = name.removesuffix(".safetensors")
+    candidates = sorted(root.rglob("*.safetensors"))
+    matches = [p for p in candidates if p.relative_to(root).with_suffix("").as_posix() == wanted]
+    matches = matches or [p for p in candidates if p.stem == wanted]
+    matches = [p for p in matches if p.resolve().is_relative_to(root)]
+    if not matches:
+        known = ", ".join(p.relative_to(root).with_suffix("").as_posix() for p in candidates[:20]) or "none"
+        raise LoraNameError(f"<lora:{name}>: no {wanted}.safetensors in {folder} (found: {known})")
+    if len(matches) > 1:
+        raise LoraNameError(f"<lora:{name}>: several files match in {folder}: {[str(p) for p in matches]}; "
+                            "use the sub-folder path, e.g. <lora:sub/name:1>")
+    return matches[0]
+
+
+def prompt_specs(prompt: str, lora_dir: str | Path | None) -> tuple[str, list[AdapterSpec]]:
+    """Adapters named in the prompt, as specs on files in `lora_dir`, and the prompt without the tags."""
+    cleaned, tags = parse_prompt_loras(prompt)
+    if tags and lora_dir is None:
+        raise LoraNameError(f"prompt names adapters ({', '.join(t[0] for t in tags)}): pass --lora-dir FOLDER")
+    return cleaned, [AdapterSpec(str(resolve_in_folder(n, lora_dir)), unet, te) for n, unet, te in tags]
+
+
+@contextlib.contextmanager
+def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
+    """Stack other adapters beside the one being trained, for samples only. Afterwards they are gone and the trained
+    adapter is again the only active one, at weight 1 and trainable; loading them draws no training randomness."""
+    if not specs:
+        yield
+        return
+    stack = AdapterStack(pipe)
+    names = [f"preview_{number}" for number in range(len(specs))]
+    try:
+        with rng_isolated():
+            for name, spec in zip(names, specs):
+                stack.add(name, formats.read_adapter(spec.source))
+        for component, index in (("unet", 0), ("text_encoder", 1)):
+            module = getattr(pipe, component)
+            own = {trained: 1.0} if trained in lora.adapter_names(module) else {}
+            weights = {name: (spec.unet_weight, spec.te_weight)[index] for name, spec in zip(names, specs)}
+            lora.set_weights(module, {**own, **weights})
+        yield stack
+    finally:
+        for component in ("unet", "text_encoder"):
+            module = getattr(pipe, component)
+            for name in names:
+                lora.delete_adapter(module, name)
+            if trained in lora.adapter_names(module):
+                lora.set_weights(module, {trained: 1.0})
+                lora.set_trainable(module, trained)
 
 
 def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack:

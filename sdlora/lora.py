@@ -111,6 +111,14 @@ def set_weights(model: torch.nn.Module, weights: dict[str, float]) -> None:
                 param.requires_grad_(False)
 
 
+def set_trainable(model: torch.nn.Module, adapter_name: str) -> None:
+    """Make one adapter's LoRA weights trainable again (peft's set_adapter toggles requires_grad)."""
+    for layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            for param in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight):
+                param.requires_grad_(True)
+
+
 def delete_adapter(model: torch.nn.Module, adapter_name: str) -> None:
     for layer in lora_layers(model):
         if adapter_name in layer.lora_A:

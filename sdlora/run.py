@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sdlora import card, checkpoint, distributed, families, formats, hub, inference, lora
+from sdlora import metadata as adapter_metadata
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
 from sdlora.data import cache, preflight
@@ -114,6 +115,7 @@ class TrainingRun:
         preflight.require_usable(self.report, cfg.train.batch_size, accelerator.num_processes)
         preflight.log_summary(self.report)
         records = self.report.records
+        self.records = records
         self.dataset = CaptionedImageDataset(
             records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed,
             buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
@@ -306,6 +308,10 @@ class TrainingRun:
             "sdlora.training_config": json.dumps(cfg.to_dict(), sort_keys=True),
             **families.adapter_metadata(self.base.family, self.parts.prediction_type, cfg.data.resolution),
         }
+        metadata.update(adapter_metadata.provenance(
+            base_source=self.base.source, records=self.records, trigger_words=cfg.output.trigger_words,
+            recommended_weight=cfg.output.recommended_weight, folder_name=Path(cfg.data.path).name,
+        ))
         return formats.AdapterFile(tensors=tensors, shapes=shapes, metadata=metadata)
 
     def render_samples(self, step: int) -> Path | None:
@@ -320,12 +326,13 @@ class TrainingRun:
         pipe = inference.build_pipeline(view, device=self.accelerator.device, dtype=self.weight_dtype)
         unet.eval()
         images = []
-        for prompt in sample.prompts:
-            images += inference.generate(
-                pipe, prompt, seed=sample.seed, steps=sample.steps, guidance_scale=sample.guidance_scale,
-                negative_prompt=sample.negative_prompt, height=self.config.data.resolution,
-                width=self.config.data.resolution,
-            )
+        with inference.preview_adapters(pipe, [inference.AdapterSpec.parse(a) for a in sample.adapters]):
+            for prompt in sample.prompts:
+                images += inference.generate(
+                    pipe, prompt, seed=sample.seed, steps=sample.steps, guidance_scale=sample.guidance_scale,
+                    negative_prompt=sample.negative_prompt, height=self.config.data.resolution,
+                    width=self.config.data.resolution,
+                )
         unet.train()
         grid = inference.image_grid(images, columns=len(images), column_labels=[p[:24] for p in sample.prompts])
         path = self.output_dir / "samples" / f"step-{step:06d}.png"
@@ -374,6 +381,10 @@ class TrainingRun:
         if accelerator.is_main_process:
             formats.save_diffusers(adapter_path, adapter)
             log.info("adapter written: %s", adapter_path)
+            if cfg.output.kohya:
+                kohya_path = formats.save_kohya(self.output_dir / f"{cfg.output.name}_kohya.safetensors",
+                                                self.adapter(), title=cfg.output.name)
+                log.info("kohya / A1111 / ComfyUI adapter written: %s", kohya_path)
             sample_path = self.render_samples(final_step)
             samples = [sample_path] if sample_path else []
             log.info("model card written: %s", card.write_card(self.output_dir, dataset_size=len(self.dataset)))

@@ -1,0 +1,92 @@
+"""Labelled image grids over adapter weights, prompts or seeds: how people pick the weight of a LoRA.
+
+Each cell is rendered by `inference.generate` with the stack's weights set for that cell, so a cell has the same
+pixels as a separate `sdlora generate` call with those settings; `inference.image_grid` pastes cells unscaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from sdlora import inference
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One grid axis: `kind` is 'weight' (of adapter number `adapter`), 'prompt' or 'seed'."""
+
+    kind: str
+    values: tuple
+    adapter: int = 0
+
+    def label(self, value) -> str:
+        if self.kind == "weight":
+            return f"#{self.adapter} {float(value):g}"
+        return str(value)[:24]
+
+
+@dataclass
+class Cell:
+    prompt: str
+    seed: int
+    weights: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+def parse_values(text: str) -> tuple[float, ...]:
+    """`0,0.5,1` or a range `0:1:0.25` (start:stop:step, stop included)."""
+    if text.count(":") == 2:
+        start, stop, step = (float(x) for x in text.split(":"))
+        if step <= 0:
+            raise ValueError(f"{text!r}: the step must be positive")
+        count = int(round((stop - start) / step)) + 1
+        return tuple(round(start + i * step, 10) for i in range(count))
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def plan(columns: Axis, rows: Axis | None, prompt: str, seed: int, specs: list[inference.AdapterSpec]) -> list[list[Cell]]:
+    """The cells, row by row; adapters not on an axis keep the weight their spec gives them."""
+    grid = []
+    for row_value in rows.values if rows else (None,):
+        line = []
+        for column_value in columns.values:
+            cell = Cell(prompt, seed, {i: (s.unet_weight, s.te_weight) for i, s in enumerate(specs)})
+            for axis, value in ((rows, row_value), (columns, column_value)):
+                if axis is None:
+                    continue
+                if axis.kind == "weight":
+                    cell.weights[axis.adapter] = (float(value), float(value))
+                elif axis.kind == "prompt":
+                    cell.prompt = str(value)
+                else:
+                    cell.seed = int(value)
+            line.append(cell)
+        grid.append(line)
+    return grid
+
+
+def render(pipe, stack: inference.AdapterStack, specs: list[inference.AdapterSpec], columns: Axis,
+           rows: Axis | None, prompt: str, seed: int, **generate_kwargs) -> Image.Image:
+    """A labelled grid; a weight axis sets an adapter's UNet and text-encoder weights both to the value."""
+    cells = plan(columns, rows, prompt, seed, specs)
+    images = []
+    for line in cells:
+        for cell in line:
+            stack.set_weights({name: cell.weights[index] for index, name in enumerate(stack.names)})
+            images += inference.generate(pipe, cell.prompt, seed=cell.seed, **generate_kwargs)
+    row_labels = [rows.label(v) for v in rows.values] if rows else None
+    return inference.image_grid(images, columns=len(columns.values), row_labels=row_labels,
+                                column_labels=[columns.label(v) for v in columns.values])
+
+
+def axis_from_text(kind: str, values: str) -> Axis:
+    """CLI form: kind `weight:N` (adapter number N, in --lora order), `prompt` (values split at `|`) or `seed`."""
+    if kind.startswith("weight"):
+        _, _, number = kind.partition(":")
+        return Axis("weight", parse_values(values), int(number or 0))
+    if kind == "prompt":
+        return Axis("prompt", tuple(v.strip() for v in values.split("|") if v.strip()))
+    if kind == "seed":
+        return Axis("seed", tuple(int(v) for v in parse_values(values)))
+    raise ValueError(f"grid axis {kind!r}: use weight:N, prompt or seed")

@@ -1,0 +1,124 @@
+"""Merge adapters into one, exactly or re-ranked by SVD, and bake an adapter into a base model. Tensors only.
+
+Each adapter contributes `w * (alpha / r) * B @ A` per module. Concatenating the A's along the rank and the
+scaled B's alongside gives one adapter of rank sum(r) with one uniform alpha whose update is exactly the
+weighted sum. `rank=k` then replaces each module's product by its best rank-k approximation (truncated SVD),
+computed through QR factors so the full out x in matrix is never decomposed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdlora.formats import AdapterFile, AdapterFormatError
+from sdlora.lora import AdapterShape
+
+
+def _modules(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """module -> (A, B, alpha / r) for one component."""
+    shape, tensors = adapter.shapes[component], adapter.tensors[component]
+    out = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        rank = int(a.shape[0])
+        alpha = float(shape.alpha_pattern.get(module, shape.alpha))
+        out[module] = (a.float(), tensors[f"{module}.lora_B.weight"].float(), alpha / rank)
+    return out
+
+
+def _uniform_alpha(state: dict[str, torch.Tensor], ranks: dict[str, int]) -> AdapterShape:
+    """One alpha for every module (diffusers mis-scales per-module kohya alphas): alpha = the common rank, and a
+    module of another rank r gets its B scaled by r / alpha, so every module's update stays exactly B @ A."""
+    values = list(ranks.values())
+    rank = max(set(values), key=values.count)
+    for module, module_rank in ranks.items():
+        if module_rank != rank:
+            state[f"{module}.lora_B.weight"] = state[f"{module}.lora_B.weight"] * (module_rank / rank)
+    return AdapterShape(rank=rank, alpha=float(rank), target_modules=tuple(sorted(ranks)),
+                        rank_pattern={m: r for m, r in ranks.items() if r != rank})
+
+
+def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of B @ A (Eckart-Young), via QR of both factors and an SVD of an r x r core."""
+    a_flat, b_flat = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    q_b, r_b = torch.linalg.qr(b_flat.double())
+    q_a, r_a = torch.linalg.qr(a_flat.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    new_b = (q_b @ u[:, :k]) * root
+    new_a = (root[:, None] * vh[:k]) @ q_a.T
+    new_a = new_a.to(a.dtype).reshape(k, *a.shape[1:])
+    new_b = new_b.to(b.dtype).reshape(b.shape[0], k, *b.shape[2:])
+    return new_a, new_b
+
+
+def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = None) -> AdapterFile:
+    """One adapter equal to the weighted stack of `items`; exact, or re-ranked to `rank` by truncated SVD."""
+    if not items:
+        raise AdapterFormatError("merge: give at least one adapter")
+    components = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(c in a.components for a, _ in items)]
+    tensors, shapes = {}, {}
+    for component in components:
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for adapter, weight in items:
+            if component not in adapter.components:
+                continue
+            for module, (a, b, scale) in _modules(adapter, component).items():
+                parts.setdefault(module, []).append((a, b * (weight * scale)))
+        state, ranks = {}, {}
+        for module, pieces in parts.items():
+            a = torch.cat([p[0] for p in pieces], dim=0)
+            b = torch.cat([p[1] for p in pieces], dim=1)
+            if rank is not None and rank < a.shape[0]:
+                a, b = _rerank(a, b, rank)
+            state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
+            ranks[module] = int(a.shape[0])
+        shapes[component] = _uniform_alpha(state, ranks)
+        tensors[component] = state
+    first = items[0][0].metadata
+    metadata = {k: v for k, v in first.items() if k in ("sdlora.family", "sdlora.base_model", "sdlora.prediction_type")}
+    metadata["sdlora.merged_from"] = ", ".join(f"{a.metadata.get('modelspec.title', '?')}:{w}" for a, w in items)
+    return AdapterFile(tensors=tensors, shapes=shapes, metadata=metadata)
+
+
+def delta(adapter: AdapterFile, component: str, module: str) -> torch.Tensor:
+    """The full weight update (alpha / r) * B @ A of one module, shaped like the module's weight."""
+    a, b, scale = _modules(adapter, component)[module]
+    product = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+    return (product * scale).reshape(b.shape[0], *a.shape[1:])
+
+
+def bake_into(models: dict[str, torch.nn.Module], adapter: AdapterFile, weight: float = 1.0) -> int:
+    """Add `weight` times the adapter's update into the base weights in place (no peft layers left behind).
+
+    `models` maps component names to modules; returns how many weights changed."""
+    changed = 0
+    with torch.no_grad():
+        for component in adapter.components:
+            if component not in models:
+                raise AdapterFormatError(f"--into-base: the base has no {component} for this adapter")
+            for module in _modules(adapter, component):
+                target = models[component].get_submodule(module).weight
+                update = delta(adapter, component, module).reshape(target.shape)
+                target.add_((weight * update).to(target.dtype))
+                changed += 1
+    return changed
+
+
+def save_base(base, folder) -> "Path":
+    """Save a base (with an adapter baked in) as a diffusers pipeline folder that any tool loading diffusers reads."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    if folder.suffix in (".safetensors", ".ckpt"):
+        raise AdapterFormatError(f"-o {folder}: --into-base writes a diffusers folder; give a folder name")
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,165 @@
+"""Header metadata of LoRA files, part of the format layer: kohya `ss_*`, Stability `modelspec.*`, sdlora provenance.
+
+All values are strings (safetensors headers hold only strings). The kohya minimum (`ss_network_module`,
+`ss_network_dim`, `ss_network_alpha`, `ss_v2`, `ss_base_model_version`) is what A1111 / Forge / ComfyUI and the
+sd-scripts tools read; A1111 hides an SDXL LoRA in SDXL sessions unless `ss_base_model_version` starts with
+`sdxl_`. `sshs_model_hash` is the SHA-256 of the tensor bytes after the header (what kohya and A1111 compare).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+
+import torch
+
+SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sd2_v": "stable-diffusion-v2-768-v/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+PROVENANCE = ("sdlora.base_model", "sdlora.base_model_hash", "sdlora.dataset_hash", "sdlora.family",
+              "sdlora.prediction_type", "sdlora.trigger_words", "sdlora.recommended_weight",
+              "sdlora.training_config", "sdlora.version")
+
+
+def family_key(metadata: dict[str, str], components: list[str]) -> str:
+    """sd1 / sd2 / sd2_v / sdxl from sdlora's provenance, kohya's or modelspec's header, else from the parts."""
+    family = metadata.get("sdlora.family")
+    if family is None:
+        version = metadata.get("ss_base_model_version", "")
+        architecture = metadata.get("modelspec.architecture", "")
+        if version.startswith("sdxl") or "-xl-" in architecture or "text_encoder_2" in components:
+            family = "sdxl"
+        elif version.startswith("sd_v2") or "-v2-" in architecture:
+            family = "sd2"
+        else:
+            family = "sd1"
+    v_pred = metadata.get("sdlora.prediction_type") == "v_prediction" or metadata.get("ss_v_parameterization") == "True"
+    return "sd2_v" if family == "sd2" and v_pred else family
+
+
+def _training_field(metadata: dict[str, str], *path: str):
+    try:
+        node = json.loads(metadata.get("sdlora.training_config", "{}"))
+        for part in path:
+            node = node[part]
+        return node
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def kohya_header(metadata: dict[str, str], rank: int, alpha: float, family: str, title: str) -> dict[str, str]:
+    """The `ss_*` and `modelspec.*` keys for a kohya-format file, from an adapter's sdlora provenance."""
+    resolution = _training_field(metadata, "data", "resolution") or {"sdxl": 1024, "sd2_v": 768}.get(family, 512)
+    trigger = metadata.get("sdlora.trigger_words", "")
+    header = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_v2": str(family.startswith("sd2")),
+        "ss_v_parameterization": str(family == "sd2_v"),
+        "ss_base_model_version": SS_BASE_MODEL_VERSION[family],
+        "ss_output_name": title,
+        "ss_resolution": str((resolution, resolution)),
+        "ss_sd_model_name": metadata.get("sdlora.base_model", ""),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": metadata.get("modelspec.date") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if family == "sd2_v" else "epsilon",
+    }
+    if trigger:
+        header["modelspec.trigger_phrase"] = trigger
+    for source, target in (("train", "learning_rate"), ("train", "steps"), ("train", "seed")):
+        value = _training_field(metadata, source, target)
+        if value is not None:
+            header[{"learning_rate": "ss_learning_rate", "steps": "ss_max_train_steps", "seed": "ss_seed"}[target]] = str(value)
+    if "ss_tag_frequency" in metadata:
+        header["ss_tag_frequency"] = metadata["ss_tag_frequency"]
+    return header
+
+
+def tag_frequency(captions: list[str], folder_name: str) -> str:
+    """kohya's `ss_tag_frequency`: JSON `{folder: {tag: count}}`, tags being the comma-separated caption parts."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return json.dumps({folder_name: counts}, sort_keys=True)
+
+
+def tensor_bytes_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of the bytes after the safetensors header, as kohya computes `sshs_model_hash`.
+
+    The header (which would hold this hash) is excluded, so the hash is stable when metadata changes."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    header_size = struct.unpack("<Q", blob[:8])[0]
+    return hashlib.sha256(blob[8 + header_size:]).hexdigest()
+
+
+def summary(metadata: dict[str, str]) -> dict[str, str]:
+    """The header keys a person wants to read (`sdlora info`), training config excluded (it is long)."""
+    keep = [k for k in metadata if k.startswith(("ss_", "modelspec.", "sdlora.", "sshs_"))]
+    return {k: metadata[k] for k in sorted(keep) if k != "sdlora.training_config"}
+
+
+def _file_sha256(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_model_hash(source: str) -> str | None:
+    """SHA-256 over a local base's UNet and text-encoder weight files (a single file: the file itself).
+
+    None for hub ids: their revision names them. Weights, not configs, decide what an adapter was trained on."""
+    from pathlib import Path
+
+    path = Path(source)
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for sub in ("unet", "text_encoder") for p in (path / sub).glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path).as_posix()}:{_file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_hash(records) -> str:
+    """SHA-256 over every training image's bytes and its caption, in a fixed order (renaming a folder keeps it)."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: (str(r.path.name), r.caption)):
+        digest.update(_file_sha256(record.path).encode())
+        digest.update(record.caption.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def provenance(*, base_source: str, records, trigger_words, recommended_weight: float, folder_name: str) -> dict[str, str]:
+    """sdlora's provenance keys plus kohya's tag frequency, for the header of every adapter a run writes."""
+    out = {
+        "sdlora.dataset_hash": dataset_hash(records),
+        "sdlora.trigger_words": ", ".join(trigger_words),
+        "sdlora.recommended_weight": str(float(recommended_weight)),
+        "ss_tag_frequency": tag_frequency([r.caption for r in records], folder_name),
+    }
+    base_hash = base_model_hash(base_source)
+    if base_hash:
+        out["sdlora.base_model_hash"] = base_hash
+    return out
