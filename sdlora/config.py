@@ -38,6 +38,11 @@ class ModelSection(_Section):
         description="Local diffusers folder (or hub id) whose configs describe a single-file checkpoint; "
         "needed offline, since diffusers otherwise fetches them.",
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow a .ckpt/.pt/.bin single-file base (pickle). Loaded with torch.load(weights_only=True) "
+        "only; off by default because a pickle file can run code.",
+    )
 
 
 class DataSection(_Section):
@@ -139,6 +144,14 @@ class SampleSection(_Section):
     negative_prompt: str = Field("")
 
 
+class SafetySection(_Section):
+    nan_patience: int = Field(3, ge=1, description="Non-finite steps in a row (each skipped) before a rollback.")
+    nan_lr_factor: float = Field(0.5, gt=0, lt=1, description="Learning-rate multiplier applied on each rollback.")
+    nan_max_rollbacks: int = Field(
+        2, ge=0, description="Rollbacks to the last good checkpoint before the run stops with a diagnosis."
+    )
+
+
 class RunConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -146,6 +159,7 @@ class RunConfig(_Section):
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
     sample: SampleSection = SampleSection()
+    safety: SafetySection = SafetySection()
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:

@@ -6,6 +6,9 @@ from sdlora.data import DatasetError, ImageLoadError
 from sdlora.fileio import DiskFullError
 from sdlora.formats import AdapterFormatError
 from sdlora.models import ModelLoadError
+from sdlora.numeric import NumericError
+from sdlora.runlock import OutputLockedError
+from sdlora.safefiles import UnsafeFileError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     AdapterFormatError,
@@ -15,4 +18,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     DiskFullError,
     ImageLoadError,
     ModelLoadError,
+    NumericError,
+    OutputLockedError,
+    UnsafeFileError,
 )

@@ -111,14 +111,15 @@ def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, 
     )
 
 
-def _load_single_file(path: Path, config: str | None, torch_dtype) -> BaseModel:
+def _load_single_file(path: Path, config: str | None, torch_dtype, allow_pickle: bool = False) -> BaseModel:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    if path.suffix != ".safetensors":
-        raise ModelLoadError(
-            f"model.base: {path} is a pickle checkpoint ({path.suffix}); sdlora loads single files only from "
-            ".safetensors (convert it, or load it as a diffusers folder)"
-        )
+    from sdlora.safefiles import check_single_file
+
+    try:
+        check_single_file(path, allow_pickle)
+    except ValueError as exc:
+        raise ModelLoadError(f"model.base: {exc}") from None
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if config is not None:
         if config.startswith("sdlora:"):
@@ -148,6 +149,7 @@ def load_base_model(
     variant: str | None = None,
     single_file_config: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> BaseModel:
     """Load the base from a built-in name, a folder, a single file or a hub id; frozen, in eval mode."""
     if base.startswith("sdlora:"):
@@ -156,7 +158,7 @@ def load_base_model(
     elif Path(base).is_file() or base.endswith(SINGLE_FILE_SUFFIXES):
         if not Path(base).is_file():
             raise ModelLoadError(f"model.base: checkpoint file {base} does not exist")
-        model = _load_single_file(Path(base), single_file_config, torch_dtype)
+        model = _load_single_file(Path(base), single_file_config, torch_dtype, allow_pickle)
     elif Path(base).is_dir():
         if not (Path(base) / "model_index.json").is_file() and not (Path(base) / "unet").is_dir():
             raise ModelLoadError(f"model.base: {base} is a folder but not a diffusers pipeline (no model_index.json)")

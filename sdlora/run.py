@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import checkpoint, formats, inference, lora
+from sdlora import checkpoint, formats, inference, lora, numeric
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate, discover
 from sdlora.fileio import write_text_atomic
+from sdlora.interrupt import GracefulStop
 from sdlora.models import BaseModel, load_base_model, place, set_attention_backend
+from sdlora.runlock import OutputLock
 from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class RunResult:
     losses: list[float]
     final_step: int
     samples: list[Path] = field(default_factory=list)
+    stopped_by: str | None = None  # signal name when a SIGINT/SIGTERM stopped the run early (resumable)
 
 
 def _build_accelerator(config: RunConfig) -> Accelerator:
@@ -70,9 +74,15 @@ class RunHooks:
 
     def after_step(self, step: int, loss: float, lr: float) -> None:
         run, every = self.run, self.run.config.train.checkpoint_every
+        action = run.guard.record(step, loss, numeric.all_finite(run.parts.params))
         if run.accelerator.is_main_process:
+            entry = {"step": step, "loss": loss, "lr": lr}
+            if not math.isfinite(loss):  # skipped; NaN is not JSON
+                entry.update(loss=None, skipped=True)
             with open(run.output_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+                handle.write(json.dumps(entry) + "\n")
+        if action is not None:  # rolling back or stopping: this step's state is not worth keeping
+            return
         if every and step % every == 0 and step < run.config.train.steps:
             run.save_checkpoint(step)
         sample_every = run.config.sample.every
@@ -80,7 +90,13 @@ class RunHooks:
             run.render_samples(step)
 
     def should_stop(self) -> bool:
-        return False
+        if self.run.guard.action is not None:
+            return True
+        accelerator = self.run.accelerator
+        # Every process must stop at the same step: a signal seen by one is shared through accelerate's trigger.
+        if self.run.stop.requested:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
 
 
 class TrainingRun:
@@ -91,11 +107,17 @@ class TrainingRun:
         self.weight_dtype = DTYPES[config.train.mixed_precision]
         self.parts: TrainingParts | None = None
         self.base: BaseModel | None = None
+        safety = config.safety
+        self.guard = numeric.NumericGuard(safety.nan_patience, safety.nan_lr_factor, safety.nan_max_rollbacks)
+        self.stop = GracefulStop()
+        self._lock = OutputLock(self.output_dir)
+        self._lr_factor = 1.0  # pending learning-rate cut, applied by the next restore (a rollback)
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
     def build(self) -> None:
         cfg, accelerator = self.config, self.accelerator
+        self._hold_output_dir()
         # The dataset is checked first: a bad folder fails in seconds, before a multi-GB model loads.
         records = discover(cfg.data.path, cfg.data.caption_extension, cfg.data.default_caption)
         self.dataset = CaptionedImageDataset(
@@ -104,7 +126,7 @@ class TrainingRun:
         set_seed(cfg.train.seed)
         base = load_base_model(
             cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
-            single_file_config=cfg.model.single_file_config,
+            single_file_config=cfg.model.single_file_config, allow_pickle=cfg.model.allow_pickle,
         )
         self.base = base
         lora.attach(base.unet, _adapter_shape(cfg, cfg.lora.unet_targets))
@@ -168,6 +190,7 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             parts = self.parts
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+            numeric.require_finite(self._trainable_by_name(), f"checkpoint at step {step}")
             state = checkpoint.TrainingState(
                 step=step, micro_step=step * parts.gradient_accumulation,
                 trainable={k: p.data for k, p in self._trainable_by_name().items()},
@@ -199,6 +222,9 @@ class TrainingRun:
         if state.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state.scaler)
         checkpoint.restore_rng(state.rng, {GENERATOR: self.parts.generator})
+        if self._lr_factor != 1.0:
+            numeric.scale_learning_rate(self.parts.optimizer, self.parts.lr_scheduler, self._lr_factor)
+            self._lr_factor = 1.0
         log.info("resumed from %s at step %d", path, state.step)
         return state.step
 
@@ -246,7 +272,38 @@ class TrainingRun:
 
     # -- run -----------------------------------------------------------------------------------------------------
 
+    def _hold_output_dir(self) -> None:
+        if self.accelerator.is_main_process and not self._lock.held:
+            self._lock.acquire()
+
     def fit(self, resume: str | None = None) -> RunResult:
+        """Train under the output-folder lock and the signal handlers; roll back on divergence (see numeric.py)."""
+        self._hold_output_dir()
+        try:
+            with self.stop:
+                segments = []
+                while True:
+                    result = self._fit(resume)
+                    segments.append(result)
+                    if self.guard.action != numeric.ROLLBACK:
+                        break
+                    resume = self._roll_back()
+        finally:
+            self._lock.release()
+        result.losses = _join_segments(segments)
+        result.stopped_by = self.stop.signal_name
+        return result
+
+    def _roll_back(self) -> str:
+        target = checkpoint.latest_checkpoint(self.output_dir / "checkpoints")
+        if target is None:
+            self.guard.action = numeric.STOP
+            raise numeric.NumericError(self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], None))
+        self._lr_factor = self.guard.lr_factor
+        self.guard.rolled_back(int(checkpoint.CHECKPOINT_DIR.match(target.name).group(1)), self._lr_factor)
+        return str(target)
+
+    def _fit(self, resume: str | None) -> RunResult:
         cfg, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +311,8 @@ class TrainingRun:
         start = self.restore(resume) if resume else 0
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
+        elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
+            _truncate_log(self.output_dir / "train_log.jsonl", start)
         sampler = ResumableBatchSampler(
             len(self.dataset), cfg.train.batch_size, cfg.train.seed, start=start * cfg.train.gradient_accumulation,
             num_replicas=accelerator.num_processes, rank=accelerator.process_index,
@@ -268,18 +327,47 @@ class TrainingRun:
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
         progress.close()
         final_step = start + len(losses)
+        if self.guard.action == numeric.ROLLBACK:
+            return RunResult(self.output_dir, Path(), losses, final_step)
+        if self.guard.action == numeric.STOP:
+            latest = checkpoint.latest_checkpoint(self.output_dir / "checkpoints")
+            raise numeric.NumericError(
+                self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], str(latest) if latest else None)
+            )
         adapter_path = self.output_dir / f"{cfg.output.name}.safetensors"
         samples = []
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            numeric.require_finite(self._trainable_by_name(), f"adapter {adapter_path}")
             formats.save_diffusers(adapter_path, self.adapter())
             log.info("adapter written: %s", adapter_path)
-            sample_path = self.render_samples(final_step)
+            sample_path = None if self.stop.requested else self.render_samples(final_step)
             samples = [sample_path] if sample_path else []
         if final_step < cfg.train.steps or cfg.train.checkpoint_every:
             self.save_checkpoint(final_step)
         accelerator.wait_for_everyone()
         return RunResult(self.output_dir, adapter_path, losses, final_step, samples)
+
+
+def _join_segments(segments: list[RunResult]) -> list[float]:
+    """Per-step losses of a run that rolled back: a later segment replaces the steps it ran again."""
+    losses: list[float] = []
+    first = segments[0].final_step - len(segments[0].losses)
+    for segment in segments:
+        start = segment.final_step - len(segment.losses)
+        if start < first:
+            losses, first = [], start
+        del losses[start - first:]
+        losses += segment.losses
+    return losses
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def train(config: RunConfig, resume: str | None = None) -> RunResult:
