@@ -2,6 +2,7 @@
 
 Policy (fp16 overflow, a bad batch, a learning rate that is too high):
 - a step whose loss or gradient is not finite is skipped (the loop does no optimizer update) and counted;
+- no periodic checkpoint is written while such a run of skipped steps lasts, so a rollback lands before it;
 - `safety.nan_patience` such steps in a row, or LoRA weights that became non-finite, roll the run back to the last
   checkpoint with the learning rate multiplied by `safety.nan_lr_factor`, at most `safety.nan_max_rollbacks` times;
 - after that, or with no checkpoint to go back to, the run stops with a diagnosis, writing nothing;

@@ -83,7 +83,8 @@ class RunHooks:
                 handle.write(json.dumps(entry) + "\n")
         if action is not None:  # rolling back or stopping: this step's state is not worth keeping
             return
-        if every and step % every == 0 and step < run.config.train.steps:
+        # Not in the middle of a run of skipped steps: a rollback must land before the trouble started.
+        if every and step % every == 0 and step < run.config.train.steps and not run.guard.streak:
             run.save_checkpoint(step)
         sample_every = run.config.sample.every
         if sample_every and step % sample_every == 0 and step < run.config.train.steps:
