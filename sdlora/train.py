@@ -143,10 +143,12 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
             step_loss += loss.detach().float().item() / parts.gradient_accumulation
         if parts.max_grad_norm is not None:
             accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
-        # A non-finite step updates nothing; the hooks see its loss as NaN and decide about rollbacks.
-        if _step_is_finite(parts, step_loss):
+        # A non-finite step updates nothing; the hooks see its loss as NaN and decide about rollbacks. Under fp16
+        # the scaler's step must still run (it skips non-finite gradients itself and lowers its scale).
+        finite = _step_is_finite(parts, step_loss)
+        if finite or accelerator.scaler is not None:
             parts.optimizer.step()
-        else:
+        if not finite:
             step_loss = float("nan")
         parts.lr_scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
