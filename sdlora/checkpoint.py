@@ -7,11 +7,14 @@ never mistaken for a checkpoint; `latest_checkpoint` only ever sees complete one
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora.fileio import ensure_free_space
+from sdlora.fileio import DiskFullError, ensure_free_space
+from sdlora.safefiles import validate_safetensors
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
+# Test hook (crash tests): seconds to sleep half-way through writing a checkpoint, so a SIGKILL can land there.
+PAUSE_ENV = "SDLORA_TEST_CHECKPOINT_PAUSE"
 
 
 class CheckpointError(RuntimeError):
@@ -140,14 +146,22 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=folder))
     try:
         save_file(trainable, str(staging / "trainable.safetensors"))
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
         save_file(tensors, str(staging / "state.safetensors"))
         (staging / STATE_FILE).write_text(json.dumps(skeleton, default=_jsonable), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"{final}: the disk filled up while writing this checkpoint; it was discarded and the previous "
+                "checkpoints are unchanged. Free some space and resume with --resume latest"
+            ) from exc
         raise
+    remove_partials(folder)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -167,6 +181,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)))
 
 
+def remove_partials(folder: Path) -> None:
+    """Delete staging folders left by a writer that was killed (SIGKILL, power loss). Only safe under the output
+    lock, which guarantees no other writer is mid-way through one."""
+    for stale in folder.glob(".step-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
@@ -174,6 +195,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> TrainingState:
     try:
+        validate_safetensors(path / "state.safetensors")
+        validate_safetensors(path / "trainable.safetensors")
         skeleton = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
         tensors = load_file(str(path / "state.safetensors"))
         trainable = load_file(str(path / "trainable.safetensors"))

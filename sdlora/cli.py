@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"adapter: {result.adapter_path}")
     for sample in result.samples:
         print(f"samples: {sample}")
+    if result.stopped_by:
+        from sdlora.interrupt import EXIT_STOPPED
+
+        again = shlex.join(["sdlora", "train", str(args.config), *args.overrides, "--resume", "latest"])
+        print(f"stopped by {result.stopped_by} at step {result.final_step}, checkpoint written; resume with:\n  {again}")
+        return EXIT_STOPPED
     return 0
 
 
@@ -238,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdlora: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from sdlora.interrupt import EXIT_ABORTED
+
+        print("sdlora: interrupted; no checkpoint was written for the unfinished step", file=sys.stderr)
+        return EXIT_ABORTED
 
 
 if __name__ == "__main__":

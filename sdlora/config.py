@@ -45,6 +45,11 @@ class ModelSection(_Section):
         "file's keys). 'sd2-v' also makes an SD2 single file predict v.",
     )
 
+    allow_pickle: bool = Field(
+        False,
+        description="Allow a .ckpt/.pt/.bin single-file base (pickle). Loaded with torch.load(weights_only=True) "
+        "only; off by default because a pickle file can run code.",
+    )
 
 class CaptionSection(_Section):
     """How a caption is turned into the training text; deterministic for a (seed, epoch, item)."""
@@ -273,6 +278,14 @@ class HubSection(_Section):
         return self
 
 
+class SafetySection(_Section):
+    nan_patience: int = Field(3, ge=1, description="Non-finite steps in a row (each skipped) before a rollback.")
+    nan_lr_factor: float = Field(0.5, gt=0, lt=1, description="Learning-rate multiplier applied on each rollback.")
+    nan_max_rollbacks: int = Field(
+        2, ge=0, description="Rollbacks to the last good checkpoint before the run stops with a diagnosis."
+    )
+
+
 class RunConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -281,6 +294,7 @@ class RunConfig(_Section):
     output: OutputSection = OutputSection()
     sample: SampleSection = SampleSection()
     hub: HubSection = HubSection()
+    safety: SafetySection = SafetySection()
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:

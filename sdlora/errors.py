@@ -8,6 +8,9 @@ from sdlora.fileio import DiskFullError
 from sdlora.formats import AdapterFormatError
 from sdlora.hub import HubError
 from sdlora.models import ModelLoadError
+from sdlora.numeric import NumericError
+from sdlora.runlock import OutputLockedError
+from sdlora.safefiles import UnsafeFileError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     AdapterFormatError,
@@ -19,4 +22,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     HubError,
     ImageLoadError,
     ModelLoadError,
+    NumericError,
+    OutputLockedError,
+    UnsafeFileError,
 )

@@ -25,6 +25,7 @@ import torch
 from sdlora import __version__
 from sdlora.fileio import save_safetensors_atomic
 from sdlora.lora import AdapterShape
+from sdlora.safefiles import validate_safetensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -167,6 +168,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if path.suffix != ".safetensors":
         raise AdapterFormatError(f"{path}: sdlora reads adapters only from .safetensors files")
     try:
+        validate_safetensors(path)
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

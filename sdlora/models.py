@@ -170,20 +170,24 @@ def single_file_family(path: Path) -> str | None:
         return families.family_from_checkpoint_keys(handle.keys())
 
 
-def _load_single_file(path: Path, config: str | None, torch_dtype, family: str | None = None) -> BaseModel:
+def _load_single_file(
+    path: Path, config: str | None, torch_dtype, family: str | None = None, allow_pickle: bool = False
+) -> BaseModel:
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if path.suffix != ".safetensors":
-        raise ModelLoadError(
-            f"model.base: {path} is a pickle checkpoint ({path.suffix}); sdlora loads single files only from "
-            ".safetensors (convert it, or load it as a diffusers folder)"
-        )
+    from sdlora.safefiles import check_single_file
+
+    try:
+        check_single_file(path, allow_pickle)
+    except ValueError as exc:
+        raise ModelLoadError(f"model.base: {exc}") from None
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if config is not None:
         if config.startswith("sdlora:"):
             config = str(resolve_builtin(config))
         kwargs.update(config=config, local_files_only=Path(config).is_dir())
-    family = family or single_file_family(path)
+    # Pickle checkpoints are not opened again just to read key names: their family must be given.
+    family = family or (single_file_family(path) if path.suffix == ".safetensors" else None)
     if family is None:
         raise ModelLoadError(
             f"model.base: cannot tell which Stable Diffusion family {path} is from its keys; set model.family "
@@ -217,6 +221,7 @@ def load_base_model(
     single_file_config: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     family: str | None = None,
+    allow_pickle: bool = False,
 ) -> BaseModel:
     """Load the base from a built-in name, a folder, a single file or a hub id; frozen, in eval mode.
     `family` (model.family) overrides detection: it picks the single-file pipeline class, and 'sd2-v' makes
@@ -227,7 +232,7 @@ def load_base_model(
     elif Path(base).is_file() or base.endswith(SINGLE_FILE_SUFFIXES):
         if not Path(base).is_file():
             raise ModelLoadError(f"model.base: checkpoint file {base} does not exist")
-        model = _load_single_file(Path(base), single_file_config, torch_dtype, family)
+        model = _load_single_file(Path(base), single_file_config, torch_dtype, family, allow_pickle)
     elif Path(base).is_dir():
         if not (Path(base) / "model_index.json").is_file() and not (Path(base) / "unet").is_dir():
             raise ModelLoadError(f"model.base: {base} is a folder but not a diffusers pipeline (no model_index.json)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,15 +19,17 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import card, checkpoint, distributed, families, formats, hub, inference, lora
+from sdlora import card, checkpoint, distributed, families, formats, hub, inference, lora, numeric
 from sdlora import metadata as adapter_metadata
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
 from sdlora.data import cache, preflight
 from sdlora.data.buckets import BucketBatchSampler
 from sdlora.fileio import write_text_atomic
+from sdlora.interrupt import GracefulStop
 from sdlora.models import BaseModel, load_base_model, place, set_attention_backend
-from sdlora.train import TrainingParts, encode_prompts, fit
+from sdlora.runlock import OutputLock
+from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class RunResult:
     losses: list[float]
     final_step: int
     samples: list[Path] = field(default_factory=list)
+    stopped_by: str | None = None  # signal name when a SIGINT/SIGTERM stopped the run early (resumable)
 
 
 def _build_accelerator(config: RunConfig) -> Accelerator:
@@ -78,17 +82,30 @@ class RunHooks:
 
     def after_step(self, step: int, loss: float, lr: float) -> None:
         run, every = self.run, self.run.config.train.checkpoint_every
+        action = run.guard.record(step, loss, numeric.all_finite(run.parts.params))
         if run.accelerator.is_main_process:
+            entry = {"step": step, "loss": loss, "lr": lr}
+            if not math.isfinite(loss):  # skipped; NaN is not JSON
+                entry.update(loss=None, skipped=True)
             with open(run.output_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-        if every and step % every == 0 and step < run.config.train.steps:
+                handle.write(json.dumps(entry) + "\n")
+        if action is not None:  # rolling back or stopping: this step's state is not worth keeping
+            return
+        # Not in the middle of a run of skipped steps: a rollback must land before the trouble started.
+        if every and step % every == 0 and step < run.config.train.steps and not run.guard.streak:
             run.save_checkpoint(step)
         sample_every = run.config.sample.every
         if sample_every and step % sample_every == 0 and step < run.config.train.steps:
             run.render_samples(step)
 
     def should_stop(self) -> bool:
-        return False
+        if self.run.guard.action is not None:
+            return True
+        accelerator = self.run.accelerator
+        # Every process must stop at the same step: a signal seen by one is shared through accelerate's trigger.
+        if self.run.stop.requested:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
 
 
 class TrainingRun:
@@ -102,11 +119,17 @@ class TrainingRun:
         self.pusher: hub.CheckpointPusher | None = None
         self.resumed_samples: int | None = None
         self.data_origin = (0, 0)  # (step, samples seen) where this process's run began
+        safety = config.safety
+        self.guard = numeric.NumericGuard(safety.nan_patience, safety.nan_lr_factor, safety.nan_max_rollbacks)
+        self.stop = GracefulStop()
+        self._lock = OutputLock(self.output_dir)
+        self._lr_factor = 1.0  # pending learning-rate cut, applied by the next restore (a rollback)
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
     def build(self) -> None:
         cfg, accelerator = self.config, self.accelerator
+        self._hold_output_dir()
         # The dataset is checked first: a bad folder fails in seconds, before a multi-GB model loads.
         self.report = preflight.check(
             cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation, accelerator.num_processes,
@@ -124,6 +147,7 @@ class TrainingRun:
         base = load_base_model(
             cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
             single_file_config=cfg.model.single_file_config, family=cfg.model.family,
+            allow_pickle=cfg.model.allow_pickle,
         )
         self.base = base
         prediction_type = cfg.train.prediction_type or base.prediction_type
@@ -238,6 +262,7 @@ class TrainingRun:
         trainable = distributed.trainable_state(self.accelerator, self.trained_models)
         if self.accelerator.is_main_process:
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+            numeric.require_finite(self._trainable_by_name(), f"checkpoint at step {step}")
             state = checkpoint.TrainingState(
                 step=step, micro_step=step * parts.gradient_accumulation,
                 trainable=trainable,
@@ -290,6 +315,9 @@ class TrainingRun:
                 state.extra.get("world_size", 1), self.accelerator.num_processes, state.step, self.resumed_samples,
                 self._layout().effective_batch,
             )
+        if self._lr_factor != 1.0:
+            numeric.scale_learning_rate(self.parts.optimizer, self.parts.lr_scheduler, self._lr_factor)
+            self._lr_factor = 1.0
         log.info("resumed from %s at step %d", path, state.step)
         return state.step
 
@@ -342,16 +370,49 @@ class TrainingRun:
 
     # -- run -----------------------------------------------------------------------------------------------------
 
+    def _hold_output_dir(self) -> None:
+        if self.accelerator.is_main_process and not self._lock.held:
+            self._lock.acquire()
+
     def fit(self, resume: str | None = None) -> RunResult:
+        """Train under the output-folder lock and the signal handlers; roll back on divergence (see numeric.py)."""
+        self._hold_output_dir()
+        try:
+            with self.stop:
+                segments = []
+                while True:
+                    result = self._fit(resume)
+                    segments.append(result)
+                    if self.guard.action != numeric.ROLLBACK:
+                        break
+                    resume = self._roll_back()
+        finally:
+            self._lock.release()
+        result.losses = _join_segments(segments)
+        result.stopped_by = self.stop.signal_name
+        return result
+
+    def _roll_back(self) -> str:
+        target = checkpoint.latest_checkpoint(self.output_dir / "checkpoints")
+        if target is None:
+            self.guard.action = numeric.STOP
+            raise numeric.NumericError(self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], None))
+        self._lr_factor = self.guard.lr_factor
+        self.guard.rolled_back(int(checkpoint.CHECKPOINT_DIR.match(target.name).group(1)), self._lr_factor)
+        return str(target)
+
+    def _fit(self, resume: str | None) -> RunResult:
         cfg, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.output_dir / "config.yaml", dump_config(cfg))
-            if cfg.hub.push_checkpoints:
+            if cfg.hub.push_checkpoints and self.pusher is None:  # one pusher across rollback segments
                 self.pusher = hub.CheckpointPusher(self.output_dir, cfg.hub.repo_id, cfg.hub.private)
         start = self.restore(resume) if resume else 0
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
+        elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
+            _truncate_log(self.output_dir / "train_log.jsonl", start)
         position = start * cfg.train.gradient_accumulation
         if self.resumed_samples is not None:
             position = distributed.resume_micro_step(self.resumed_samples, self._layout())
@@ -374,18 +435,29 @@ class TrainingRun:
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
         progress.close()
         final_step = start + len(losses)
+        if self.guard.action == numeric.ROLLBACK:
+            return RunResult(self.output_dir, Path(), losses, final_step)
+        if self.guard.action == numeric.STOP:
+            latest = checkpoint.latest_checkpoint(self.output_dir / "checkpoints")
+            raise numeric.NumericError(
+                self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], str(latest) if latest else None)
+            )
         adapter_path = self.output_dir / f"{cfg.output.name}.safetensors"
         samples = []
         accelerator.wait_for_everyone()
         adapter = self.adapter()  # every process: gathering under FSDP / DeepSpeed is collective
         if accelerator.is_main_process:
+            numeric.require_finite(
+                {f"{c}.{k}": t for c, tensors in adapter.tensors.items() for k, t in tensors.items()},
+                f"adapter {adapter_path}",
+            )
             formats.save_diffusers(adapter_path, adapter)
             log.info("adapter written: %s", adapter_path)
             if cfg.output.kohya:
                 kohya_path = formats.save_kohya(self.output_dir / f"{cfg.output.name}_kohya.safetensors",
-                                                self.adapter(), title=cfg.output.name)
+                                                adapter, title=cfg.output.name)
                 log.info("kohya / A1111 / ComfyUI adapter written: %s", kohya_path)
-            sample_path = self.render_samples(final_step)
+            sample_path = None if self.stop.requested else self.render_samples(final_step)
             samples = [sample_path] if sample_path else []
             log.info("model card written: %s", card.write_card(self.output_dir, dataset_size=len(self.dataset)))
         if final_step < cfg.train.steps or cfg.train.checkpoint_every:
@@ -395,6 +467,27 @@ class TrainingRun:
             self.pusher.close()
         accelerator.wait_for_everyone()
         return RunResult(self.output_dir, adapter_path, losses, final_step, samples)
+
+
+def _join_segments(segments: list[RunResult]) -> list[float]:
+    """Per-step losses of a run that rolled back: a later segment replaces the steps it ran again."""
+    losses: list[float] = []
+    first = segments[0].final_step - len(segments[0].losses)
+    for segment in segments:
+        start = segment.final_step - len(segment.losses)
+        if start < first:
+            losses, first = [], start
+        del losses[start - first:]
+        losses += segment.losses
+    return losses
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def train(config: RunConfig, resume: str | None = None) -> RunResult:

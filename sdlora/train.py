@@ -12,7 +12,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -40,6 +40,8 @@ class TrainingParts:
     train_text_encoder: bool = False
     # batch -> (encoder_hidden_states, added_cond_kwargs | None), from `families`; None: SD1/SD2 prompt states.
     conditioning: Any = None
+    # Test hook: called with the step number; True multiplies that step's loss by inf (numeric-safety tests).
+    inject_inf: Callable[[int], bool] | None = None
 
 
 class Hooks(Protocol):
@@ -134,6 +136,19 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
     )
 
 
+def _step_is_finite(parts: TrainingParts, step_loss: float) -> bool:
+    """Loss and gradients all finite, decided the same on every process. Under fp16 the grad scaler already skips
+    overflowing steps (and lowers its scale), so there only the loss is checked."""
+    bad = not math.isfinite(step_loss)
+    if not bad and parts.accelerator.scaler is None:
+        norms = [torch.linalg.vector_norm(p.grad.float()) for p in parts.params if p.grad is not None]
+        bad = bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
+    if parts.accelerator.num_processes > 1:
+        flag = torch.tensor(float(bad), device=parts.accelerator.device)
+        bad = bool(parts.accelerator.reduce(flag, reduction="sum").item() > 0)
+    return not bad
+
+
 def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int, total_steps: int, hooks: Hooks,
         progress=None) -> list[float]:
     """Run optimizer steps start_step+1 .. total_steps; returns each step's mean micro-batch loss."""
@@ -152,15 +167,21 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
             # boundary flag) and divides the loss by the window length (Accelerator(gradient_accumulation_steps)).
             with accelerator.accumulate(*trained):
                 loss = micro_step_loss(parts, next(batches))
+                if parts.inject_inf is not None and parts.inject_inf(step):
+                    loss = loss * float("inf")
                 accelerator.backward(loss)
             step_loss += loss.detach().float().item() / parts.gradient_accumulation
         if parts.max_grad_norm is not None:
             accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
-        parts.optimizer.step()
+        # A non-finite step updates nothing; the hooks see its loss as NaN and decide about rollbacks. Under fp16
+        # the scaler's step must still run (it skips non-finite gradients itself and lowers its scale).
+        finite = _step_is_finite(parts, step_loss)
+        if finite or accelerator.scaler is not None:
+            parts.optimizer.step()
+        if not finite:
+            step_loss = float("nan")
         parts.lr_scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(step_loss):
-            step_loss = float("nan")
         losses.append(step_loss)
         lr = parts.lr_scheduler.get_last_lr()[0]
         if progress is not None:
