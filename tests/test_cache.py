@@ -69,8 +69,9 @@ def _encoders(log):
         return pooled, torch.ones_like(pooled)
 
     def text(captions):
+        # Like the families' encode_text: a dict of named conditioning tensors.
         log.append(("text", len(captions)))
-        return torch.stack([torch.full((2, 3), float(len(c))) for c in captions])
+        return {"encoder_hidden_states": torch.stack([torch.full((2, 3), float(len(c))) for c in captions])}
 
     return latents, text
 

@@ -76,10 +76,10 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_
     assert out.count("adapter: ") == 2, out  # both processes finished
     assert err.count("world size 2 x batch 1 x accumulation 2 = effective batch 4") == 2, err[-3000:]
     assert _files(ddp_out) == [
-        "checkpoints/step-000002/state.json", "checkpoints/step-000002/state.safetensors",
+        "README.md", "checkpoints/step-000002/state.json", "checkpoints/step-000002/state.safetensors",
         "checkpoints/step-000002/trainable.safetensors", "checkpoints/step-000004/state.json",
         "checkpoints/step-000004/state.safetensors", "checkpoints/step-000004/trainable.safetensors",
-        "README.md", "config.yaml", "pytorch_lora_weights.safetensors", "train_log.jsonl",
+        "config.yaml", "pytorch_lora_weights.safetensors", "train_log.jsonl",
     ]
     assert len((ddp_out / "train_log.jsonl").read_text().splitlines()) == 4  # one writer, not two
     state = load_checkpoint(ddp_out / "checkpoints" / "step-000002")
@@ -101,6 +101,32 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_
     assert result.losses == pytest.approx(straight.losses[2:], abs=1e-4)
     _assert_same_adapter(result.adapter_path, straight.adapter_path)
     assert load_checkpoint(resumed_out / "checkpoints" / "step-000004").extra == {"world_size": 1, "samples_seen": 16}
+
+
+def test_two_processes_fill_the_cache_once(tiny_base, style_dataset, tmp_path):
+    """Each missing cache entry is encoded by exactly one process: the encoded counts the two processes log add up
+    to the number of files, so no file was written twice, and a second launch encodes nothing."""
+    import re
+
+    config = _run_config(tmp_path, tiny_base, style_dataset, steps=2, batch_size=1)
+    cache_dir = tmp_path / "cache"
+    args = ["data.cache_latents=true", "data.cache_text_embeddings=true", f"data.cache_dir={cache_dir}"]
+    pattern = re.compile(r"latents (\d+) reused, (\d+) encoded; text (\d+) reused, (\d+) encoded")
+    for attempt, out in enumerate(("first", "second")):
+        launch = _torchrun("train", str(config), f"output.dir={tmp_path / out}", *args)
+        _, err = launch.communicate(timeout=300)
+        assert launch.returncode == 0, err[-3000:]
+        counts = [tuple(map(int, m)) for m in pattern.findall(err)]
+        assert len(counts) == 2, err[-3000:]  # one line per process
+        latent_files = [p for p in cache_dir.rglob("*.safetensors") if "latent" in str(p.relative_to(cache_dir))]
+        text_files = [p for p in cache_dir.rglob("*.safetensors") if "text" in str(p.relative_to(cache_dir))]
+        assert len(latent_files) == 8 and len(text_files) >= 1
+        encoded_latents, encoded_text = sum(c[1] for c in counts), sum(c[3] for c in counts)
+        if attempt == 0:
+            assert encoded_latents == len(latent_files) and encoded_text == len(text_files)
+            assert all(c[1] > 0 for c in counts), "the work was not split across both processes"
+        else:
+            assert encoded_latents == 0 and encoded_text == 0
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:

@@ -79,7 +79,8 @@ def test_add_time_ids_of_a_cropped_bucketed_image():
     for image, size in ((wide, (64, 96)), (tall, (64, 64))):
         pixels, placement = resize_and_crop(image, size, "center", random.Random(0))
         items.append({"pixel_values": pixels[:, :64, :64], "caption": "", "original_size": placement.original_size,
-                      "crop_top_left": placement.crop_top_left, "target_size": placement.target_size, "index": 0})
+                      "crop_top_left": placement.crop_top_left, "target_size": placement.target_size, "index": 0,
+                      "loss_weight": 1.0})
     ids = families.add_time_ids(collate(items))
     expected = torch.tensor([[100, 200, 0, 16, 64, 96], [150, 60, 48, 0, 64, 64]], dtype=torch.float32)
     assert torch.equal(ids, expected)
