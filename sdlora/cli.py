@@ -164,17 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     gen = commands.add_parser("generate", help="generate images with stacked adapters")
-    gen.add_argument("--base", default="sdlora:tiny", help="base model: hub id, folder, .safetensors or sdlora:NAME")
-    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
-                     help="adapter with weight (and text-encoder weight); repeat to stack")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpm++, ddpm")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
+    _generation_args(gen)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--fuse", action="store_true", help="fuse adapters into the base weights (faster)")
     gen.add_argument("-o", "--output", type=Path, default=Path("sdlora.png"))

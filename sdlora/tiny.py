@@ -98,9 +98,26 @@ class TinySpec:
 SD2_V_SPEC = TinySpec(prediction_type="v_prediction", text_hidden_act="gelu", pad_token="!", use_linear_projection=True)
 
 
+def _tiny_vae(spec, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=spec.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+        latent_channels=spec.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, spec.vae_channels[0]),
+        sample_size=spec.sample_size,
+        **extra,
+    )
+
+
 def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
     """UNet, VAE, text encoder, tokenizer and scheduler with seeded random weights."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = make_tokenizer(spec.words, spec.max_length, spec.pad_token)
@@ -121,17 +138,7 @@ def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
         norm_num_groups=min(32, spec.unet_channels[0]),
         use_linear_projection=spec.use_linear_projection,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=spec.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-        latent_channels=spec.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=min(32, spec.vae_channels[0]),
-        sample_size=spec.sample_size,
-    )
+    vae = _tiny_vae(spec)
     text_encoder = CLIPTextModel(_text_config(spec, tokenizer, spec.text_hidden, spec.text_hidden_act))
     # SD1.5's own scheduler settings, so timesteps, SNR and targets are the real ones.
     scheduler = DDPMScheduler(
@@ -185,7 +192,7 @@ SDXL_TIME_EMBED_DIM = 8  # per time id; SDXL's is 256
 
 
 def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = make_tokenizer(spec.words, spec.max_length)
@@ -213,19 +220,7 @@ def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> di
         # six time ids (original size, crop top-left, target size) plus encoder 2's pooled projection
         projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + spec.text_hidden,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=spec.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-        latent_channels=spec.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=min(32, spec.vae_channels[0]),
-        sample_size=spec.sample_size,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _tiny_vae(spec, scaling_factor=0.13025, force_upcast=True)  # SDXL's own VAE settings
     text_encoder = CLIPTextModel(_text_config(spec, tokenizer, spec.text_hidden, "quick_gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(
         _text_config(spec, tokenizer_2, hidden_2, "gelu", projection_dim=spec.text_hidden)

@@ -8,10 +8,11 @@ from 1:1). Batch order is a pure function of (seed, epoch), like `ResumableBatch
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Sampler
+
+from sdlora.data.sampler import EndlessBatches
 
 Bucket = tuple[int, int]  # (height, width)
 
@@ -54,7 +55,7 @@ def assign_bucket(size: tuple[int, int], buckets: Sequence[Bucket], step: int, u
     return (height, width) if height >= step and width >= step else None
 
 
-class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+class BucketBatchSampler(EndlessBatches):
     """Endless stream of batches of (epoch, index) keys, each batch from one bucket, starting at micro-batch `start`.
 
     Per epoch: items are permuted (seeded by seed and epoch), grouped by bucket, cut into global batches (a bucket's
@@ -100,12 +101,3 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         chunk = self.epoch_batches(epoch)[position]
         mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return [(epoch, index) for index in mine]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        micro_step = self.start
-        while True:
-            yield self.batch_at(micro_step)
-            micro_step += 1
-
-    def __len__(self) -> int:  # endless; DataLoader asks only for progress estimates
-        return self.batches_per_epoch

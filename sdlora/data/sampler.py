@@ -8,7 +8,26 @@ import torch
 from torch.utils.data import Sampler
 
 
-class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+class EndlessBatches(Sampler[list[tuple[int, int]]]):
+    """An endless stream of batches of (epoch, index) keys from `start`; subclasses say what `batch_at` is."""
+
+    start: int
+    batches_per_epoch: int
+
+    def batch_at(self, micro_step: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro_step = self.start
+        while True:
+            yield self.batch_at(micro_step)
+            micro_step += 1
+
+    def __len__(self) -> int:  # endless; DataLoader asks only for progress estimates
+        return self.batches_per_epoch
+
+
+class ResumableBatchSampler(EndlessBatches):
     """Endless stream of batches of (epoch, index) keys, starting at micro-batch `start`.
 
     Each epoch is a fresh permutation seeded by (seed, epoch); the last incomplete batch of an epoch is dropped
@@ -42,12 +61,3 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         chunk = order[position * global_batch : (position + 1) * global_batch]
         mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return [(epoch, index) for index in mine]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        micro_step = self.start
-        while True:
-            yield self.batch_at(micro_step)
-            micro_step += 1
-
-    def __len__(self) -> int:  # endless; DataLoader asks only for progress estimates
-        return self.batches_per_epoch
