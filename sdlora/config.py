@@ -38,6 +38,11 @@ class ModelSection(_Section):
         description="Local diffusers folder (or hub id) whose configs describe a single-file checkpoint; "
         "needed offline, since diffusers otherwise fetches them.",
     )
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Frozen-base quantization for QLoRA: int8 weight-only (optimum-quanto, CPU or GPU) or nf4 "
+        "(bitsandbytes, CUDA). LoRA weights stay fp32; the adapter loads on the full-precision base.",
+    )
 
 
 class DataSection(_Section):
@@ -105,7 +110,9 @@ class TrainSection(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999))
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Compute dtype of the frozen weights.")
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        "no", description="Compute dtype of the frozen weights; auto: bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="xformers is used only when installed on CUDA.")
     seed: int = Field(42, description="Seed for LoRA init, data order, crops, noise and timesteps.")
@@ -116,6 +123,17 @@ class TrainSection(_Section):
     )
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
+    weight_storage: Literal["compute", "bf16", "fp8"] = Field(
+        "compute", description="Dtype the frozen weights are stored in; each layer upcasts to the compute dtype."
+    )
+    channels_last: bool = Field(False, description="UNet convolutions in channels-last memory format.")
+    compile: bool = Field(False, description="torch.compile the UNet (slow first step; faster later ones).")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` in a file or on the command line means fp32.
+        return "no" if value is False else value
 
 
 class OutputSection(_Section):
@@ -152,6 +170,15 @@ class RunConfig(_Section):
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_scheduler != "constant":
             raise ValueError(
                 f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.steps ({self.train.steps})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_small_base(self) -> RunConfig:
+        if self.model.quantize != "none" and self.train.weight_storage != "compute":
+            raise ValueError(
+                f"model.quantize ({self.model.quantize}) and train.weight_storage ({self.train.weight_storage}) "
+                "both shrink the frozen weights; set one of them (weight_storage=compute or quantize=none)"
             )
         return self
 

@@ -22,7 +22,10 @@ from sdlora import checkpoint, formats, inference, lora
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate, discover
 from sdlora.fileio import write_text_atomic
-from sdlora.models import BaseModel, load_base_model, place, set_attention_backend
+from sdlora.models import BaseModel, freeze, load_base_model, place, set_attention_backend
+from sdlora.precision import resolve_mixed_precision, store_frozen_weights
+from sdlora.quantize import quantize_frozen
+from sdlora.speed import apply_speed_options, loader_options
 from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ class RunResult:
 
 
 def _build_accelerator(config: RunConfig) -> Accelerator:
-    precision = config.train.mixed_precision
+    precision = resolve_mixed_precision(config.train.mixed_precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision: fp16 needs a CUDA GPU; use 'no' (fp32) or 'bf16' on this machine")
     return Accelerator(mixed_precision=precision)
@@ -84,11 +87,13 @@ class RunHooks:
 
 
 class TrainingRun:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, base: BaseModel | None = None):
+        """`base`: an already-built base model to train on instead of loading `config.model.base` (benchmarks)."""
         self.config = config
         self.output_dir = Path(config.output.dir)
         self.accelerator = _build_accelerator(config)
-        self.weight_dtype = DTYPES[config.train.mixed_precision]
+        self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
+        self._prebuilt_base = base
         self.parts: TrainingParts | None = None
         self.base: BaseModel | None = None
 
@@ -102,22 +107,31 @@ class TrainingRun:
             records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed
         )
         set_seed(cfg.train.seed)
-        base = load_base_model(
-            cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
-            single_file_config=cfg.model.single_file_config,
-        )
+        if self._prebuilt_base is not None:
+            base = self._prebuilt_base
+            freeze(base)
+        else:
+            base = load_base_model(
+                cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
+                single_file_config=cfg.model.single_file_config,
+            )
         self.base = base
+        quantize_frozen({"unet": base.unet, "text_encoder": base.text_encoder}, cfg.model.quantize,
+                        accelerator.device, self.weight_dtype)
         lora.attach(base.unet, _adapter_shape(cfg, cfg.lora.unet_targets))
         te_params = []
         if cfg.lora.train_text_encoder:
             lora.attach(base.text_encoder, _adapter_shape(cfg, cfg.lora.text_encoder_targets))
         place(base, accelerator.device, self.weight_dtype)
         lora.cast_lora_to_fp32(base.unet, base.text_encoder)
+        store_frozen_weights(base.unet, cfg.train.weight_storage)
+        store_frozen_weights(base.text_encoder, cfg.train.weight_storage)
         attention = set_attention_backend(base.unet, cfg.train.attention, accelerator.device)
         if cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if cfg.lora.train_text_encoder:
                 base.text_encoder.gradient_checkpointing_enable()
+        apply_speed_options(base.unet, cfg.train.channels_last, cfg.train.compile)
         unet_params = lora.trainable_parameters(base.unet)
         if cfg.lora.train_text_encoder:
             te_params = lora.trainable_parameters(base.text_encoder)
@@ -149,7 +163,7 @@ class TrainingRun:
             "base %s (%s, %s target) | %d images | device %s, %s, attention %s | %d trainable LoRA params | "
             "world size %d x batch %d x accumulation %d = effective batch %d",
             base.source, base.family, self.parts.prediction_type, len(records), accelerator.device,
-            cfg.train.mixed_precision, attention, n_train, accelerator.num_processes, cfg.train.batch_size,
+            accelerator.mixed_precision, attention, n_train, accelerator.num_processes, cfg.train.batch_size,
             cfg.train.gradient_accumulation, effective,
         )
 
@@ -244,6 +258,21 @@ class TrainingRun:
         grid.save(path)
         return path
 
+    def data_loader(self, start: int) -> DataLoader:
+        """Batches from optimizer step `start` on, in the order an uninterrupted run would see them."""
+        cfg, accelerator = self.config, self.accelerator
+        sampler = ResumableBatchSampler(
+            len(self.dataset), cfg.train.batch_size, cfg.train.seed, start=start * cfg.train.gradient_accumulation,
+            num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        )
+        # Its own generator: a DataLoader otherwise draws a seed from torch's global RNG on every iter(), which
+        # would shift LoRA-dropout randomness after a resume.
+        return DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+            **loader_options(cfg.data.num_workers, accelerator.device),
+        )
+
     # -- run -----------------------------------------------------------------------------------------------------
 
     def fit(self, resume: str | None = None) -> RunResult:
@@ -254,16 +283,7 @@ class TrainingRun:
         start = self.restore(resume) if resume else 0
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
-        sampler = ResumableBatchSampler(
-            len(self.dataset), cfg.train.batch_size, cfg.train.seed, start=start * cfg.train.gradient_accumulation,
-            num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        )
-        # Its own generator: a DataLoader otherwise draws a seed from torch's global RNG on every iter(), which
-        # would shift LoRA-dropout randomness after a resume.
-        loader = DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
+        loader = self.data_loader(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
         progress.close()
