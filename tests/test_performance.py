@@ -224,3 +224,19 @@ def test_channels_last_and_compile_are_applied(make_config):
     assert unet._compiled_call_impl is not None
     # Compilation in place keeps the parameter names, so adapters and checkpoints are unchanged.
     assert all("_orig_mod" not in name for name, _ in unet.named_parameters())
+
+
+def test_bench_measures_the_real_training_path(tmp_path):
+    """scripts/bench.py's engine on the tiny layout: every number present and sane (timings are not asserted)."""
+    from sdlora.benchmark import TrainBenchOptions, run_training_bench
+
+    result = run_training_bench(
+        TrainBenchOptions(arch="tiny", resolution=64, steps=2, warmup=1, cached=True, checkpointing=True,
+                          weight_storage="bf16"),
+        workdir=tmp_path,
+    )
+    assert result["losses_finite"] and result["precision_used"] == "no"
+    assert 0 < result["step_min_s"] <= result["step_median_s"] <= result["step_max_s"]
+    assert result["tflop_per_step"] > 0 and result["matmul_gflops"] > 0
+    assert result["peak_rss_process_gb"] >= result["peak_rss_steps_gb"] > 0
+    assert result["trainable_params"] > 0 and result["frozen_unet_gb"] > 0
