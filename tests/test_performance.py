@@ -139,7 +139,7 @@ def test_int8_qlora_trains_and_its_adapter_loads_on_the_full_precision_base(make
     from sdlora.data import collate
 
     run = TrainingRun(make_config("model.quantize=int8", "train.steps=40", "train.batch_size=4",
-                                  "train.learning_rate=3e-3", "lora.rank=8"))
+                                  "train.learning_rate=5e-3", "lora.rank=8"))
     run.build()
     unet = run.base.unet
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
