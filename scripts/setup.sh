@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 # torch first and pinned: an unpinned torch request would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,quant]"

@@ -44,3 +44,15 @@ def adamw_8bit_class():
     import bitsandbytes
 
     return bitsandbytes.optim.AdamW8bit
+
+
+@functools.lru_cache(maxsize=None)
+def quanto_available() -> bool:
+    """optimum-quanto, the int8 weight-only backend of `model.quantize=int8` (runs on CPU)."""
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        return False
+    try:
+        import optimum.quanto  # noqa: F401
+    except Exception:
+        return False
+    return True

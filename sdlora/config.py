@@ -44,12 +44,17 @@ class ModelSection(_Section):
         description="Stable Diffusion family of the base; default: detected from its components (or a single "
         "file's keys). 'sd2-v' also makes an SD2 single file predict v.",
     )
-
     allow_pickle: bool = Field(
         False,
         description="Allow a .ckpt/.pt/.bin single-file base (pickle). Loaded with torch.load(weights_only=True) "
         "only; off by default because a pickle file can run code.",
     )
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Frozen-base quantization for QLoRA: int8 weight-only (optimum-quanto, CPU or GPU) or nf4 "
+        "(bitsandbytes, CUDA). LoRA weights stay fp32; the adapter loads on the full-precision base.",
+    )
+
 
 class CaptionSection(_Section):
     """How a caption is turned into the training text; deterministic for a (seed, epoch, item)."""
@@ -207,7 +212,9 @@ class TrainSection(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999))
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Compute dtype of the frozen weights.")
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        "no", description="Compute dtype of the frozen weights; auto: bf16 or fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="xformers is used only when installed on CUDA.")
     seed: int = Field(42, description="Seed for LoRA init, data order, crops, noise and timesteps.")
@@ -221,6 +228,17 @@ class TrainSection(_Section):
     zero_terminal_snr: bool = Field(
         False, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2024); v-prediction only."
     )
+    weight_storage: Literal["compute", "bf16", "fp8"] = Field(
+        "compute", description="Dtype the frozen weights are stored in; each layer upcasts to the compute dtype."
+    )
+    channels_last: bool = Field(False, description="UNet convolutions in channels-last memory format.")
+    compile: bool = Field(False, description="torch.compile the UNet (slow first step; faster later ones).")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` in a file or on the command line means fp32.
+        return "no" if value is False else value
 
 
 class OutputSection(_Section):
@@ -306,6 +324,15 @@ class RunConfig(_Section):
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_scheduler != "constant":
             raise ValueError(
                 f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.steps ({self.train.steps})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_small_base(self) -> RunConfig:
+        if self.model.quantize != "none" and self.train.weight_storage != "compute":
+            raise ValueError(
+                f"model.quantize ({self.model.quantize}) and train.weight_storage ({self.train.weight_storage}) "
+                "both shrink the frozen weights; set one of them (weight_storage=compute or quantize=none)"
             )
         return self
 

@@ -27,8 +27,11 @@ from sdlora.data import cache, preflight
 from sdlora.data.buckets import BucketBatchSampler
 from sdlora.fileio import write_text_atomic
 from sdlora.interrupt import GracefulStop
-from sdlora.models import BaseModel, load_base_model, place, set_attention_backend
+from sdlora.models import BaseModel, freeze, load_base_model, place, set_attention_backend
+from sdlora.precision import resolve_mixed_precision, store_frozen_weights
+from sdlora.quantize import quantize_frozen
 from sdlora.runlock import OutputLock
+from sdlora.speed import apply_speed_options, loader_options
 from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ class RunResult:
 
 
 def _build_accelerator(config: RunConfig) -> Accelerator:
-    precision = config.train.mixed_precision
+    precision = resolve_mixed_precision(config.train.mixed_precision)
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision: fp16 needs a CUDA GPU; use 'no' (fp32) or 'bf16' on this machine")
     distributed.warn_on_precision_mismatch(precision)
@@ -109,11 +112,13 @@ class RunHooks:
 
 
 class TrainingRun:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, base: BaseModel | None = None):
+        """`base`: an already-built base model to train on instead of loading `config.model.base` (benchmarks)."""
         self.config = config
         self.output_dir = Path(config.output.dir)
         self.accelerator = _build_accelerator(config)
-        self.weight_dtype = DTYPES[config.train.mixed_precision]
+        self.weight_dtype = DTYPES[self.accelerator.mixed_precision]
+        self._prebuilt_base = base
         self.parts: TrainingParts | None = None
         self.base: BaseModel | None = None
         self.pusher: hub.CheckpointPusher | None = None
@@ -144,12 +149,18 @@ class TrainingRun:
             buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
         )
         set_seed(cfg.train.seed)
-        base = load_base_model(
-            cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
-            single_file_config=cfg.model.single_file_config, family=cfg.model.family,
-            allow_pickle=cfg.model.allow_pickle,
-        )
+        if self._prebuilt_base is not None:  # the benchmark hands in models built in memory
+            base = self._prebuilt_base
+            freeze(base)
+        else:
+            base = load_base_model(
+                cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
+                single_file_config=cfg.model.single_file_config, family=cfg.model.family,
+                allow_pickle=cfg.model.allow_pickle,
+            )
         self.base = base
+        quantize_frozen({"unet": base.unet, **base.text_encoders}, cfg.model.quantize, accelerator.device,
+                        self.weight_dtype)
         prediction_type = cfg.train.prediction_type or base.prediction_type
         if cfg.train.zero_terminal_snr:
             base.scheduler = families.with_zero_terminal_snr(base.scheduler, prediction_type)
@@ -161,11 +172,14 @@ class TrainingRun:
             lora.attach(encoder, _adapter_shape(cfg, cfg.lora.text_encoder_targets))
         place(base, accelerator.device, self.weight_dtype)
         lora.cast_lora_to_fp32(base.unet, *base.text_encoders.values())
+        for module in (base.unet, *base.text_encoders.values()):
+            store_frozen_weights(module, cfg.train.weight_storage)
         attention = set_attention_backend(base.unet, cfg.train.attention, accelerator.device)
         if cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             for encoder in trained_encoders:
                 encoder.gradient_checkpointing_enable()
+        apply_speed_options(base.unet, cfg.train.channels_last, cfg.train.compile)
         unet_params = lora.trainable_parameters(base.unet)
         for encoder in trained_encoders:
             te_params += lora.trainable_parameters(encoder)
@@ -216,7 +230,7 @@ class TrainingRun:
             "base %s (%s, %s target) | %d images | device %s, %s, attention %s | %d trainable LoRA params | "
             "world size %d x batch %d x accumulation %d = effective batch %d",
             base.source, base.family, self.parts.prediction_type, len(records), accelerator.device,
-            cfg.train.mixed_precision, attention, n_train, accelerator.num_processes, cfg.train.batch_size,
+            accelerator.mixed_precision, attention, n_train, accelerator.num_processes, cfg.train.batch_size,
             cfg.train.gradient_accumulation, effective,
         )
 
@@ -368,6 +382,30 @@ class TrainingRun:
         grid.save(path)
         return path
 
+    def data_loader(self, start: int) -> DataLoader:
+        """Batches from optimizer step `start` on, in the order an uninterrupted run would see them (also after a
+        resume on a different number of processes: the position is mapped from the samples seen)."""
+        cfg, accelerator = self.config, self.accelerator
+        position = start * cfg.train.gradient_accumulation
+        if self.resumed_samples is not None:
+            position = distributed.resume_micro_step(self.resumed_samples, self._layout())
+        self.data_origin = (start, position * self._layout().global_micro_batch)
+        sampler_class = ResumableBatchSampler
+        size = len(self.dataset)
+        if cfg.data.bucketing.enabled:
+            sampler_class, size = BucketBatchSampler, self.dataset.item_buckets()
+        sampler = sampler_class(
+            size, cfg.train.batch_size, cfg.train.seed, start=position,
+            num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        )
+        # Its own generator: a DataLoader otherwise draws a seed from torch's global RNG on every iter(), which
+        # would shift LoRA-dropout randomness after a resume.
+        return DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(cfg.train.seed),
+            **loader_options(cfg.data.num_workers, accelerator.device),
+        )
+
     # -- run -----------------------------------------------------------------------------------------------------
 
     def _hold_output_dir(self) -> None:
@@ -413,24 +451,7 @@ class TrainingRun:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
         elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
             _truncate_log(self.output_dir / "train_log.jsonl", start)
-        position = start * cfg.train.gradient_accumulation
-        if self.resumed_samples is not None:
-            position = distributed.resume_micro_step(self.resumed_samples, self._layout())
-        self.data_origin = (start, position * self._layout().global_micro_batch)
-        sampler_class = ResumableBatchSampler
-        size = len(self.dataset)
-        if cfg.data.bucketing.enabled:
-            sampler_class, size = BucketBatchSampler, self.dataset.item_buckets()
-        sampler = sampler_class(
-            size, cfg.train.batch_size, cfg.train.seed, start=position,
-            num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        )
-        # Its own generator: a DataLoader otherwise draws a seed from torch's global RNG on every iter(), which
-        # would shift LoRA-dropout randomness after a resume.
-        loader = DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-            generator=torch.Generator().manual_seed(cfg.train.seed),
-        )
+        loader = self.data_loader(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
         progress.close()

@@ -46,7 +46,7 @@ def test_bad_literal_lists_allowed_values():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.mixed_precision=fp32"])
     assert "train.mixed_precision" in str(err.value)
-    assert "'no', 'fp16' or 'bf16'" in str(err.value)
+    assert "'no', 'fp16', 'bf16' or 'auto'" in str(err.value)
 
 
 def test_resolution_must_be_multiple_of_8():

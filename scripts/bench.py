@@ -1,0 +1,104 @@
+"""Benchmark sdlora's LoRA training (or generation) on SD1.5-shaped models with random weights.
+
+Training runs through the same `TrainingRun.build` + `train.fit` that `sdlora train` uses; only the base model is
+built from diffusers' / transformers' config classes instead of loaded (the shapes, not the values, set the cost).
+
+    python scripts/bench.py                                   # SD1.5, 512 px, batch 1, rank 4, fp32
+    python scripts/bench.py --cached                          # inputs as a latent/text cache would feed them
+    python scripts/bench.py --cached --checkpointing --weight-storage bf16
+    python scripts/bench.py --cached --quantize int8          # QLoRA: int8 weight-only frozen base (optimum-quanto)
+    python scripts/bench.py --generate                        # base vs 2 stacked adapters, unfused vs fused
+    python scripts/bench.py --arch tiny --resolution 64 --steps 2 --warmup 1    # smoke test in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdlora.benchmark import TrainBenchOptions, run_generation_bench, run_training_bench  # noqa: E402
+
+TRAIN_ROWS = [
+    ("device", "device", "{}"), ("precision", "precision_used", "{}"),
+    ("step time, median", "step_median_s", "{:.3f} s"), ("step time, min", "step_min_s", "{:.3f} s"),
+    ("step time, max", "step_max_s", "{:.3f} s"), ("images/s", "images_per_s", "{:.3f}"),
+    ("time to first step", "time_to_first_step_s", "{:.1f} s"), ("  of which build", "build_s", "{:.1f} s"),
+    ("  first step itself", "first_step_s", "{:.2f} s"),
+    ("peak RSS, timed steps", "peak_rss_steps_gb", "{:.2f} GB"),
+    ("peak RSS, whole process", "peak_rss_process_gb", "{:.2f} GB"),
+    ("peak CUDA memory", "peak_cuda_gb", "{:.2f} GB"), ("frozen UNet weights", "frozen_unet_gb", "{:.3f} GB"),
+    ("trainable LoRA params", "trainable_params", "{:,}"), ("FLOPs per step", "tflop_per_step", "{:.4g} TFLOP"),
+    ("fp32 matmul rate", "matmul_gflops", "{:.1f} GFLOP/s"),
+    ("achieved / matmul rate", "achieved_fraction", "{:.1%}"), ("losses finite", "losses_finite", "{}"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="--cached feeds random latents and text states of the right shapes through train.micro_step_loss "
+        "(the keys a latent/text-output cache provides) and drops the VAE and text encoder weights after setup; "
+        "it stands in for the real cache until that lands.",
+    )
+    parser.add_argument("--arch", default="sd15", help="sd15 (default) or tiny (smoke tests); sdxl: not yet")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16", "auto"])
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet")
+    parser.add_argument("--weight-storage", default="compute", choices=["compute", "bf16", "fp8"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step compiles)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    parser.add_argument("--cached", action="store_true", help="simulated latent/text cache (see below)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median and spread reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted step")
+    parser.add_argument("--generate", action="store_true", help="time generation instead of training")
+    parser.add_argument("--gen-steps", type=int, default=20, help="denoising steps per image with --generate")
+    parser.add_argument("--repeats", type=int, default=3, help="timed images per setting with --generate")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return parser.parse_args(argv)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.generate:
+        result = run_generation_bench(args.arch, args.resolution, args.gen_steps, args.repeats, args.rank)
+        rows = [(f"{name} (median, min-max)", "{:.2f} s ({:.2f}-{:.2f})".format(
+            result[f"{name}_median_s"], result[f"{name}_min_s"], result[f"{name}_max_s"]))
+            for name in ("base", "stacked_unfused", "stacked_fused")]
+        rows += [("unfused / base", f"{result['unfused_over_base']:.3f}"),
+                 ("fused / base", f"{result['fused_over_base']:.3f}")]
+    else:
+        options = TrainBenchOptions(
+            arch=args.arch, resolution=args.resolution, batch=args.batch, rank=args.rank, precision=args.precision,
+            checkpointing=args.checkpointing, weight_storage=args.weight_storage, quantize=args.quantize,
+            channels_last=args.channels_last, compile=args.compile, optimizer=args.optimizer, cached=args.cached,
+            steps=args.steps, warmup=args.warmup, flops=not args.no_flops,
+        )
+        result = run_training_bench(options)
+        rows = [(name, "-" if result[key] is None else fmt.format(result[key])) for name, key, fmt in TRAIN_ROWS]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table([("command", "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv))]
+                    + rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

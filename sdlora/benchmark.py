@@ -1,0 +1,269 @@
+"""Measure training and generation speed and memory through sdlora's real code paths (used by scripts/bench.py).
+
+Training goes through `TrainingRun.build` and `train.fit`, exactly what `sdlora train` runs; only the base model is
+handed in prebuilt (random weights of the real shapes, see `archs`) instead of loaded from disk. Numbers reported:
+median step time with its spread, images/s, time to first step, peak RSS (whole process, and during the timed
+steps alone), peak CUDA memory, FLOPs per step (torch's FlopCounterMode) and the fraction of this machine's fp32
+matmul rate, measured in the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdlora import archs, inference, lora, train
+from sdlora.config import load_config
+from sdlora.quantize import frozen_weight_bytes
+from sdlora.run import TrainingRun
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class TrainBenchOptions:
+    arch: str = "sd15"
+    resolution: int = 512
+    batch: int = 1
+    rank: int = 4
+    precision: str = "no"
+    checkpointing: bool = False
+    weight_storage: str = "compute"
+    quantize: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    optimizer: str = "adamw"
+    cached: bool = False
+    steps: int = 3
+    warmup: int = 1
+    flops: bool = True
+
+    def overrides(self, data: Path, out: Path) -> list[str]:
+        return [
+            f"model.base=random:{self.arch}", f"model.quantize={self.quantize}", f"data.path={data}",
+            f"data.resolution={self.resolution}", f"lora.rank={self.rank}",
+            f"train.steps={self.warmup + int(self.flops) + self.steps}", f"train.batch_size={self.batch}",
+            f"train.mixed_precision={self.precision}", f"train.gradient_checkpointing={self.checkpointing}",
+            f"train.weight_storage={self.weight_storage}", f"train.channels_last={self.channels_last}",
+            f"train.compile={self.compile}", f"train.optimizer={self.optimizer}", f"output.dir={out}",
+        ]
+
+
+class StepClock:
+    """Loop hooks that timestamp every optimizer step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def after_step(self, step: int, loss: float, lr: float) -> None:
+        _synchronize()
+        self.times.append(time.perf_counter())
+        self.losses.append(loss)
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM). False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def window_peak_rss_gb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return None
+
+
+def matmul_rate(device: torch.device, seconds: float = 2.0) -> float:
+    """Best fp32 matmul rate in FLOP/s on `device`: the ceiling a step's achieved rate is compared with."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.matmul(a, b)
+    _synchronize()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def write_bench_images(folder: Path, resolution: int, count: int = 2) -> Path:
+    """A few noise images with captions: the dataset a non-cached run decodes and encodes each step."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for index in range(count):
+        pixels = bytes(rng.getrandbits(8) for _ in range(resolution * resolution * 3))
+        Image.frombytes("RGB", (resolution, resolution), pixels).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text("a photo of a cat, in the style", encoding="utf-8")
+    return folder
+
+
+def simulated_cache(run: TrainingRun, batch: int, resolution: int, pool: int = 4):
+    """Endless batches of precomputed-looking latents and text states, the keys a latent/text cache feeds to
+    `train.micro_step_loss`. Stand-in until the real cache lands: same shapes, random values."""
+    generator = torch.Generator().manual_seed(0)
+    channels = run.base.unet.config.in_channels
+    width = run.base.text_encoder.config.hidden_size
+    length = run.base.tokenizer.model_max_length
+    side = resolution // 8
+    batches = [
+        {"latents": torch.randn(batch, channels, side, side, generator=generator) * 0.8,
+         "encoder_hidden_states": torch.randn(batch, length, width, generator=generator)}
+        for _ in range(pool)
+    ]
+    while True:
+        yield from batches
+
+
+def release_encoders(run: TrainingRun) -> None:
+    """With cached inputs the VAE and text encoder are not needed while training: drop their weights (to the meta
+    device, so any forward that still reached them would fail loudly instead of silently costing time)."""
+    for module in (run.base.vae, run.base.text_encoder):
+        module.to("meta")
+
+
+def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdlora-bench-")))
+        started = time.perf_counter()
+        data = write_bench_images(workdir / "data", options.resolution)
+        config = load_config(None, options.overrides(data, workdir / "run"))
+        run = TrainingRun(config, base=archs.build_random_base(options.arch))
+        run.build()
+        built = time.perf_counter()
+        if options.cached:
+            batches = simulated_cache(run, options.batch, options.resolution)
+            release_encoders(run)
+        else:
+            batches = iter(run.data_loader(0))
+        clock = StepClock()
+        fit_started = time.perf_counter()
+        train.fit(run.parts, batches, 0, options.warmup, clock)
+        step = options.warmup
+        flops = None
+        if options.flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                train.fit(run.parts, batches, step, step + 1, clock)
+            flops, step = counter.get_total_flops(), step + 1
+        device = run.accelerator.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        window = reset_peak_rss()
+        timed_from = time.perf_counter()
+        n_before = len(clock.times)
+        train.fit(run.parts, batches, step, step + options.steps, clock)
+        stamps = [timed_from, *clock.times[n_before:]]
+        durations = [b - a for a, b in zip(stamps, stamps[1:])]
+        median = statistics.median(durations)
+        rate = matmul_rate(device)
+        result = {
+            **asdict(options),
+            "device": str(device),
+            "precision_used": run.accelerator.mixed_precision,
+            "step_median_s": median,
+            "step_min_s": min(durations),
+            "step_max_s": max(durations),
+            "images_per_s": options.batch / median,
+            "build_s": built - started,
+            "first_step_s": clock.times[0] - fit_started if clock.times else None,
+            "time_to_first_step_s": clock.times[0] - started if clock.times else None,
+            "peak_rss_steps_gb": window_peak_rss_gb() if window else None,
+            "peak_rss_process_gb": peak_rss_gb(),
+            "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
+            "frozen_unet_gb": frozen_weight_bytes(run.base.unet) / GB,
+            "trainable_params": sum(p.numel() for p in run.parts.params),
+            "tflop_per_step": flops / 1e12 if flops is not None else None,
+            "matmul_gflops": rate / 1e9,
+            "achieved_fraction": (flops / median) / rate if flops is not None else None,
+            "losses_finite": all(loss == loss for loss in clock.losses),
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation: base vs two stacked adapters, unfused and fused
+
+
+def random_adapter(unet: torch.nn.Module, rank: int, seed: int):
+    """A LoRA file's worth of random tensors on the attention projections, as formats would read it from disk."""
+    from sdlora import formats
+    from sdlora.config import UNET_ATTENTION_TARGETS
+
+    shape = lora.AdapterShape(rank, float(rank), UNET_ATTENTION_TARGETS)
+    lora.attach(unet, shape, adapter_name="_bench")
+    tensors = lora.lora_state_dict(unet, "_bench")
+    lora.delete_adapter(unet, "_bench")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in tensors.items()}
+    return formats.AdapterFile(tensors={"unet": tensors}, shapes={"unet": formats.shape_from_tensors(tensors, rank)})
+
+
+def _time_generation(pipe, resolution: int, steps: int, repeats: int) -> list[float]:
+    times = []
+    for repeat in range(repeats + 1):  # the first call warms up and is not counted
+        start = time.perf_counter()
+        inference.generate(pipe, "a photo of a cat", seed=repeat, steps=steps, guidance_scale=7.5,
+                           height=resolution, width=resolution)
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int = 20, repeats: int = 3,
+                         rank: int = 4) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = archs.build_random_base(arch)
+    pipe = inference.build_pipeline(base, device=device)
+    timings = {"base": _time_generation(pipe, resolution, steps, repeats)}
+    stack = inference.AdapterStack(pipe)
+    for number in range(2):
+        stack.add(f"a{number}", random_adapter(pipe.unet, rank, seed=number))
+    stack.set_weights({"a0": (0.8, 0.8), "a1": (0.5, 0.5)})
+    timings["stacked_unfused"] = _time_generation(pipe, resolution, steps, repeats)
+    stack.fuse()
+    timings["stacked_fused"] = _time_generation(pipe, resolution, steps, repeats)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    return {
+        "arch": arch, "device": str(device), "resolution": resolution, "steps": steps, "repeats": repeats,
+        **{f"{name}_median_s": value for name, value in medians.items()},
+        **{f"{name}_min_s": min(values) for name, values in timings.items()},
+        **{f"{name}_max_s": max(values) for name, values in timings.items()},
+        "unfused_over_base": medians["stacked_unfused"] / medians["base"],
+        "fused_over_base": medians["stacked_fused"] / medians["base"],
+    }
