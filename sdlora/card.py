@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from sdlora import formats
 from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
 from sdlora.fileio import write_text_atomic
 
@@ -34,7 +35,6 @@ FAMILY_PIPELINES = {
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # kohya / A1111 / ComfyUI key prefixes (see formats.py and FORMATS.md); the card only needs to tell the files apart.
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 class CardError(ValueError):
@@ -133,12 +133,12 @@ def gather(run_dir: str | Path, dataset_size: int | None = None) -> RunFacts:
     adapters = []
     for path in adapter_files(run_dir):
         keys, metadata = _read_header(path)
-        kohya = any(k.startswith(KOHYA_PREFIXES) for k in keys)
-        adapters.append(AdapterInfo(path.name, "kohya" if kohya else "diffusers", metadata))
+        adapters.append(AdapterInfo(path.name, formats.detect_format(keys), metadata))
     if not adapters:
         raise CardError(f"{run_dir}: no adapter (.safetensors) in the run folder; train first")
     log_rows = _losses(run_dir)
-    tail = [row["loss"] for row in log_rows[-20:]]
+    # Skipped (non-finite) steps are logged with loss null.
+    tail = [row["loss"] for row in log_rows[-20:] if row.get("loss") is not None]
     return RunFacts(
         config=config, adapters=adapters,
         samples=[p.relative_to(run_dir).as_posix() for p in sample_files(run_dir)],

@@ -98,8 +98,10 @@ def test_sigkill_at_random_steps_then_resume_gives_the_same_adapter(config_file,
 
     # 2: resumed, then killed in the middle of writing its first checkpoint
     expected_resumes.append(latest_checkpoint(out / "checkpoints").name)
+    # A kill that landed mid-write above may have left a partial already: wait for one made by this process.
+    earlier = set(_partials(out))
     proc = _launch(config_file, out, "--resume", "latest", env={PAUSE_ENV: "600"})
-    _wait_for(proc, lambda: bool(_partials(out)))
+    _wait_for(proc, lambda: bool(set(_partials(out)) - earlier))
     _kill(proc)
     assert _partials(out), "the kill landed after the checkpoint was renamed into place"
 

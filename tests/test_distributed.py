@@ -122,6 +122,7 @@ def test_two_processes_fill_the_cache_once(tiny_base, style_dataset, tmp_path):
         text_files = [p for p in cache_dir.rglob("*.safetensors") if "text" in str(p.relative_to(cache_dir))]
         assert len(latent_files) == 8 and len(text_files) >= 1
         encoded_latents, encoded_text = sum(c[1] for c in counts), sum(c[3] for c in counts)
+        assert sum(c[0] for c in counts) + encoded_latents == len(latent_files)  # every entry has one owner
         if attempt == 0:
             assert encoded_latents == len(latent_files) and encoded_text == len(text_files)
             assert all(c[1] > 0 for c in counts), "the work was not split across both processes"

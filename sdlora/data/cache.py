@@ -29,7 +29,7 @@ from sdlora.fileio import save_safetensors_atomic
 log = logging.getLogger(__name__)
 
 LatentEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # pixels -> (mean, std)
-TextEncoder = Callable[[list[str]], torch.Tensor]  # captions -> hidden states
+TextEncoder = Callable[[list[str]], dict[str, torch.Tensor]]  # captions -> named conditioning tensors
 
 
 def module_fingerprint(module: torch.nn.Module, sample: int = 4096) -> str:
@@ -103,10 +103,11 @@ def _latent_jobs(dataset: CaptionedImageDataset, cache: LatentCache):
 
 def fill_latents(dataset: CaptionedImageDataset, cache: LatentCache, encode: LatentEncoder, batch_size: int,
                  stats: CacheStats, progress: Callable | None = None, share: Callable = list) -> None:
-    jobs = {key: job for key, *job in _latent_jobs(dataset, cache)}
-    missing = [(key, job) for key, job in jobs.items() if not cache.path(key).is_file()]
+    # Shard the full job list (stable on every process), not the missing ones: another process may already be
+    # writing, so lists of what is missing could differ between processes and leave entries to nobody.
+    jobs = share(list({key: job for key, *job in _latent_jobs(dataset, cache)}.items()))
+    missing = [(key, job) for key, job in jobs if not cache.path(key).is_file()]
     stats.latents_reused += len(jobs) - len(missing)
-    missing = share(missing)
     # Batches are formed per target size so each encoder call gets one tensor shape.
     by_shape: dict[tuple[int, int], list] = {}
     for key, job in missing:
@@ -133,10 +134,9 @@ def fill_latents(dataset: CaptionedImageDataset, cache: LatentCache, encode: Lat
 def fill_text(dataset: CaptionedImageDataset, cache: TextCache, encode: TextEncoder, batch_size: int,
               stats: CacheStats, progress: Callable | None = None, share: Callable = list) -> None:
     # Caption options that vary per epoch are refused with a text cache, so epoch 0 gives every caption there is.
-    captions = sorted({dataset.caption(0, item) for item in range(len(dataset))})
+    captions = share(sorted({dataset.caption(0, item) for item in range(len(dataset))}))
     missing = [c for c in captions if not cache.path(cache.key(c)).is_file()]
     stats.text_reused += len(captions) - len(missing)
-    missing = share(missing)
     bar = progress(total=len(missing), desc="caching text") if progress and missing else None
     for begin in range(0, len(missing), batch_size):
         chunk = missing[begin : begin + batch_size]
