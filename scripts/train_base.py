@@ -24,8 +24,6 @@ import random
 import time
 from pathlib import Path
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -77,13 +75,6 @@ def build_models(args, tokenizer):
     return vae, unet, text_encoder, scheduler
 
 
-def fit_threads(step: int) -> None:
-    """2 threads on an idle 2-core machine, 1 when another process holds a core: OpenMP threads that fight for one
-    core run several times slower. Thread count changes only the order of float sums, not the recipe."""
-    if step % 50 == 0:
-        torch.set_num_threads(1 if os.getloadavg()[0] > 2.6 else min(2, os.cpu_count() or 1))
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -97,7 +88,6 @@ def train_vae(vae, args, log) -> float:
     started = time.perf_counter()
     crop = args.vae_crop
     for step in range(args.vae_steps):
-        fit_threads(step)
         _, images = world_batch(rng, args.batch, args.size, styled=True)
         # The VAE is fully convolutional: random crops train it at a quarter of the cost of full images.
         top, left = rng.randrange(0, args.size - crop + 1, 4), rng.randrange(0, args.size - crop + 1, 4)
@@ -144,7 +134,6 @@ def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log):
     alphas = scheduler.alphas_cumprod
     started = time.perf_counter()
     for step in range(args.unet_steps):
-        fit_threads(step)
         index = torch.randint(0, len(means), (args.batch,), generator=generator)
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         if torch.rand((), generator=generator) < 0.5:  # horizontal flip: positions vary, captions don't change
@@ -181,10 +170,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-crop", type=int, default=32, help="VAE training crop (pixels, multiple of 4)")
-    parser.add_argument("--unet-steps", type=int, default=5000)
+    parser.add_argument("--unet-steps", type=int, default=3500)
     parser.add_argument("--unet-channels", type=int, nargs=3, default=(32, 64, 64))
     parser.add_argument("--unet-lr", type=float, default=6e-4)
     parser.add_argument("--ema", type=float, default=0.999)

@@ -191,6 +191,8 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         stamps = [timed_from, *clock.times[n_before:]]
         durations = [b - a for a, b in zip(stamps, stamps[1:])]
         median = statistics.median(durations)
+        # Read before matmul_rate, whose large matrices would otherwise count as the training steps' peak.
+        steps_peak = window_peak_rss_gb() if window else None
         rate = matmul_rate(device)
         result = {
             **asdict(options),
@@ -203,8 +205,9 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
             "build_s": built - started,
             "first_step_s": clock.times[0] - fit_started if clock.times else None,
             "time_to_first_step_s": clock.times[0] - started if clock.times else None,
-            "peak_rss_steps_gb": window_peak_rss_gb() if window else None,
-            "peak_rss_process_gb": peak_rss_gb(),
+            "peak_rss_steps_gb": steps_peak,
+            # ru_maxrss is updated lazily by the kernel and can trail VmHWM; the process peak includes the window's.
+            "peak_rss_process_gb": max(peak_rss_gb(), steps_peak or 0.0),
             "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
             "frozen_unet_gb": frozen_weight_bytes(run.base.unet) / GB,
             "trainable_params": sum(p.numel() for p in run.parts.params),
