@@ -1,5 +1,6 @@
-"""The offline demo: train a style LoRA on the bundled dataset on CPU, then render a labelled grid of the base and
-the adapter at several weights. Everything it needs ships with sdlora; nothing is downloaded.
+"""The offline demo: on the shipped `sdlora:shapes` base, train a style LoRA (stripes) and a subject LoRA (a
+ring with the trigger word "sks") on CPU, then write a labelled grid: base / style / subject / both stacked.
+Everything it needs ships with sdlora; nothing is downloaded.
 
     python scripts/demo.py [--out runs/demo] [--steps N]
 """
@@ -17,39 +18,46 @@ from sdlora.models import load_base_model
 from sdlora.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ("a red circle on a blue background", "a yellow square on a black background")
-WEIGHTS = (0.0, 0.5, 1.0)
+PROMPTS = (
+    "a red sks ring on a blue background, striped style",
+    "a yellow square on a green background, striped style",
+    "a white sks ring on a red background, striped style",
+)
+# (label, style weight, subject weight)
+COLUMNS = (("base", 0.0, 0.0), ("style 1.0", 1.0, 0.0), ("subject 1.0", 0.0, 1.0), ("both 0.8 + 1.0", 0.8, 1.0))
+
+
+def train_adapter(name: str, out: Path, steps: int | None) -> Path:
+    overrides = [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}"]
+    if steps:
+        overrides.append(f"train.steps={steps}")
+    return train(load_config(ROOT / "configs" / f"demo-{name}.yaml", overrides)).adapter_path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--steps", type=int, help="override train.steps of both LoRAs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
+    style = train_adapter("style", args.out, args.steps)
+    subject = train_adapter("subject", args.out, args.steps)
 
-    overrides = [f"data.path={ROOT / 'datasets' / 'demo-style'}", f"output.dir={args.out / 'style'}"]
-    if args.steps:
-        overrides.append(f"train.steps={args.steps}")
-    config = load_config(ROOT / "configs" / "demo-cpu.yaml", overrides)
-    result = train(config)
-
-    pipe = inference.build_pipeline(load_base_model(config.model.base))
-    stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(result.adapter_path))])
-    images, labels = [], []
+    pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
+    stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(style)), inference.AdapterSpec(str(subject))])
+    images = []
     for prompt in PROMPTS:
-        for weight in WEIGHTS:
-            stack.set_weights({stack.names[0]: (weight, weight)})
-            images += inference.generate(pipe, prompt, seed=7, steps=config.sample.steps,
-                                         guidance_scale=config.sample.guidance_scale, height=64, width=64)
-        labels.append(prompt.split(" on ")[0])
-    grid = inference.image_grid(images, columns=len(WEIGHTS), row_labels=labels,
-                                column_labels=[f"style {w:g}" for w in WEIGHTS])
+        for _, style_weight, subject_weight in COLUMNS:
+            stack.set_weights({stack.names[0]: (style_weight,) * 2, stack.names[1]: (subject_weight,) * 2})
+            images += inference.generate(pipe, prompt, seed=3, steps=25, guidance_scale=5.0)
+    grid = inference.image_grid(
+        [im.resize((128, 128), resample=0) for im in images], columns=len(COLUMNS),
+        row_labels=[p.split(" on ")[0] for p in PROMPTS], column_labels=[c[0] for c in COLUMNS],
+    )
     grid_path = args.out / "demo_grid.png"
     grid.save(grid_path)
-    print(f"adapter: {result.adapter_path}")
-    print(f"grid:    {grid_path}")
+    print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}")
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from sdlora.evaluate import STRIPED_THRESHOLD, base_prompts, styled_prompts
+from sdlora.models import PACKAGED_BASES
 from sdlora.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, read_scene, render
 
 
@@ -44,3 +45,25 @@ def test_captions_name_the_trigger_word_for_the_subject():
     scene = random_scene(random.Random(3), shape=SUBJECT_SHAPE)
     assert f" sks {SUBJECT_SHAPE} on a " in scene.caption
     assert random_scene(random.Random(3), style="striped").caption.endswith(", striped style")
+
+
+@pytest.mark.skipif(not (PACKAGED_BASES["sdlora:shapes"] / "model_index.json").is_file(),
+                    reason="sdlora:shapes is not in this checkout (scripts/train_base.py makes it)")
+def test_the_shipped_base_loads_by_name_and_draws_the_prompted_colour():
+    """fp16 weights on disk load as fp32 by the built-in name; the shape's colour is read back from the picture
+    (colour is what this base follows best; see README for its measured adherence)."""
+    import torch
+
+    from sdlora import inference
+    from sdlora.models import load_base_model
+
+    base = load_base_model("sdlora:shapes")
+    assert base.source == "sdlora:shapes" and base.family == "sd1"
+    assert next(base.unet.parameters()).dtype == torch.float32
+    pipe = inference.build_pipeline(base)
+    colors = []
+    for seed in range(4):
+        image = inference.generate(pipe, "a red circle on a blue background", seed=seed, steps=20, guidance_scale=5.0)[0]
+        colors.append(read_scene(image).color)
+    assert image.size == (64, 64)
+    assert colors.count("red") >= 3, colors
