@@ -7,9 +7,7 @@ and the optimizer, restores a checkpoint when asked, runs `train.fit`, and imple
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +17,14 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import card, checkpoint, distributed, families, formats, hub, inference, lora, numeric
-from sdlora import metadata as adapter_metadata
+from sdlora import card, checkpoint, distributed, families, formats, hub, lora, numeric, outputs, runlog
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
 from sdlora.data import cache, preflight
 from sdlora.data.buckets import BucketBatchSampler
 from sdlora.fileio import write_text_atomic
 from sdlora.interrupt import GracefulStop
+from sdlora.optim import build_optimizer
 from sdlora.models import BaseModel, freeze, load_base_model, place, set_attention_backend
 from sdlora.precision import resolve_mixed_precision, store_frozen_weights
 from sdlora.quantize import quantize_frozen
@@ -66,17 +64,6 @@ def _adapter_shape(config: RunConfig, targets: tuple[str, ...]) -> lora.AdapterS
     return lora.AdapterShape(config.lora.rank, config.lora.effective_alpha, targets, config.lora.dropout)
 
 
-def _build_optimizer(config: RunConfig, unet_params, te_params) -> torch.optim.Optimizer:
-    from sdlora.backends import adamw_8bit_class
-
-    train = config.train
-    groups = [{"params": unet_params, "lr": train.learning_rate}]
-    if te_params:
-        groups.append({"params": te_params, "lr": train.text_encoder_learning_rate or train.learning_rate})
-    optimizer_class = adamw_8bit_class() if train.optimizer == "adamw8bit" else torch.optim.AdamW
-    return optimizer_class(groups, betas=train.adam_betas, eps=train.adam_epsilon, weight_decay=train.weight_decay)
-
-
 class RunHooks:
     """What happens between optimizer steps: log, checkpoint, sample. Only the main process writes files."""
 
@@ -87,11 +74,7 @@ class RunHooks:
         run, every = self.run, self.run.config.train.checkpoint_every
         action = run.guard.record(step, loss, numeric.all_finite(run.parts.params))
         if run.accelerator.is_main_process:
-            entry = {"step": step, "loss": loss, "lr": lr}
-            if not math.isfinite(loss):  # skipped; NaN is not JSON
-                entry.update(loss=None, skipped=True)
-            with open(run.output_dir / "train_log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry) + "\n")
+            runlog.append_step(run.output_dir / "train_log.jsonl", step, loss, lr)
         if action is not None:  # rolling back or stopping: this step's state is not worth keeping
             return
         # Not in the middle of a run of skipped steps: a rollback must land before the trouble started.
@@ -183,7 +166,7 @@ class TrainingRun:
         unet_params = lora.trainable_parameters(base.unet)
         for encoder in trained_encoders:
             te_params += lora.trainable_parameters(encoder)
-        optimizer = _build_optimizer(cfg, unet_params, te_params)
+        optimizer = build_optimizer(cfg, unet_params, te_params)
         from diffusers.optimization import get_scheduler
 
         lr_scheduler = get_scheduler(
@@ -338,49 +321,10 @@ class TrainingRun:
     # -- outputs -------------------------------------------------------------------------------------------------
 
     def adapter(self) -> formats.AdapterFile:
-        cfg = self.config
-        tensors = {name: distributed.lora_tensors(self.accelerator, m) for name, m in self.trained_models.items()}
-        shapes = {c: formats.shape_from_tensors(t, cfg.lora.effective_alpha) for c, t in tensors.items()}
-        metadata = {
-            "sdlora.base_model": self.base.source,
-            "sdlora.family": self.base.family,
-            "sdlora.prediction_type": self.parts.prediction_type,
-            "sdlora.rank": str(cfg.lora.rank),
-            "sdlora.alpha": str(cfg.lora.effective_alpha),
-            "sdlora.training_config": json.dumps(cfg.to_dict(), sort_keys=True),
-            **families.adapter_metadata(self.base.family, self.parts.prediction_type, cfg.data.resolution),
-        }
-        metadata.update(adapter_metadata.provenance(
-            base_source=self.base.source, records=self.records, trigger_words=cfg.output.trigger_words,
-            recommended_weight=cfg.output.recommended_weight, folder_name=Path(cfg.data.path).name,
-        ))
-        return formats.AdapterFile(tensors=tensors, shapes=shapes, metadata=metadata)
+        return outputs.adapter_file(self)
 
     def render_samples(self, step: int) -> Path | None:
-        sample = self.config.sample
-        if not sample.prompts or not self.accelerator.is_main_process:
-            return None
-        unet = self.accelerator.unwrap_model(self.parts.unet)
-        text_encoder = self.accelerator.unwrap_model(self.parts.text_encoder)
-        view = BaseModel(unet=unet, vae=self.base.vae, text_encoder=text_encoder, tokenizer=self.base.tokenizer,
-                         scheduler=self.base.scheduler, source=self.base.source,
-                         text_encoder_2=self.base.text_encoder_2, tokenizer_2=self.base.tokenizer_2)
-        pipe = inference.build_pipeline(view, device=self.accelerator.device, dtype=self.weight_dtype)
-        unet.eval()
-        images = []
-        with inference.preview_adapters(pipe, [inference.AdapterSpec.parse(a) for a in sample.adapters]):
-            for prompt in sample.prompts:
-                images += inference.generate(
-                    pipe, prompt, seed=sample.seed, steps=sample.steps, guidance_scale=sample.guidance_scale,
-                    negative_prompt=sample.negative_prompt, height=self.config.data.resolution,
-                    width=self.config.data.resolution,
-                )
-        unet.train()
-        grid = inference.image_grid(images, columns=len(images), column_labels=[p[:24] for p in sample.prompts])
-        path = self.output_dir / "samples" / f"step-{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
-        return path
+        return outputs.render_samples(self, step)
 
     def data_loader(self, start: int) -> DataLoader:
         """Batches from optimizer step `start` on, in the order an uninterrupted run would see them (also after a
@@ -426,7 +370,7 @@ class TrainingRun:
                     resume = self._roll_back()
         finally:
             self._lock.release()
-        result.losses = _join_segments(segments)
+        result.losses = runlog.join_segments(segments)
         result.stopped_by = self.stop.signal_name
         return result
 
@@ -450,7 +394,7 @@ class TrainingRun:
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
         elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
-            _truncate_log(self.output_dir / "train_log.jsonl", start)
+            runlog.truncate(self.output_dir / "train_log.jsonl", start)
         loader = self.data_loader(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
@@ -488,27 +432,6 @@ class TrainingRun:
             self.pusher.close()
         accelerator.wait_for_everyone()
         return RunResult(self.output_dir, adapter_path, losses, final_step, samples)
-
-
-def _join_segments(segments: list[RunResult]) -> list[float]:
-    """Per-step losses of a run that rolled back: a later segment replaces the steps it ran again."""
-    losses: list[float] = []
-    first = segments[0].final_step - len(segments[0].losses)
-    for segment in segments:
-        start = segment.final_step - len(segment.losses)
-        if start < first:
-            losses, first = [], start
-        del losses[start - first:]
-        losses += segment.losses
-    return losses
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def train(config: RunConfig, resume: str | None = None) -> RunResult:
