@@ -124,7 +124,7 @@ def encode_pool(vae, tokenizer, args, scaling: float):
     return torch.cat(means), torch.cat(stds), torch.cat(ids)
 
 
-def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log):
+def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapshot=None):
     means, stds, ids = pool
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -161,7 +161,20 @@ def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log):
                 ema_param.lerp_(param, 1 - decay)
         if step % 100 == 0 or step == args.unet_steps - 1:
             log(f"unet step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+        if snapshot is not None and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.unet_steps:
+            snapshot(ema, step + 1)  # a usable model exists long before the end of a long run
     return ema
+
+
+def save_model(out: Path, vae, text_encoder, tokenizer, unet, scheduler, fp16: bool) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=copy.deepcopy(unet),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    if fp16:
+        pipe = copy.deepcopy(pipe).to(torch.float16)  # the training copies stay fp32
+    pipe.save_pretrained(out, safe_serialization=True)
 
 
 def main() -> None:
@@ -180,9 +193,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=8192)
     parser.add_argument("--text-hidden", type=int, default=64)
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights instead of fp16")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also save the EMA model every N UNet steps to OUT-stepN (0: only at the end)")
     args = parser.parse_args()
-
-    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -203,14 +216,15 @@ def main() -> None:
     vae.requires_grad_(False)
     vae_seconds = time.perf_counter() - started
     pool = encode_pool(vae, tokenizer, args, scaling)
-    ema = train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log)
+
+    def snapshot(ema_unet, step: int) -> None:
+        save_model(args.out.with_name(f"{args.out.name}-step{step}"), vae, text_encoder, tokenizer, ema_unet,
+                   scheduler, fp16=not args.fp32)
+        log(f"saved snapshot at unet step {step}")
+
+    ema = train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapshot)
     total = time.perf_counter() - started
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    if not args.fp32:
-        pipe.to(torch.float16)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    save_model(args.out, vae, text_encoder, tokenizer, ema, scheduler, fp16=not args.fp32)
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "vae_seconds": round(vae_seconds),
               "total_seconds": round(total), "latent_scaling_factor": scaling,
               "torch_threads": torch.get_num_threads()}
