@@ -4,7 +4,7 @@ Training runs through the same `TrainingRun.build` + `train.fit` that `sdlora tr
 built from diffusers' / transformers' config classes instead of loaded (the shapes, not the values, set the cost).
 
     python scripts/bench.py                                   # SD1.5, 512 px, batch 1, rank 4, fp32
-    python scripts/bench.py --cached                          # inputs as a latent/text cache would feed them
+    python scripts/bench.py --cached                          # latents + text states cached, encoders freed
     python scripts/bench.py --cached --checkpointing --weight-storage bf16
     python scripts/bench.py --cached --quantize int8          # QLoRA: int8 weight-only frozen base (optimum-quanto)
     python scripts/bench.py --generate                        # base vs 2 stacked adapters, unfused vs fused
@@ -35,15 +35,16 @@ TRAIN_ROWS = [
     ("trainable LoRA params", "trainable_params", "{:,}"), ("FLOPs per step", "tflop_per_step", "{:.4g} TFLOP"),
     ("fp32 matmul rate", "matmul_gflops", "{:.1f} GFLOP/s"),
     ("achieved / matmul rate", "achieved_fraction", "{:.1%}"), ("losses finite", "losses_finite", "{}"),
+    ("freed after caching", "freed_after_caching", "{}"),
 ]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="--cached feeds random latents and text states of the right shapes through train.micro_step_loss "
-        "(the keys a latent/text-output cache provides) and drops the VAE and text encoder weights after setup; "
-        "it stands in for the real cache until that lands.",
+        epilog="--cached sets data.cache_latents and data.cache_text_embeddings: the run encodes the bench images "
+        "and captions once into a cache (counted in time to first step), frees the VAE and text encoder, and trains "
+        "from the cache, exactly as `sdlora train` does with those options.",
     )
     parser.add_argument("--arch", default="sd15", help="sd15 (default) or tiny (smoke tests); sdxl: not yet")
     parser.add_argument("--resolution", type=int, default=512)
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (first step compiles)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
-    parser.add_argument("--cached", action="store_true", help="simulated latent/text cache (see below)")
+    parser.add_argument("--cached", action="store_true", help="train from cached latents and text states (see below)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median and spread reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counted step")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdlora import distributed, families, formats, inference
+from sdlora import distributed, families, formats, inference, offload
 from sdlora import metadata as adapter_metadata
 from sdlora.models import BaseModel
 
@@ -41,19 +41,22 @@ def render_samples(run, step: int) -> Path | None:
         return None
     unet = run.accelerator.unwrap_model(run.parts.unet)
     text_encoder = run.accelerator.unwrap_model(run.parts.text_encoder)
-    view = BaseModel(unet=unet, vae=run.base.vae, text_encoder=text_encoder, tokenizer=run.base.tokenizer,
-                     scheduler=run.base.scheduler, source=run.base.source,
-                     text_encoder_2=run.base.text_encoder_2, tokenizer_2=run.base.tokenizer_2)
-    pipe = inference.build_pipeline(view, device=run.accelerator.device, dtype=run.weight_dtype)
-    unet.eval()
-    images = []
-    with inference.preview_adapters(pipe, [inference.AdapterSpec.parse(a) for a in sample.adapters]):
-        for prompt in sample.prompts:
-            images += inference.generate(
-                pipe, prompt, seed=sample.seed, steps=sample.steps, guidance_scale=sample.guidance_scale,
-                negative_prompt=sample.negative_prompt, height=run.config.data.resolution,
-                width=run.config.data.resolution,
-            )
+    # A cached run may have parked its frozen text encoders in CPU memory: borrow them back for the samples.
+    encoders = [e for e in (text_encoder, run.base.text_encoder_2) if e is not None]
+    with offload.borrowed(encoders, run.accelerator.device):
+        view = BaseModel(unet=unet, vae=run.base.vae, text_encoder=text_encoder, tokenizer=run.base.tokenizer,
+                         scheduler=run.base.scheduler, source=run.base.source,
+                         text_encoder_2=run.base.text_encoder_2, tokenizer_2=run.base.tokenizer_2)
+        pipe = inference.build_pipeline(view, device=run.accelerator.device, dtype=run.weight_dtype)
+        unet.eval()
+        images = []
+        with inference.preview_adapters(pipe, [inference.AdapterSpec.parse(a) for a in sample.adapters]):
+            for prompt in sample.prompts:
+                images += inference.generate(
+                    pipe, prompt, seed=sample.seed, steps=sample.steps, guidance_scale=sample.guidance_scale,
+                    negative_prompt=sample.negative_prompt, height=run.config.data.resolution,
+                    width=run.config.data.resolution,
+                )
     unet.train()
     grid = inference.image_grid(images, columns=len(images), column_labels=[p[:24] for p in sample.prompts])
     path = run.output_dir / "samples" / f"step-{step:06d}.png"

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import card, checkpoint, distributed, families, formats, hub, lora, numeric, outputs, runlog
+from sdlora import card, checkpoint, distributed, families, formats, hub, lora, numeric, offload, outputs, runlog
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
 from sdlora.data import cache, preflight
@@ -205,8 +205,14 @@ class TrainingRun:
                 base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
             ),
         )
+        self.released: dict[str, str] = {}
         if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
             self.cache_stats = self._attach_caches()
+            self.released = offload.release_cached_encoders(
+                base, accelerator.device, latents_cached=cfg.data.cache_latents,
+                text_cached=cfg.data.cache_text_embeddings, text_trained=cfg.lora.train_text_encoder,
+                samples_wanted=bool(cfg.sample.prompts),
+            )
         n_train = sum(p.numel() for p in self.parts.params)
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
         log.info(

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from sdlora import backends, inference, lora, precision
 from sdlora import train as train_loop
@@ -201,6 +202,57 @@ def test_cached_batches_run_no_vae_or_text_encoder_forward(make_config):
     assert calls["vae"] > 0 and calls["text_encoder"] > 0
 
 
+def test_a_cached_run_frees_the_encoders_and_still_trains(make_config, tmp_path):
+    """Issue 8: with latents and text cached, the VAE and the frozen text encoder leave memory after caching."""
+    run = TrainingRun(make_config("data.cache_latents=true", "data.cache_text_embeddings=true", "train.steps=3",
+                                  f"data.cache_dir={tmp_path / 'cache'}"))
+    run.build()
+    assert run.released == {"vae.encoder": "released", "vae": "meta", "text_encoder": "meta"}
+    assert all(p.is_meta for p in [*run.base.vae.parameters(), *run.base.text_encoder.parameters()])
+    assert next(run.base.unet.parameters()).device.type == "cpu"
+    result = run.fit()
+    assert len(result.losses) == 3 and all(math.isfinite(loss) for loss in result.losses)
+    assert result.adapter_path.is_file()
+    # Anything that still reached a freed part would fail loudly rather than silently cost time.
+    with pytest.raises(RuntimeError, match="vae.encoder was released after caching"):
+        run.base.vae.encoder(torch.zeros(1, 3, 8, 8))
+
+
+def test_a_cached_run_with_samples_keeps_what_samples_need(make_config, tmp_path):
+    run = TrainingRun(make_config("data.cache_latents=true", "data.cache_text_embeddings=true", "train.steps=2",
+                                  "sample.prompts=[a red circle]", "sample.steps=2",
+                                  f"data.cache_dir={tmp_path / 'cache'}"))
+    run.build()
+    # On a CPU the text encoder is already in the only memory there is; only the VAE encoder goes.
+    assert run.released == {"vae.encoder": "released"}
+    assert not any(p.is_meta for p in run.base.vae.decoder.parameters())
+    run.fit()
+    grids = sorted((run.output_dir / "samples").glob("*.png"))
+    assert grids and Image.open(grids[-1]).getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+def test_borrowed_refuses_released_modules():
+    from sdlora import offload
+
+    here = torch.nn.Linear(2, 2)
+    with offload.borrowed([here], torch.device("cpu")):
+        assert here.weight.device.type == "cpu"
+    with pytest.raises(RuntimeError, match="released after caching"):
+        with offload.borrowed([torch.nn.Linear(2, 2).to("meta")], torch.device("cpu")):
+            pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_borrowed_round_trips_a_parked_text_encoder():
+    from sdlora import offload
+
+    parked = torch.nn.Linear(2, 2)
+    with offload.borrowed([parked], torch.device("cuda")):
+        assert parked.weight.is_cuda
+    assert parked.weight.device.type == "cpu"
+
+
 # -- speed levers -------------------------------------------------------------------------------------------------
 
 
@@ -240,3 +292,4 @@ def test_bench_measures_the_real_training_path(tmp_path):
     assert result["tflop_per_step"] > 0 and result["matmul_gflops"] > 0
     assert result["peak_rss_process_gb"] >= result["peak_rss_steps_gb"] > 0
     assert result["trainable_params"] > 0 and result["frozen_unet_gb"] > 0
+    assert result["freed_after_caching"] == "text_encoder, vae, vae.encoder"  # the real cache path ran
