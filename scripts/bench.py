@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "and captions once into a cache (counted in time to first step), frees the VAE and text encoder, and trains "
         "from the cache, exactly as `sdlora train` does with those options.",
     )
-    parser.add_argument("--arch", default="sd15", help="sd15 (default) or tiny (smoke tests); sdxl: not yet")
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny", "tiny-sdxl"],
+                        help="sd15 (default), sdxl (use --resolution 1024), tiny / tiny-sdxl (smoke tests)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)

@@ -35,11 +35,39 @@ TINY_VAE = dict(SD15_VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=
 TINY_CLIP = dict(CLIP_L, hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
                  projection_dim=32)
 
-ARCHS = {"sd15": (SD15_UNET, SD15_VAE, CLIP_L), "tiny": (TINY_UNET, TINY_VAE, TINY_CLIP)}
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): no attention at the top level, 1/2/10
+# transformer layers below it, conditioned on CLIP-L and OpenCLIP-bigG states concatenated (768 + 1280 = 2048) plus
+# bigG's pooled projection and six size/crop time ids (6 x 256 + 1280 = 2816).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+CLIP_BIGG = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu",
+)
+TINY_SDXL_UNET = dict(SDXL_UNET, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 1),
+                      attention_head_dim=(2, 4, 4), cross_attention_dim=96, addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 64)
+TINY_CLIP_2 = dict(CLIP_BIGG, hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
+                   projection_dim=64)
+
+# arch: (unet, vae, text encoder, second text encoder or None)
+ARCHS = {
+    "sd15": (SD15_UNET, SD15_VAE, CLIP_L, None),
+    "sdxl": (SDXL_UNET, SDXL_VAE, CLIP_L, CLIP_BIGG),
+    "tiny": (TINY_UNET, TINY_VAE, TINY_CLIP, None),
+    "tiny-sdxl": (TINY_SDXL_UNET, TINY_VAE, TINY_CLIP, TINY_CLIP_2),
+}
 
 
 def sd_scheduler():
-    """SD1.5's training noise schedule."""
+    """SD1.5's (and SDXL's) training noise schedule."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -51,25 +79,30 @@ def sd_scheduler():
 def build_random_base(arch: str = "sd15", seed: int = 0) -> BaseModel:
     """A frozen BaseModel of the named architecture with seeded random weights (fp32, on the CPU)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdlora.tiny import make_tokenizer
 
     if arch not in ARCHS:
-        raise ValueError(
-            f"--arch {arch!r}: choose one of {', '.join(ARCHS)} (SDXL needs SDXL training support in the loop "
-            "first: its UNet also takes pooled text embeddings and time ids)"
-        )
-    unet_config, vae_config, text_config = ARCHS[arch]
-    tokenizer = make_tokenizer(max_length=text_config["max_position_embeddings"])
+        raise ValueError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    unet_config, vae_config, text_config, text_config_2 = ARCHS[arch]
+    length = text_config["max_position_embeddings"]
+    tokenizer = make_tokenizer(max_length=length)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        **text_config, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+
+    def text_model(config: dict, tok, cls):
+        return cls(CLIPTextConfig(**config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id))
+
+    text_encoder = text_model(text_config, tokenizer, CLIPTextModel)
+    extra = {}
+    if text_config_2 is not None:  # SDXL: bigG with the projection that gives the pooled embedding
+        tokenizer_2 = make_tokenizer(max_length=length, pad_token="!")
+        extra = {"tokenizer_2": tokenizer_2,
+                 "text_encoder_2": text_model(text_config_2, tokenizer_2, CLIPTextModelWithProjection)}
     base = BaseModel(
         unet=UNet2DConditionModel(**unet_config), vae=AutoencoderKL(**vae_config), text_encoder=text_encoder,
-        tokenizer=tokenizer, scheduler=sd_scheduler(), source=f"random:{arch}",
+        tokenizer=tokenizer, scheduler=sd_scheduler(), source=f"random:{arch}", **extra,
     )
     freeze(base)
     return base

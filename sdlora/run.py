@@ -204,6 +204,7 @@ class TrainingRun:
             conditioning=families.conditioning_for(
                 base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
             ),
+            trained_models=tuple(self.trained_models.values()),
         )
         self.released: dict[str, str] = {}
         if cfg.data.cache_latents or cfg.data.cache_text_embeddings:

@@ -42,6 +42,9 @@ class TrainingParts:
     conditioning: Any = None
     # Test hook: called with the step number; True multiplies that step's loss by inf (numeric-safety tests).
     inject_inf: Callable[[int], bool] | None = None
+    # Every (wrapped) model whose LoRA trains, for gradient-sync windows; empty: the unet (and text_encoder if
+    # trained). SDXL passes its second text encoder here too.
+    trained_models: tuple[torch.nn.Module, ...] = ()
 
 
 class Hooks(Protocol):
@@ -158,7 +161,7 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
             f"Accelerator(gradient_accumulation_steps={accelerator.gradient_accumulation_steps}) must equal "
             f"parts.gradient_accumulation ({parts.gradient_accumulation}): it scales the loss and picks the sync step"
         )
-    trained = (parts.unet, parts.text_encoder) if parts.train_text_encoder else (parts.unet,)
+    trained = parts.trained_models or ((parts.unet, parts.text_encoder) if parts.train_text_encoder else (parts.unet,))
     parts.unet.train()
     for step in range(start_step + 1, total_steps + 1):
         step_loss = 0.0

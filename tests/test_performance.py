@@ -293,3 +293,28 @@ def test_bench_measures_the_real_training_path(tmp_path):
     assert result["peak_rss_process_gb"] >= result["peak_rss_steps_gb"] > 0
     assert result["trainable_params"] > 0 and result["frozen_unet_gb"] > 0
     assert result["freed_after_caching"] == "text_encoder, vae, vae.encoder"  # the real cache path ran
+
+
+def test_bench_arch_shapes_match_the_published_models():
+    """The random bases have the real models' parameter counts (built on the meta device: no memory used)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdlora import archs
+
+    with torch.device("meta"):
+        sd15 = UNet2DConditionModel(**archs.SD15_UNET)
+        sdxl = UNet2DConditionModel(**archs.SDXL_UNET)
+    assert sum(p.numel() for p in sd15.parameters()) == 859_520_964
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684
+
+
+def test_bench_runs_sdxl_shapes_through_the_sdxl_loop(tmp_path):
+    from sdlora.benchmark import TrainBenchOptions, run_training_bench
+
+    result = run_training_bench(
+        TrainBenchOptions(arch="tiny-sdxl", resolution=64, steps=1, warmup=1, cached=True, flops=False),
+        workdir=tmp_path,
+    )
+    assert result["losses_finite"] and result["trainable_params"] > 0
+    # Both text encoders and the VAE leave memory once the cache holds states and pooled embeddings.
+    assert result["freed_after_caching"] == "text_encoder, text_encoder_2, vae, vae.encoder"
