@@ -7,7 +7,8 @@ procedurally generated shapes world (`sdlora.shapes`): "a red circle on a blue b
 Stage 1 trains the VAE on every style of the world (plain, striped, outlined, rings), so its latent space can
 express textures and objects the UNet has never been taught: that is what LoRAs add later. Stage 2 trains the
 UNet and text encoder on plain circles, squares and triangles only, with 10 % empty captions for
-classifier-free guidance and an EMA of the UNet weights. Everything is seeded; re-running with the same
+classifier-free guidance, offset noise (so the background colour comes from the prompt, not from the starting
+noise) and an EMA of the UNet weights. Everything is seeded; re-running with the same
 arguments reproduces the model.
 
     python scripts/train_base.py --out sdlora/assets/shapes            # the shipped model
@@ -142,6 +143,11 @@ def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapsh
         drop = torch.rand(args.batch, generator=generator) < 0.1
         tokens[drop] = empty
         noise = torch.randn(latents.shape, generator=generator)
+        # Offset noise: with 16x16 latents of large, flat backgrounds, the mean of x_t at the last timesteps still
+        # shows the image's background colour, so a model trained on plain noise learns to read the colour from the
+        # noise instead of the prompt (measured: from pure noise every prompt got the colour the noise's mean was
+        # nearest to). A random per-channel offset hides that mean; sampling still starts from plain noise.
+        noise = noise + args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         timesteps = torch.randint(0, 1000, (args.batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         states = text_encoder(tokens, return_dict=False)[0]
@@ -186,10 +192,11 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-crop", type=int, default=32, help="VAE training crop (pixels, multiple of 4)")
-    parser.add_argument("--unet-steps", type=int, default=3500)
+    parser.add_argument("--unet-steps", type=int, default=6500)
     parser.add_argument("--unet-channels", type=int, nargs=3, default=(32, 64, 64))
     parser.add_argument("--unet-lr", type=float, default=6e-4)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--noise-offset", type=float, default=0.25, help="per-channel offset noise (see train_unet)")
     parser.add_argument("--pool", type=int, default=8192)
     parser.add_argument("--text-hidden", type=int, default=64)
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights instead of fp16")

@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -396,15 +396,27 @@ def _explain(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The config model a field holds: itself, or the item type of a list/tuple/optional of models."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _suggest(loc: tuple) -> str:
-    """'did you mean' for a misspelt key, from the fields of the section it sits in."""
+    """'did you mean' for a misspelt key, from the fields of the section (or list item) it sits in."""
     model: type[BaseModel] = RunConfig
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):
+            continue  # an index into a list of sections, e.g. data.sources[0]
+        inner = _model_in(getattr(model.model_fields.get(str(part)), "annotation", None))
+        if inner is None:
             break
-        model = annotation
+        model = inner
     allowed = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -71,3 +71,13 @@ def test_alpha_defaults_to_rank():
 def test_malformed_override():
     with pytest.raises(ConfigError, match="section.field=value"):
         load_config(None, ["train.steps"])
+
+
+def test_a_misspelt_key_inside_a_source_suggests_the_source_fields():
+    from sdlora.config import validate_config
+
+    with pytest.raises(ConfigError) as info:
+        validate_config({"data": {"sources": [{"path": "a", "repeat": 2}]}})
+    message = str(info.value)
+    assert "data.sources.0.repeat" in message and "did you mean 'repeats'?" in message
+    assert "Allowed here: path" in message and "cache_latents" not in message
