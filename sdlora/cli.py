@@ -113,7 +113,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from sdlora.models import load_base_model
 
         base = load_base_model(args.into_base)
-        merge.bake_into({"unet": base.unet, "text_encoder": base.text_encoder}, merged)
+        merge.bake_into({"unet": base.unet, **base.text_encoders}, merged)
         print(f"base with the adapter baked in: {merge.save_base(base, args.output)}")
         return 0
     print(f"merged adapter: {formats.save_adapter(args.output, merged, args.to)}")
@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", type=Path, required=True, help="adapter file, or folder with --into-base")
     merge.add_argument("--rank", type=int, help="re-rank the merge to this rank by truncated SVD (default: exact)")
     merge.add_argument("--to", choices=("diffusers", "kohya"), default="diffusers")
-    merge.add_argument("--into-base", metavar="BASE", help="bake into this base and save it in diffusers layout")
+    merge.add_argument("--into-base", metavar="BASE",
+                       help="bake into this base: -o FOLDER writes diffusers layout, -o FILE.safetensors one "
+                       "A1111 / ComfyUI single file (SD1.x bases)")
     merge.set_defaults(func=cmd_merge)
 
     grid = commands.add_parser("grid", help="labelled grid over adapter weights, prompts or seeds")

@@ -8,6 +8,8 @@ computed through QR factors so the full out x in matrix is never decomposed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sdlora.formats import AdapterFile, AdapterFormatError
@@ -108,17 +110,32 @@ def bake_into(models: dict[str, torch.nn.Module], adapter: AdapterFile, weight: 
     return changed
 
 
-def save_base(base, folder) -> "Path":
-    """Save a base (with an adapter baked in) as a diffusers pipeline folder that any tool loading diffusers reads."""
-    from pathlib import Path
+def save_base(base, output) -> Path:
+    """Save a base (with an adapter baked in): a diffusers pipeline folder, or for SD1.x bases and an output
+    ending in .safetensors, one original-layout file that AUTOMATIC1111 / Forge / ComfyUI load."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from diffusers import StableDiffusionPipeline
+    output = Path(output)
+    if output.suffix == ".ckpt":
+        raise AdapterFormatError(f"-o {output}: sdlora does not write pickle checkpoints; use .safetensors or a folder")
+    if output.suffix == ".safetensors":
+        if base.family != "sd1":
+            raise AdapterFormatError(
+                f"-o {output}: single-file output is written for SD1.x bases only (this base is {base.family}); "
+                "give a folder name to get a diffusers folder"
+            )
+        from sdlora.singlefile import save_single_file
 
-    folder = Path(folder)
-    if folder.suffix in (".safetensors", ".ckpt"):
-        raise AdapterFormatError(f"-o {folder}: --into-base writes a diffusers folder; give a folder name")
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=base.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+        return save_single_file(base, output)
+    if base.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(output, safe_serialization=True)
+    return output

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sdlora import card, checkpoint, distributed, families, formats, hub, lora, numeric, offload, outputs, runlog
+from sdlora import runstate
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
 from sdlora.data import cache, preflight
@@ -35,7 +36,6 @@ from sdlora.train import TrainingParts, fit
 log = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-GENERATOR = "noise"
 
 
 @dataclass
@@ -253,77 +253,18 @@ class TrainingRun:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def _trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
-        named = {}
-        for prefix, module in (("unet", self.base.unet), *self.base.text_encoders.items()):
-            for name, param in module.named_parameters():
-                if param.requires_grad:
-                    named[f"{prefix}.{name}"] = param
-        return named
+        return runstate.trainable_by_name(self.base)
 
     def save_checkpoint(self, step: int) -> None:
-        self.accelerator.wait_for_everyone()
-        parts = self.parts
-        trainable = distributed.trainable_state(self.accelerator, self.trained_models)
-        if self.accelerator.is_main_process:
-            scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
-            numeric.require_finite(self._trainable_by_name(), f"checkpoint at step {step}")
-            state = checkpoint.TrainingState(
-                step=step, micro_step=step * parts.gradient_accumulation,
-                trainable=trainable,
-                optimizer=parts.optimizer.state_dict(), lr_scheduler=parts.lr_scheduler.state_dict(),
-                scaler=scaler, rng=checkpoint.capture_rng({GENERATOR: parts.generator}),
-                extra={"world_size": self.accelerator.num_processes, "samples_seen": self._samples_seen(step)},
-            )
-            path = checkpoint.save_checkpoint(self.output_dir / "checkpoints", state, self.config.train.keep_checkpoints)
-            log.info("checkpoint written: %s", path)
-            if self.pusher is not None:
-                self.pusher.submit(path)
-        self.accelerator.wait_for_everyone()
-
-    def _samples_seen(self, step: int) -> int:
-        origin_step, origin_samples = self.data_origin
-        return origin_samples + (step - origin_step) * self._layout().effective_batch
-
-    def _layout(self) -> distributed.Layout:
-        train = self.config.train
-        return distributed.Layout(self.accelerator.num_processes, train.batch_size, train.gradient_accumulation)
+        runstate.save(self, step)
 
     def restore(self, resume: str) -> int:
         """Load `resume` ('latest' or a checkpoint folder) into the live objects; returns the step reached."""
-        folder = self.output_dir / "checkpoints"
-        path = checkpoint.latest_checkpoint(folder) if resume == "latest" else Path(resume)
-        if path is None:
-            raise checkpoint.CheckpointError(f"--resume latest: no complete checkpoint in {folder}")
-        state = checkpoint.load_checkpoint(path)
-        named = self._trainable_by_name()
-        if set(named) != set(state.trainable):
-            raise checkpoint.CheckpointError(
-                f"{path}: its LoRA does not match this config (rank, targets or text-encoder training differ)"
-            )
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(state.trainable[name])
-        self.parts.optimizer.load_state_dict(state.optimizer)
-        self.parts.lr_scheduler.load_state_dict(state.lr_scheduler)
-        if state.scaler is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state.scaler)
-        checkpoint.restore_rng(state.rng, {GENERATOR: self.parts.generator})
-        # Checkpoints from before samples_seen was stored were written by one process.
-        self.resumed_samples = state.extra.get(
-            "samples_seen", state.micro_step * self.config.train.batch_size * state.extra.get("world_size", 1)
-        )
-        if state.extra.get("world_size", 1) != self.accelerator.num_processes:
-            log.info(
-                "resuming a %d-process run on %d processes: step counter and LR schedule continue at step %d, "
-                "data continues after %d samples; effective batch is now %d",
-                state.extra.get("world_size", 1), self.accelerator.num_processes, state.step, self.resumed_samples,
-                self._layout().effective_batch,
-            )
-        if self._lr_factor != 1.0:
+        step, self.resumed_samples = runstate.restore(self, resume)
+        if self._lr_factor != 1.0:  # a rollback lowered the learning rate: apply it to the restored schedule
             numeric.scale_learning_rate(self.parts.optimizer, self.parts.lr_scheduler, self._lr_factor)
             self._lr_factor = 1.0
-        log.info("resumed from %s at step %d", path, state.step)
-        return state.step
+        return step
 
     # -- outputs -------------------------------------------------------------------------------------------------
 
@@ -339,8 +280,8 @@ class TrainingRun:
         cfg, accelerator = self.config, self.accelerator
         position = start * cfg.train.gradient_accumulation
         if self.resumed_samples is not None:
-            position = distributed.resume_micro_step(self.resumed_samples, self._layout())
-        self.data_origin = (start, position * self._layout().global_micro_batch)
+            position = distributed.resume_micro_step(self.resumed_samples, runstate.layout(self))
+        self.data_origin = (start, position * runstate.layout(self).global_micro_batch)
         sampler_class = ResumableBatchSampler
         size = len(self.dataset)
         if cfg.data.bucketing.enabled:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from adapter_factory import make_adapter
 from PIL import Image
+from safetensors import safe_open
 
 from sdlora import cli, formats, inference, merge
 from sdlora.models import load_base_model
@@ -55,6 +56,14 @@ def test_merged_file_generates_like_the_stack(tiny_base, pair, tmp_path):
     assert cli.main(["merge", f"{a}:0.6", f"{b}:0.4", "--into-base", str(tiny_base), "-o", str(tmp_path / "baked")]) == 0
     baked = inference.build_pipeline(load_base_model(str(tmp_path / "baked")))
     assert np.abs(np.asarray(inference.generate(baked, "a red circle", steps=3)[0], np.int16) - images[0]).max() <= 1
+
+    # The same bake as one A1111 / ComfyUI file: it loads back (diffusers' from_single_file) to the same weights.
+    single = tmp_path / "baked.safetensors"
+    assert cli.main(["merge", f"{a}:0.6", f"{b}:0.4", "--into-base", str(tiny_base), "-o", str(single)]) == 0
+    assert any(key.startswith("model.diffusion_model.") for key in safe_open(single, "pt").keys())
+    from_file = load_base_model(str(single), single_file_config=str(tiny_base))
+    for name, value in baked.unet.state_dict().items():
+        assert torch.equal(from_file.unet.state_dict()[name], value), name
 
 
 def _cell(grid, index, columns, rows, cols):
