@@ -7,6 +7,8 @@ project-made one from `tiny.py` (its ids all fall inside CLIP-L's 49408-token em
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sdlora.models import BaseModel, freeze
@@ -76,8 +78,19 @@ def sd_scheduler():
     )
 
 
-def build_random_base(arch: str = "sd15", seed: int = 0) -> BaseModel:
-    """A frozen BaseModel of the named architecture with seeded random weights (fp32, on the CPU)."""
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dtype = torch.float32) -> BaseModel:
+    """A frozen BaseModel of the named architecture with seeded random weights on the CPU: the VAE in fp32, the UNet
+    and text encoders created directly in `frozen_dtype`, as `load_base_model(frozen_dtype=...)` would load them."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -94,14 +107,16 @@ def build_random_base(arch: str = "sd15", seed: int = 0) -> BaseModel:
         return cls(CLIPTextConfig(**config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id))
 
-    text_encoder = text_model(text_config, tokenizer, CLIPTextModel)
-    extra = {}
-    if text_config_2 is not None:  # SDXL: bigG with the projection that gives the pooled embedding
-        tokenizer_2 = make_tokenizer(max_length=length, pad_token="!")
-        extra = {"tokenizer_2": tokenizer_2,
-                 "text_encoder_2": text_model(text_config_2, tokenizer_2, CLIPTextModelWithProjection)}
+    with _default_dtype(frozen_dtype):
+        text_encoder = text_model(text_config, tokenizer, CLIPTextModel)
+        extra = {}
+        if text_config_2 is not None:  # SDXL: bigG with the projection that gives the pooled embedding
+            tokenizer_2 = make_tokenizer(max_length=length, pad_token="!")
+            extra = {"tokenizer_2": tokenizer_2,
+                     "text_encoder_2": text_model(text_config_2, tokenizer_2, CLIPTextModelWithProjection)}
+        unet = UNet2DConditionModel(**unet_config)
     base = BaseModel(
-        unet=UNet2DConditionModel(**unet_config), vae=AutoencoderKL(**vae_config), text_encoder=text_encoder,
+        unet=unet, vae=AutoencoderKL(**vae_config), text_encoder=text_encoder,
         tokenizer=tokenizer, scheduler=sd_scheduler(), source=f"random:{arch}", **extra,
     )
     freeze(base)

@@ -140,9 +140,11 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         started = time.perf_counter()
         data = write_bench_images(workdir / "data", options.resolution)
         config = load_config(None, options.overrides(data, workdir / "run"))
-        run = TrainingRun(config, base=archs.build_random_base(options.arch))
+        # Built in the dtype `sdlora train` would load this config's base in (bf16 for smaller weight storage).
+        run = TrainingRun(config, base=lambda dtype: archs.build_random_base(options.arch, frozen_dtype=dtype))
         run.build()  # with --cached this also fills the cache and frees the VAE and text encoder, as in a run
         built = time.perf_counter()
+        setup_peak = window_peak_rss_gb()  # read before the reset below: building and caching count too
         batches = iter(run.data_loader(0))
         clock = StepClock()
         fit_started = time.perf_counter()
@@ -181,7 +183,7 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
             "time_to_first_step_s": clock.times[0] - started if clock.times else None,
             "peak_rss_steps_gb": steps_peak,
             # ru_maxrss is updated lazily by the kernel and can trail VmHWM; the process peak includes the window's.
-            "peak_rss_process_gb": max(peak_rss_gb(), steps_peak or 0.0),
+            "peak_rss_process_gb": max(peak_rss_gb(), steps_peak or 0.0, setup_peak or 0.0),
             "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
             "frozen_unet_gb": frozen_weight_bytes(run.base.unet) / GB,
             "trainable_params": sum(p.numel() for p in run.parts.params),

@@ -127,25 +127,27 @@ def resolve_builtin(name: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, torch_dtype) -> BaseModel:
+def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, torch_dtype,
+                        frozen_dtype=None) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common = {"revision": revision} if revision else {}
     weights = dict(common, variant=variant) if variant else dict(common)
+    frozen_dtype = frozen_dtype or torch_dtype  # the UNet and text encoders; the VAE keeps torch_dtype
     sdxl = {}
     if _has_component(source, "text_encoder_2", common):
         sdxl = {
             "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", dtype=torch_dtype, **weights
+                source, subfolder="text_encoder_2", dtype=frozen_dtype, **weights
             ),
         }
     return BaseModel(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype, **weights),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=frozen_dtype, **weights),
         vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **weights),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **weights),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=frozen_dtype, **weights),
         scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         source=source,
         **sdxl,
@@ -222,12 +224,14 @@ def load_base_model(
     torch_dtype: torch.dtype = torch.float32,
     family: str | None = None,
     allow_pickle: bool = False,
+    frozen_dtype: torch.dtype | None = None,
 ) -> BaseModel:
     """Load the base from a built-in name, a folder, a single file or a hub id; frozen, in eval mode.
     `family` (model.family) overrides detection: it picks the single-file pipeline class, and 'sd2-v' makes
-    the scheduler predict v."""
+    the scheduler predict v. `frozen_dtype` (folders and hub ids) loads the UNet and text encoders in another
+    dtype than the VAE: bf16 when their weights will be stored in bf16 or fp8 anyway."""
     if base.startswith("sdlora:"):
-        model = _load_folder_or_hub(str(resolve_builtin(base)), None, None, torch_dtype)
+        model = _load_folder_or_hub(str(resolve_builtin(base)), None, None, torch_dtype, frozen_dtype)
         model.source = base
     elif Path(base).is_file() or base.endswith(SINGLE_FILE_SUFFIXES):
         if not Path(base).is_file():
@@ -236,10 +240,10 @@ def load_base_model(
     elif Path(base).is_dir():
         if not (Path(base) / "model_index.json").is_file() and not (Path(base) / "unet").is_dir():
             raise ModelLoadError(f"model.base: {base} is a folder but not a diffusers pipeline (no model_index.json)")
-        model = _load_folder_or_hub(base, revision, variant, torch_dtype)
+        model = _load_folder_or_hub(base, revision, variant, torch_dtype, frozen_dtype)
     else:
         try:
-            model = _load_folder_or_hub(base, revision, variant, torch_dtype)
+            model = _load_folder_or_hub(base, revision, variant, torch_dtype, frozen_dtype)
         except Exception as exc:  # hub errors are many types; all mean the same to the user
             raise ModelLoadError(
                 f"model.base: {base!r} is not a local folder or file, and loading it as a hub id failed: {exc}"
@@ -274,10 +278,19 @@ def vae_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
 
 def place(model: BaseModel, device: torch.device, weight_dtype: torch.dtype) -> None:
     """Move frozen weights to the device in the compute dtype; the VAE in a dtype that cannot overflow."""
-    text_encoders = [(module, weight_dtype) for module in model.text_encoders.values()]
-    for module, dtype in ((model.unet, weight_dtype), *text_encoders, (model.vae, vae_dtype_for(weight_dtype))):
-        # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
-        module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
+    import logging as std_logging
+
+    # diffusers warns on every .to(dtype) of a model ("modules that should be kept in float32: []"), even when
+    # the list is empty, as it is for these models: an alarm with nothing behind it, so it is muted here.
+    modeling_log = std_logging.getLogger("diffusers.models.modeling_utils")
+    level = modeling_log.level
+    modeling_log.setLevel(std_logging.ERROR)
+    try:
+        text_encoders = [(module, weight_dtype) for module in model.text_encoders.values()]
+        for module, dtype in ((model.unet, weight_dtype), *text_encoders, (model.vae, vae_dtype_for(weight_dtype))):
+            module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
+    finally:
+        modeling_log.setLevel(level)
 
 
 def set_attention_backend(unet, backend: str, device: torch.device) -> str:

@@ -8,6 +8,7 @@ and the optimizer, restores a checkpoint when asked, runs `train.fit`, and imple
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from sdlora.fileio import write_text_atomic
 from sdlora.interrupt import GracefulStop
 from sdlora.optim import build_optimizer
 from sdlora.models import BaseModel, freeze, load_base_model, place, set_attention_backend
-from sdlora.precision import resolve_mixed_precision, store_frozen_weights
+from sdlora.precision import load_dtype_for, resolve_mixed_precision, store_frozen_weights
 from sdlora.quantize import quantize_frozen
 from sdlora.runlock import OutputLock
 from sdlora.speed import apply_speed_options, loader_options
@@ -95,8 +96,9 @@ class RunHooks:
 
 
 class TrainingRun:
-    def __init__(self, config: RunConfig, base: BaseModel | None = None):
-        """`base`: an already-built base model to train on instead of loading `config.model.base` (benchmarks)."""
+    def __init__(self, config: RunConfig, base: BaseModel | Callable[[torch.dtype], BaseModel] | None = None):
+        """`base`: a base model to train on instead of loading `config.model.base` (benchmarks): built already, or
+        a function that builds it given the dtype the UNet and text encoders would be loaded in."""
         self.config = config
         self.output_dir = Path(config.output.dir)
         self.accelerator = _build_accelerator(config)
@@ -132,14 +134,16 @@ class TrainingRun:
             buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
         )
         set_seed(cfg.train.seed)
+        frozen_dtype = load_dtype_for(cfg.train.weight_storage, self.weight_dtype, cfg.model.quantize)
         if self._prebuilt_base is not None:  # the benchmark hands in models built in memory
             base = self._prebuilt_base
+            base = base(frozen_dtype) if callable(base) else base
             freeze(base)
         else:
             base = load_base_model(
                 cfg.model.base, revision=cfg.model.revision, variant=cfg.model.variant,
                 single_file_config=cfg.model.single_file_config, family=cfg.model.family,
-                allow_pickle=cfg.model.allow_pickle,
+                allow_pickle=cfg.model.allow_pickle, frozen_dtype=frozen_dtype,
             )
         self.base = base
         quantize_frozen({"unet": base.unet, **base.text_encoders}, cfg.model.quantize, accelerator.device,
@@ -153,10 +157,12 @@ class TrainingRun:
         trained_encoders = list(base.text_encoders.values()) if cfg.lora.train_text_encoder else []
         for encoder in trained_encoders:
             lora.attach(encoder, _adapter_shape(cfg, cfg.lora.text_encoder_targets))
+        # Stored before placing: stored weights keep their dtype through place(), so the full-size frozen model
+        # never exists (and a GPU receives half the bytes).
+        for module in (base.unet, *base.text_encoders.values()):
+            store_frozen_weights(module, cfg.train.weight_storage, self.weight_dtype)
         place(base, accelerator.device, self.weight_dtype)
         lora.cast_lora_to_fp32(base.unet, *base.text_encoders.values())
-        for module in (base.unet, *base.text_encoders.values()):
-            store_frozen_weights(module, cfg.train.weight_storage)
         attention = set_attention_backend(base.unet, cfg.train.attention, accelerator.device)
         if cfg.train.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()

@@ -88,13 +88,29 @@ def test_stored_weights_compute_exactly_like_their_upcast_values(checkpointing):
     out, grads = _output_and_lora_grads(stored)
     assert torch.equal(out, out_ref)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    # Placing the model in the compute dtype afterwards keeps the stored weights small.
+    stored.to(torch.float32)
+    assert stored.conv_in.weight.dtype == torch.bfloat16 and stored.conv_in.bias.dtype == torch.float32
 
 
 @pytest.mark.parametrize(("storage", "dtype"), [("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)])
-def test_training_with_small_frozen_weights(make_config, tiny_base, storage, dtype):
+def test_training_with_small_frozen_weights(make_config, tiny_base, storage, dtype, monkeypatch):
+    import sdlora.run
+
+    loaded_with = {}
+    load = sdlora.run.load_base_model
+
+    def recording_load(*args, **kwargs):
+        loaded_with.update(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(sdlora.run, "load_base_model", recording_load)
     run = TrainingRun(make_config(f"train.weight_storage={storage}", "train.gradient_checkpointing=true",
                                   "lora.rank=4"))
     run.build()
+    # The frozen UNet and text encoder load in bf16, so their fp32 copies never exist; the VAE stays fp32.
+    assert loaded_with["frozen_dtype"] == torch.bfloat16
+    assert run.base.vae.dtype == torch.float32 and run.base.unet.conv_norm_out.weight.dtype == torch.float32
     result = run.fit()
     assert all(math.isfinite(loss) for loss in result.losses)
     named = dict(run.base.unet.named_parameters())
