@@ -227,6 +227,9 @@ def _time_generation(pipe, resolution: int, steps: int, repeats: int) -> list[fl
 
 def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int = 20, repeats: int = 3,
                          rank: int = 4) -> dict[str, Any]:
+    """Base, two stacked adapters unfused, and the same fused, timed in a mirrored order (base, unfused, fused,
+    fused, unfused, base) so a machine that slows down or speeds up during the run biases no setting. The second
+    base pass runs with the adapters deleted again."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = archs.build_random_base(arch)
     pipe = inference.build_pipeline(base, device=device)
@@ -238,12 +241,21 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
     timings["stacked_unfused"] = _time_generation(pipe, resolution, steps, repeats)
     stack.fuse()
     timings["stacked_fused"] = _time_generation(pipe, resolution, steps, repeats)
+    timings["stacked_fused"] += _time_generation(pipe, resolution, steps, repeats)
+    stack.unfuse()
+    timings["stacked_unfused"] += _time_generation(pipe, resolution, steps, repeats)
+    for number in range(2):
+        lora.delete_adapter(pipe.unet, f"a{number}")
+    timings["base"] += _time_generation(pipe, resolution, steps, repeats)
     medians = {name: statistics.median(values) for name, values in timings.items()}
     return {
         "arch": arch, "device": str(device), "resolution": resolution, "steps": steps, "repeats": repeats,
         **{f"{name}_median_s": value for name, value in medians.items()},
         **{f"{name}_min_s": min(values) for name, values in timings.items()},
         **{f"{name}_max_s": max(values) for name, values in timings.items()},
+        # The two base passes side by side show how much the machine drifted during the run.
+        "base_first_pass_median_s": statistics.median(timings["base"][:repeats]),
+        "base_second_pass_median_s": statistics.median(timings["base"][repeats:]),
         "unfused_over_base": medians["stacked_unfused"] / medians["base"],
         "fused_over_base": medians["stacked_fused"] / medians["base"],
     }
