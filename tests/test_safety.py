@@ -59,13 +59,18 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, caplog):
 
 
 def test_first_signal_asks_to_stop_second_ctrl_c_raises():
-    with GracefulStop() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested and stop.signal_name == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # A shell that starts pytest in the background leaves SIGINT ignored; start from Python's own handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and stop.signal_name == "SIGTERM"
+            with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -- disk ------------------------------------------------------------------------------------------------------
