@@ -229,7 +229,7 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
                          rank: int = 4) -> dict[str, Any]:
     """Base, two stacked adapters unfused, and the same fused, timed in a mirrored order (base, unfused, fused,
     fused, unfused, base) so a machine that slows down or speeds up during the run biases no setting. The second
-    base pass runs with the adapters deleted again."""
+    base pass runs with the adapters deleted again (peft's wrappers stay in place, doing no LoRA work)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = archs.build_random_base(arch)
     pipe = inference.build_pipeline(base, device=device)
