@@ -10,6 +10,8 @@ matmul rate, measured in the same process.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import random
 import resource
 import statistics
@@ -42,6 +44,7 @@ class TrainBenchOptions:
     channels_last: bool = False
     compile: bool = False
     optimizer: str = "adamw"
+    host_memory: str = "auto"
     cached: bool = False
     steps: int = 3
     warmup: int = 1
@@ -56,6 +59,7 @@ class TrainBenchOptions:
             f"train.mixed_precision={self.precision}", f"train.gradient_checkpointing={self.checkpointing}",
             f"train.weight_storage={self.weight_storage}", f"train.channels_last={self.channels_last}",
             f"train.compile={self.compile}", f"train.optimizer={self.optimizer}", f"output.dir={out}",
+            f"train.retain_host_memory={self.host_memory}",
             f"data.cache_latents={self.cached}", f"data.cache_text_embeddings={self.cached}",
         ]
 
@@ -162,8 +166,10 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
             torch.cuda.reset_peak_memory_stats()
         window = reset_peak_rss()
         timed_from = time.perf_counter()
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
         n_before = len(clock.times)
         train.fit(run.parts, batches, step, step + options.steps, clock)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         stamps = [timed_from, *clock.times[n_before:]]
         durations = [b - a for a, b in zip(stamps, stamps[1:])]
         median = statistics.median(durations)
@@ -184,6 +190,9 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
             "peak_rss_steps_gb": steps_peak,
             # ru_maxrss is updated lazily by the kernel and can trail VmHWM; the process peak includes the window's.
             "peak_rss_process_gb": max(peak_rss_gb(), steps_peak or 0.0, setup_peak or 0.0),
+            # Pages the kernel had to hand back to the process, and the kernel time that cost, per timed step.
+            "page_faults_per_step": (usage.ru_minflt - usage_before.ru_minflt) / options.steps,
+            "system_s_per_step": (usage.ru_stime - usage_before.ru_stime) / options.steps,
             "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
             "frozen_unet_gb": frozen_weight_bytes(run.base.unet) / GB,
             "trainable_params": sum(p.numel() for p in run.parts.params),
@@ -214,48 +223,65 @@ def random_adapter(unet: torch.nn.Module, rank: int, seed: int):
     return formats.AdapterFile(tensors={"unet": tensors}, shapes={"unet": formats.shape_from_tensors(tensors, rank)})
 
 
-def _time_generation(pipe, resolution: int, steps: int, repeats: int) -> list[float]:
-    times = []
-    for repeat in range(repeats + 1):  # the first call warms up and is not counted
-        start = time.perf_counter()
-        inference.generate(pipe, "a photo of a cat", seed=repeat, steps=steps, guidance_scale=7.5,
-                           height=resolution, width=resolution)
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+def _time_image(pipe, resolution: int, steps: int, seed: int) -> float:
+    start = time.perf_counter()
+    inference.generate(pipe, "a photo of a cat", seed=seed, steps=steps, guidance_scale=7.5,
+                       height=resolution, width=resolution)
+    _synchronize()
+    return time.perf_counter() - start
+
+
+GENERATION_SETTINGS = ("base", "stacked_unfused", "stacked_fused")
 
 
 def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int = 20, repeats: int = 3,
                          rank: int = 4) -> dict[str, Any]:
-    """Base, two stacked adapters unfused, and the same fused, timed in a mirrored order (base, unfused, fused,
-    fused, unfused, base) so a machine that slows down or speeds up during the run biases no setting. The second
-    base pass runs with the adapters deleted again (peft's wrappers stay in place, doing no LoRA work)."""
+    """Base, two stacked adapters unfused, and the same fused, timed in rounds: each round makes one image per
+    setting, in an order that rotates from round to round, so a machine that drifts during the run biases no setting.
+    The ratios are taken within a round (fused / base of the same round) and their median reported: a shared
+    machine's slow minute then cancels instead of landing on one setting.
+
+    The base runs on its own UNet with no peft wrappers at all; the stack runs on a copy of it (same weights).
+    Fusing happens between images, untimed, exactly as `sdlora generate --fuse` does it once before its images."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = archs.build_random_base(arch)
-    pipe = inference.build_pipeline(base, device=device)
-    timings = {"base": _time_generation(pipe, resolution, steps, repeats)}
-    stack = inference.AdapterStack(pipe)
+    base_pipe = inference.build_pipeline(base, device=device)
+    stacked_pipe = inference.build_pipeline(dataclasses.replace(base, unet=copy.deepcopy(base.unet)), device=device)
+    stack = inference.AdapterStack(stacked_pipe)
     for number in range(2):
-        stack.add(f"a{number}", random_adapter(pipe.unet, rank, seed=number))
+        stack.add(f"a{number}", random_adapter(stacked_pipe.unet, rank, seed=number))
     stack.set_weights({"a0": (0.8, 0.8), "a1": (0.5, 0.5)})
-    timings["stacked_unfused"] = _time_generation(pipe, resolution, steps, repeats)
-    stack.fuse()
-    timings["stacked_fused"] = _time_generation(pipe, resolution, steps, repeats)
-    timings["stacked_fused"] += _time_generation(pipe, resolution, steps, repeats)
-    stack.unfuse()
-    timings["stacked_unfused"] += _time_generation(pipe, resolution, steps, repeats)
-    for number in range(2):
-        lora.delete_adapter(pipe.unet, f"a{number}")
-    timings["base"] += _time_generation(pipe, resolution, steps, repeats)
+
+    def one_image(setting: str, seed: int) -> float:
+        if setting == "base":
+            return _time_image(base_pipe, resolution, steps, seed)
+        if setting == "stacked_unfused":
+            return _time_image(stacked_pipe, resolution, steps, seed)
+        stack.fuse()
+        try:
+            return _time_image(stacked_pipe, resolution, steps, seed)
+        finally:
+            stack.unfuse()
+
+    for setting in GENERATION_SETTINGS:  # warm-up: first calls allocate and pick kernels
+        one_image(setting, seed=0)
+    timings: dict[str, list[float]] = {setting: [] for setting in GENERATION_SETTINGS}
+    for round_index in range(repeats):
+        shift = round_index % len(GENERATION_SETTINGS)
+        for setting in GENERATION_SETTINGS[shift:] + GENERATION_SETTINGS[:shift]:
+            timings[setting].append(one_image(setting, seed=round_index + 1))
     medians = {name: statistics.median(values) for name, values in timings.items()}
+    ratios = {
+        f"{name.removeprefix('stacked_')}_over_base": [a / b for a, b in zip(timings[name], timings["base"])]
+        for name in GENERATION_SETTINGS[1:]
+    }
     return {
         "arch": arch, "device": str(device), "resolution": resolution, "steps": steps, "repeats": repeats,
         **{f"{name}_median_s": value for name, value in medians.items()},
         **{f"{name}_min_s": min(values) for name, values in timings.items()},
         **{f"{name}_max_s": max(values) for name, values in timings.items()},
-        # The two base passes side by side show how much the machine drifted during the run.
-        "base_first_pass_median_s": statistics.median(timings["base"][:repeats]),
-        "base_second_pass_median_s": statistics.median(timings["base"][repeats:]),
-        "unfused_over_base": medians["stacked_unfused"] / medians["base"],
-        "fused_over_base": medians["stacked_fused"] / medians["base"],
+        **{name: statistics.median(values) for name, values in ratios.items()},
+        **{f"{name}_min": min(values) for name, values in ratios.items()},
+        **{f"{name}_max": max(values) for name, values in ratios.items()},
+        "seconds_per_image": timings,  # every timed image, in round order, for tools reading --json
     }

@@ -230,6 +230,10 @@ class TrainSection(_Section):
     )
     channels_last: bool = Field(False, description="UNet convolutions in channels-last memory format.")
     compile: bool = Field(False, description="torch.compile the UNet (slow first step; faster later ones).")
+    retain_host_memory: Literal["auto", "always", "never"] = Field(
+        "auto", description="Keep freed CPU memory in the process (glibc) so steps stop page-faulting it back; "
+        "auto: unless a memory saver (checkpointing, smaller weight storage, quantized base) is on."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

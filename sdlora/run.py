@@ -31,7 +31,7 @@ from sdlora.models import BaseModel, freeze, load_base_model, place, set_attenti
 from sdlora.precision import load_dtype_for, resolve_mixed_precision, store_frozen_weights
 from sdlora.quantize import quantize_frozen
 from sdlora.runlock import OutputLock
-from sdlora.speed import apply_speed_options, loader_options
+from sdlora.speed import apply_speed_options, loader_options, retain_freed_host_memory
 from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,15 @@ class RunHooks:
         if self.run.stop.requested:
             accelerator.set_trigger()
         return accelerator.check_trigger()
+
+
+def _retain_host_memory_wanted(cfg: RunConfig) -> bool:
+    if cfg.train.retain_host_memory != "auto":
+        return cfg.train.retain_host_memory == "always"
+    # A memory saver on means memory is what this user is short of: retained, fragmented blocks would cost more
+    # peak RSS (measured +0.2 to 0.5 GiB) than the page faults cost time.
+    savers = (cfg.train.gradient_checkpointing, cfg.train.weight_storage != "compute", cfg.model.quantize != "none")
+    return not any(savers)
 
 
 class TrainingRun:
@@ -220,6 +229,10 @@ class TrainingRun:
                 text_cached=cfg.data.cache_text_embeddings, text_trained=cfg.lora.train_text_encoder,
                 samples_wanted=bool(cfg.sample.prompts),
             )
+        if _retain_host_memory_wanted(cfg):
+            # After loading, caching and releasing: what those freed goes back to the OS first; from here on the
+            # steps' own working set stays in the process.
+            retain_freed_host_memory()
         n_train = sum(p.numel() for p in self.parts.params)
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
         log.info(

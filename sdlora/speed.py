@@ -6,7 +6,10 @@ unless it never loses (pinned memory on CUDA, persistent workers when there are 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -31,3 +34,40 @@ def loader_options(num_workers: int, device: torch.device) -> dict[str, Any]:
     if num_workers > 0:
         options.update(persistent_workers=True, prefetch_factor=2)
     return options
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):  # musl and others have no mallopt / malloc_trim
+        return None
+    return libc
+
+
+def retain_freed_host_memory() -> bool:
+    """From now on, keep memory that tensors free inside the process instead of handing it back to the OS.
+
+    glibc serves large blocks with mmap and trims the heap top once enough is free, so a UNet step on a CPU can
+    return its activations to the kernel and page-fault them back the next step. Whether it does depends on the
+    heap's history: the same SD1.5 bench measured 8 or 2.5 million page faults per training step from run to run,
+    and 0 or 500,000 (1.3 s of a 3.6 s forward) per 256 px generation step (fusing adapters moved a pipeline from one
+    state to the other). With mmap and trimming off, steps reuse the same pages every time.
+
+    The price is fragmentation: freed blocks stay resident even where a later request does not fit them (measured:
+    SD1.5 memory setting 4.08 GiB peak instead of 3.55 to 3.88). Call it once the big one-off work is done (loading,
+    caching, freeing encoders): it first returns every free page (malloc_trim), so what the setup freed is not kept.
+    Returns False where the C library is not glibc (macOS, Windows, musl): nothing changes there."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    # mallopt returns 1 on success; the threshold is an int, so "never" is the largest one.
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -334,3 +334,62 @@ def test_bench_runs_sdxl_shapes_through_the_sdxl_loop(tmp_path):
     assert result["losses_finite"] and result["trainable_params"] > 0
     # Both text encoders and the VAE leave memory once the cache holds states and pooled embeddings.
     assert result["freed_after_caching"] == "text_encoder, text_encoder_2, vae, vae.encoder"
+
+
+def test_generation_bench_times_every_setting_in_rotating_rounds():
+    from sdlora.benchmark import run_generation_bench
+
+    result = run_generation_bench("tiny", resolution=64, steps=2, repeats=3)
+    for name in ("base", "stacked_unfused", "stacked_fused"):
+        assert 0 < result[f"{name}_min_s"] <= result[f"{name}_median_s"] <= result[f"{name}_max_s"]
+    for ratio in ("unfused_over_base", "fused_over_base"):
+        assert 0 < result[f"{ratio}_min"] <= result[ratio] <= result[f"{ratio}_max"]
+
+
+# -- host memory ----------------------------------------------------------------------------------------------------
+
+
+def _page_faults_of_a_step() -> int:
+    """Allocate, touch and free a step's worth of mixed-size blocks (266 MB), as a UNet step's activations do."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.empty(megabytes << 18).fill_(1.0) for megabytes in (8, 40, 3, 100, 16, 64, 2, 33)]
+    del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_freed_host_memory_is_reused_without_page_faults():
+    """Once retained, a step's freed blocks come back from the process's heap: a repeated step faults (almost) no
+    pages, where glibc's default mmaps the large ones afresh and faults most of the 68,096 pages every time."""
+    from sdlora import speed
+
+    if not speed.retain_freed_host_memory():
+        pytest.skip("not glibc: the C library's allocator is left as it is")
+    for _ in range(3):  # the first steps grow the heap to the working set
+        _page_faults_of_a_step()
+    assert _page_faults_of_a_step() < 68096 // 10
+
+
+@pytest.mark.parametrize(
+    ("overrides", "retained"),
+    [
+        ((), True),
+        (("train.gradient_checkpointing=true",), False),
+        (("train.weight_storage=bf16",), False),
+        (("train.gradient_checkpointing=true", "train.retain_host_memory=always"), True),
+        (("train.retain_host_memory=never",), False),
+    ],
+)
+def test_host_memory_is_retained_unless_memory_is_what_the_run_saves(make_config, monkeypatch, overrides, retained):
+    import sdlora.run
+
+    calls = []
+    monkeypatch.setattr(sdlora.run, "retain_freed_host_memory", lambda: calls.append(True) or True)
+    TrainingRun(make_config(*overrides)).build()
+    assert calls == ([True] if retained else [])
+
+
+def test_a_misspelt_host_memory_choice_names_the_field(make_config):
+    with pytest.raises(ConfigError, match="retain_host_memory"):
+        make_config("train.retain_host_memory=sometimes")
