@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdlora import formats, lora
 from sdlora.models import BaseModel
-from sdlora.speed import retain_freed_host_memory
+from sdlora.speed import release_freed_host_memory, retain_freed_host_memory
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -73,6 +73,7 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
     import diffusers
 
     if retain_host_memory and torch.device(device).type == "cpu":
+        release_freed_host_memory()
         retain_freed_host_memory()
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

@@ -176,7 +176,10 @@ def store_frozen_weights(model: torch.nn.Module, storage: str, compute_dtype: to
 def load_dtype_for(storage: str, compute_dtype: torch.dtype, quantize: str = "none") -> torch.dtype:
     """The dtype to load the frozen UNet and text encoders in. With smaller storage they load in bf16 straight
     from the file, so the full fp32 model never exists in memory (SD1.5: 3.4 GB -> 1.7 GB at load); fp8 storage
-    rounds those bf16 values once more. Otherwise: the compute dtype."""
-    if storage != "compute" and quantize == "none" and compute_dtype.itemsize > 2:
+    rounds those bf16 values once more. An int8 base loads in bf16 too and is upcast one layer at a time while
+    it is quantized (`quantize._int8_quanto`). Otherwise (NF4, or already a 16-bit compute dtype): the compute
+    dtype."""
+    smaller = storage != "compute" or quantize == "int8"
+    if smaller and quantize != "nf4" and compute_dtype.itemsize > 2:
         return torch.bfloat16
     return compute_dtype

@@ -43,13 +43,26 @@ def _int8_quanto(modules: dict[str, torch.nn.Module], device: torch.device, dtyp
         raise QuantizationError(
             "model.quantize=int8 needs optimum-quanto: `pip install sdlora[quant]`, or set model.quantize=none"
         )
-    from optimum.quanto import freeze, qint8, quantize
+    from optimum.quanto import qint8
+    from optimum.quanto.nn import QModuleMixin, quantize_module
 
     for name, module in modules.items():
-        # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
-        module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
-        quantize(module, weights=qint8, activations=None)
-        freeze(module)  # replaces the float weights by int8 data + scales; before this both copies exist
+        # One layer at a time: each is brought to the compute dtype, quantized and frozen before the next, so the
+        # whole model never exists in the compute dtype (it may arrive in bf16, see precision.load_dtype_for) and
+        # the float and int8 copies of the model never coexist.
+        for layer_name, layer in list(module.named_modules()):
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            layer.to(device) if layer.weight.dtype == dtype else layer.to(device, dtype=dtype)
+            quantized = quantize_module(layer, weights=qint8, activations=None)
+            quantized.freeze()  # the quantized layer's float weight is replaced by int8 data + scales
+            layer.weight = layer.bias = None  # the list above still holds the float layer: drop its tensors
+            parent_name, _, attr = layer_name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, quantized)
+        # What is left (norms, embeddings, biases outside the quantized layers) goes to the compute dtype.
+        for part in module.modules():
+            if not isinstance(part, QModuleMixin):
+                part._apply(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device), recurse=False)
         module.requires_grad_(False)  # freeze() makes new Parameters, which default to requires_grad=True
         log.info("model.quantize=int8: %s weights are int8 (optimum-quanto)", name)
 

@@ -31,7 +31,12 @@ from sdlora.models import BaseModel, freeze, load_base_model, place, set_attenti
 from sdlora.precision import load_dtype_for, resolve_mixed_precision, store_frozen_weights
 from sdlora.quantize import quantize_frozen
 from sdlora.runlock import OutputLock
-from sdlora.speed import apply_speed_options, loader_options, retain_freed_host_memory
+from sdlora.speed import (
+    apply_speed_options,
+    loader_options,
+    release_freed_host_memory,
+    retain_freed_host_memory,
+)
 from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
@@ -229,9 +234,10 @@ class TrainingRun:
                 text_cached=cfg.data.cache_text_embeddings, text_trained=cfg.lora.train_text_encoder,
                 samples_wanted=bool(cfg.sample.prompts),
             )
+        # After loading, caching and releasing: what those freed goes back to the OS; from here on (when wanted)
+        # the steps' own working set stays in the process.
+        release_freed_host_memory()
         if _retain_host_memory_wanted(cfg):
-            # After loading, caching and releasing: what those freed goes back to the OS first; from here on the
-            # steps' own working set stays in the process.
             retain_freed_host_memory()
         n_train = sum(p.numel() for p in self.parts.params)
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes

@@ -63,11 +63,21 @@ def retain_freed_host_memory() -> bool:
 
     The price is fragmentation: freed blocks stay resident even where a later request does not fit them (measured:
     SD1.5 memory setting 4.08 GiB peak instead of 3.55 to 3.88). Call it once the big one-off work is done (loading,
-    caching, freeing encoders): it first returns every free page (malloc_trim), so what the setup freed is not kept.
+    caching, freeing encoders), after `release_freed_host_memory`, so what the setup freed is not kept.
     Returns False where the C library is not glibc (macOS, Windows, musl): nothing changes there."""
     libc = _glibc()
     if libc is None:
         return False
-    libc.malloc_trim(0)
     # mallopt returns 1 on success; the threshold is an int, so "never" is the largest one.
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_host_memory() -> bool:
+    """Hand every free page of the heap back to the OS now (glibc's malloc_trim). Loading a model, filling a cache
+    and freeing encoders leave large free holes inside the heap that glibc only returns from its top; without this
+    they stay resident for the whole run. False where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
