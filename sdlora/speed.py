@@ -64,7 +64,8 @@ def retain_freed_host_memory() -> bool:
     The price is fragmentation: freed blocks stay resident even where a later request does not fit them (measured:
     SD1.5 memory setting 4.08 GiB peak instead of 3.55 to 3.88). Call it once the big one-off work is done (loading,
     caching, freeing encoders), after `release_freed_host_memory`, so what the setup freed is not kept.
-    Returns False where the C library is not glibc (macOS, Windows, musl): nothing changes there."""
+    The setting is process-wide and stays on until the process ends (glibc cannot go back to its adaptive
+    thresholds). Returns False where the C library is not glibc (macOS, Windows, musl): nothing changes there."""
     libc = _glibc()
     if libc is None:
         return False
