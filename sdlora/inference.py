@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdlora import formats, lora
 from sdlora.models import BaseModel
-from sdlora.speed import release_freed_host_memory, retain_freed_host_memory
+from sdlora.speed import settle_host_memory
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -69,12 +69,11 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
                    dtype: torch.dtype = torch.float32, retain_host_memory: bool = True):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) over already-loaded
     components (no second copy of the weights). On a CPU, freed memory is kept in the process by default
-    (`speed.retain_freed_host_memory`): otherwise each denoising step page-faults its activations back."""
+    (`speed.settle_host_memory`): otherwise each denoising step page-faults its activations back."""
     import diffusers
 
     if retain_host_memory and torch.device(device).type == "cpu":
-        release_freed_host_memory()
-        retain_freed_host_memory()
+        settle_host_memory(retain=True)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler not in SCHEDULERS:

@@ -31,12 +31,7 @@ from sdlora.models import BaseModel, freeze, load_base_model, place, set_attenti
 from sdlora.precision import load_dtype_for, resolve_mixed_precision, store_frozen_weights
 from sdlora.quantize import quantize_frozen
 from sdlora.runlock import OutputLock
-from sdlora.speed import (
-    apply_speed_options,
-    loader_options,
-    release_freed_host_memory,
-    retain_freed_host_memory,
-)
+from sdlora.speed import apply_speed_options, loader_options, retention_wanted, settle_host_memory
 from sdlora.train import TrainingParts, fit
 
 log = logging.getLogger(__name__)
@@ -98,15 +93,6 @@ class RunHooks:
         if self.run.stop.requested:
             accelerator.set_trigger()
         return accelerator.check_trigger()
-
-
-def _retain_host_memory_wanted(cfg: RunConfig) -> bool:
-    if cfg.train.retain_host_memory != "auto":
-        return cfg.train.retain_host_memory == "always"
-    # A memory saver on means memory is what this user is short of: retained, fragmented blocks would cost more
-    # peak RSS (measured +0.2 to 1.2 GiB) than the page faults cost time.
-    savers = (cfg.train.gradient_checkpointing, cfg.train.weight_storage != "compute", cfg.model.quantize != "none")
-    return not any(savers)
 
 
 class TrainingRun:
@@ -236,9 +222,9 @@ class TrainingRun:
             )
         # After loading, caching and releasing: what those freed goes back to the OS; from here on (when wanted)
         # the steps' own working set stays in the process.
-        release_freed_host_memory()
-        if _retain_host_memory_wanted(cfg):
-            retain_freed_host_memory()
+        savers = (cfg.train.gradient_checkpointing or cfg.train.weight_storage != "compute"
+                  or cfg.model.quantize != "none")
+        settle_host_memory(retention_wanted(cfg.train.retain_host_memory, savers))
         n_train = sum(p.numel() for p in self.parts.params)
         effective = cfg.train.batch_size * cfg.train.gradient_accumulation * accelerator.num_processes
         log.info(

@@ -82,3 +82,19 @@ def release_freed_host_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+def settle_host_memory(retain: bool) -> None:
+    """After a run's one-off setup: give back what it freed, then keep (when `retain`) what the steps will free."""
+    release_freed_host_memory()
+    if retain:
+        retain_freed_host_memory()
+
+
+def retention_wanted(setting: str, memory_savers_on: bool) -> bool:
+    """`train.retain_host_memory`: always / never, or auto. A memory saver on means memory is what this user is
+    short of: retained, fragmented blocks would cost more peak RSS (measured +0.2 to 1.2 GiB) than the page faults
+    cost time."""
+    if setting != "auto":
+        return setting == "always"
+    return not memory_savers_on
