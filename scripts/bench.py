@@ -89,9 +89,11 @@ def main(argv=None) -> int:
         rows = [(f"{name} (median, min-max)", "{:.2f} s ({:.2f}-{:.2f})".format(
             result[f"{name}_median_s"], result[f"{name}_min_s"], result[f"{name}_max_s"]))
             for name in ("base", "stacked_unfused", "stacked_fused")]
-        rows += [(f"{name} / base, same round (median, min-max)", "{:.3f} ({:.3f}-{:.3f})".format(
-            result[f"{name}_over_base"], result[f"{name}_over_base_min"], result[f"{name}_over_base_max"]))
-            for name in ("unfused", "fused")]
+        rows += [(f"{name} / base, same round (median, min-max; 95% interval)",
+                  "{:.3f} ({:.3f}-{:.3f}; {:.3f}-{:.3f})".format(
+                      result[f"{name}_over_base"], result[f"{name}_over_base_min"], result[f"{name}_over_base_max"],
+                      *result[f"{name}_over_base_ci95"]))
+                 for name in ("unfused", "fused")]
     else:
         options = TrainBenchOptions(
             arch=args.arch, resolution=args.resolution, batch=args.batch, rank=args.rank, precision=args.precision,

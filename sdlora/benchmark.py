@@ -234,12 +234,23 @@ def _time_image(pipe, resolution: int, steps: int, seed: int) -> float:
 GENERATION_SETTINGS = ("base", "stacked_unfused", "stacked_fused")
 
 
+def median_interval(values: list[float], confidence: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval for the median: how far the reported median could move on a rerun of as many
+    rounds on an equally noisy machine. Seeded, so the same timings always give the same interval."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return medians[int(tail * (resamples - 1))], medians[round((1 - tail) * (resamples - 1))]
+
+
 def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int = 20, repeats: int = 3,
                          rank: int = 4) -> dict[str, Any]:
     """Base, two stacked adapters unfused, and the same fused, timed in rounds: each round makes one image per
     setting, in an order that rotates from round to round, so a machine that drifts during the run biases no setting.
-    The ratios are taken within a round (fused / base of the same round) and their median reported: a shared
-    machine's slow minute then cancels instead of landing on one setting.
+    The ratios are taken within a round (fused / base of the same round) and their median reported, with a bootstrap
+    95 % interval: a shared machine's slow minute then cancels instead of landing on one setting, and the interval
+    says whether the rounds were enough to tell a few percent apart.
 
     The base runs on its own UNet with no peft wrappers at all; the stack runs on a copy of it (same weights).
     Fusing happens between images, untimed, exactly as `sdlora generate --fuse` does it once before its images."""
@@ -283,5 +294,6 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
         **{name: statistics.median(values) for name, values in ratios.items()},
         **{f"{name}_min": min(values) for name, values in ratios.items()},
         **{f"{name}_max": max(values) for name, values in ratios.items()},
+        **{f"{name}_ci95": median_interval(values) for name, values in ratios.items()},
         "seconds_per_image": timings,  # every timed image, in round order, for tools reading --json
     }

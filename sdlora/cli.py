@@ -39,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
-        stack.fuse()
+        stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
     images = inference.generate(
         pipe, prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_images=args.num_images,

@@ -104,6 +104,7 @@ class AdapterStack:
     def __init__(self, pipe):
         self.pipe = pipe
         self.names: list[str] = []
+        self._fused: _Fused | None = None
 
     def _module(self, component: str) -> torch.nn.Module:
         module = getattr(self.pipe, self.COMPONENT_ATTRS.get(component, ""), None)
@@ -117,6 +118,7 @@ class AdapterStack:
         return [(c, module) for c, module in found if module is not None]
 
     def add(self, name: str, adapter: formats.AdapterFile) -> None:
+        self._refuse_if_fused("add an adapter")
         if name in self.names:
             raise ValueError(f"adapter name {name!r} is already loaded")
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
@@ -127,6 +129,7 @@ class AdapterStack:
 
     def set_weights(self, weights: dict[str, tuple[float, float]]) -> None:
         """`{name: (unet_weight, text_encoder_weight)}`; adapters not named are switched off."""
+        self._refuse_if_fused("change adapter weights")
         unknown = set(weights) - set(self.names)
         if unknown:
             raise KeyError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
@@ -134,24 +137,59 @@ class AdapterStack:
             index = 0 if component == "unet" else 1  # the text-encoder weight applies to both SDXL encoders
             lora.set_weights(module, {name: w[index] for name, w in weights.items()})
 
-    def fuse(self) -> None:
-        """Merge the active adapters at their weights into the base weights; the originals are kept (on CPU) so
-        `unfuse` restores them bit for bit (subtracting the update back would leave rounding residue)."""
-        self._originals = {}
+    def fuse(self, reversible: bool = True) -> None:
+        """Merge the active adapters at their weights into the base weights, then take peft's wrappers out of the
+        model: fused, it runs exactly the base model's modules, so it generates at the base's speed.
+
+        `reversible` keeps the original weights (a CPU copy) and the wrappers, so `unfuse` restores both bit for bit
+        (subtracting the update back would leave rounding residue). One-shot generation passes False and keeps
+        neither: no copy of the attention weights, and the adapters' tensors are freed."""
+        self._refuse_if_fused("fuse")
+        originals: dict[tuple[str, str], torch.Tensor] = {}
+        unwrapped: lora.Unwrapped = []
         for component, module in self._present():
             for layer_name, layer in module.named_modules():
-                if isinstance(layer, lora.BaseTunerLayer):
-                    self._originals[(component, layer_name)] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+                if reversible and isinstance(layer, lora.BaseTunerLayer):
+                    originals[(component, layer_name)] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
             lora.fuse(module)
+            unwrapped += lora.unwrap(module)
+            if not reversible and isinstance(getattr(module, "peft_config", None), dict):
+                for name in self.names:
+                    module.peft_config.pop(name, None)
+        self._fused = _Fused(originals, unwrapped) if reversible else _Fused({}, [], reversible=False)
 
     def unfuse(self) -> None:
+        fused, self._fused = self._fused, None
+        if fused is None:
+            return
+        if not fused.reversible:
+            self._fused = fused
+            raise RuntimeError("these adapters were fused with reversible=False: load the pipeline again to change "
+                               "or remove them")
+        lora.rewrap(fused.unwrapped)
         for _, module in self._present():
             lora.unfuse(module)
         with torch.no_grad():
-            for (component, layer_name), weight in getattr(self, "_originals", {}).items():
+            for (component, layer_name), weight in fused.originals.items():
                 base = getattr(self.pipe, component).get_submodule(layer_name).get_base_layer()
                 base.weight.copy_(weight)
-        self._originals = {}
+
+    @property
+    def fused(self) -> bool:
+        return self._fused is not None
+
+    def _refuse_if_fused(self, action: str) -> None:
+        if self._fused is not None:
+            raise RuntimeError(f"cannot {action}: the adapters are fused into the base weights; call unfuse() first")
+
+
+@dataclass
+class _Fused:
+    """What `AdapterStack.unfuse` puts back: original base weights by (component, module path), and the wrappers."""
+
+    originals: dict[tuple[str, str], torch.Tensor]
+    unwrapped: lora.Unwrapped
+    reversible: bool = True
 
 
 class LoraNameError(formats.AdapterFormatError):

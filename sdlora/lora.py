@@ -139,3 +139,24 @@ def unfuse(model: torch.nn.Module) -> None:
     for layer in lora_layers(model):
         while layer.merged:
             layer.unmerge()
+
+
+Unwrapped = list[tuple[torch.nn.Module, str, BaseTunerLayer]]
+
+
+def unwrap(model: torch.nn.Module) -> Unwrapped:
+    """Put each LoRA wrapper's base layer back in its place, so the model runs exactly its original modules (no peft
+    dispatch per call). Returns what `rewrap` needs to put the wrappers back."""
+    unwrapped = []
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, layer.get_base_layer())
+            unwrapped.append((parent, attr, layer))
+    return unwrapped
+
+
+def rewrap(unwrapped: Unwrapped) -> None:
+    for parent, attr, wrapper in unwrapped:
+        setattr(parent, attr, wrapper)

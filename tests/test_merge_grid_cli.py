@@ -91,6 +91,18 @@ def test_grid_cells_equal_separate_generate_calls(tiny_base, pair, tmp_path):
     assert grid.size[0] > 128 and grid.size[1] > 128
 
 
+def test_generate_fuse_matches_unfused(tiny_base, pair, tmp_path):
+    a, b = pair
+    common = ["--base", str(tiny_base), "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64",
+              "--lora", f"{a}:0.8", "--lora", f"{b}:0.5"]
+    assert cli.main(["generate", *common, "-o", str(tmp_path / "unfused.png")]) == 0
+    assert cli.main(["generate", *common, "--fuse", "-o", str(tmp_path / "fused.png")]) == 0
+    assert cli.main(["generate", *common[:-4], "-o", str(tmp_path / "base.png")]) == 0
+    unfused, fused, base = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.int16) for n in ("unfused", "fused", "base"))
+    assert np.abs(fused - unfused).max() <= 1
+    assert np.abs(fused - base).max() > 10
+
+
 def test_convert_and_info_commands(pair, tmp_path, capsys):
     a, _ = pair
     assert cli.main(["convert", str(a), str(tmp_path / "k.safetensors"), "--to", "kohya", "--dtype", "bf16"]) == 0

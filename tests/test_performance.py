@@ -344,3 +344,17 @@ def test_generation_bench_times_every_setting_in_rotating_rounds():
         assert 0 < result[f"{name}_min_s"] <= result[f"{name}_median_s"] <= result[f"{name}_max_s"]
     for ratio in ("unfused_over_base", "fused_over_base"):
         assert 0 < result[f"{ratio}_min"] <= result[ratio] <= result[f"{ratio}_max"]
+        low, high = result[f"{ratio}_ci95"]
+        assert result[f"{ratio}_min"] <= low <= high <= result[f"{ratio}_max"]
+
+
+def test_median_interval_narrows_with_rounds_and_is_reproducible():
+    from sdlora.benchmark import median_interval
+
+    noisy = [1.0 + 0.1 * ((7 * i) % 11 - 5) / 5 for i in range(11)]  # 0.9 .. 1.1, median 1.0
+    low, high = median_interval(noisy)
+    assert low < 1.0 < high and 0.9 <= low and high <= 1.1
+    assert median_interval(noisy) == (low, high)
+    wide = median_interval(noisy[:3])
+    assert wide[1] - wide[0] > high - low
+    assert median_interval([1.02] * 5) == (1.02, 1.02)

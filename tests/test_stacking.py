@@ -7,7 +7,7 @@ import pytest
 import torch
 from adapter_factory import make_adapter
 
-from sdlora import formats, inference
+from sdlora import formats, inference, lora
 from sdlora.models import load_base_model
 
 PROMPT = "a red circle on a blue background"
@@ -79,11 +79,17 @@ def test_fused_equals_unfused_and_unfuse_restores_base_exactly(tiny_base, files)
     stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(style), 0.7),
                                             inference.AdapterSpec(str(subject), 1.0, 0.5)])
     unfused = _image(pipe)
+    wrapped = len(lora.lora_layers(pipe.unet))
     stack.fuse()
+    # fused, the models run the base's own modules: no peft wrapper is left to dispatch through
+    assert wrapped > 0 and lora.lora_layers(pipe.unet) == lora.lora_layers(pipe.text_encoder) == []
     fused = _image(pipe)
     assert np.abs(fused - unfused).max() <= 1
     assert np.abs(fused - base).max() > 10
+    with pytest.raises(RuntimeError, match="fused into the base weights; call unfuse"):
+        stack.set_weights({})
     stack.unfuse()
+    assert len(lora.lora_layers(pipe.unet)) == wrapped
     assert np.array_equal(_image(pipe), unfused)
     stack.set_weights({})
     assert np.array_equal(_image(pipe), base)
@@ -91,6 +97,22 @@ def test_fused_equals_unfused_and_unfuse_restores_base_exactly(tiny_base, files)
         base_weights = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
         assert base_weights.keys() == reference.keys()
         assert all(torch.equal(base_weights[k], reference[k]) for k in reference)
+
+
+def test_one_shot_fuse_keeps_no_copy_and_matches_the_reversible_one(tiny_base, files):
+    style, subject = files
+    specs = [inference.AdapterSpec(str(style), 0.7), inference.AdapterSpec(str(subject), 1.0, 0.5)]
+    reversible = _pipe(tiny_base)
+    inference.stack_adapters(reversible, specs).fuse()
+    one_shot = _pipe(tiny_base)
+    stack = inference.stack_adapters(one_shot, specs)
+    stack.fuse(reversible=False)
+    assert stack._fused.originals == {} and stack._fused.unwrapped == []
+    assert not getattr(one_shot.unet, "peft_config", {})
+    assert np.array_equal(_image(one_shot), _image(reversible))
+    with pytest.raises(RuntimeError, match="reversible=False: load the pipeline again"):
+        stack.unfuse()
+    assert stack.fused
 
 
 def test_prompt_tags_a1111_syntax():
