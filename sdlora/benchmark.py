@@ -10,8 +10,6 @@ matmul rate, measured in the same process.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import random
 import resource
 import statistics
@@ -223,6 +221,16 @@ def random_adapter(unet: torch.nn.Module, rank: int, seed: int):
     return formats.AdapterFile(tensors={"unet": tensors}, shapes={"unet": formats.shape_from_tensors(tensors, rank)})
 
 
+@contextlib.contextmanager
+def _base_modules(model: torch.nn.Module):
+    """The model as it was before any adapter: LoRA wrappers out, the original modules and weights back in place."""
+    unwrapped = lora.unwrap(model)
+    try:
+        yield
+    finally:
+        lora.rewrap(unwrapped)
+
+
 def _time_image(pipe, resolution: int, steps: int, seed: int) -> float:
     start = time.perf_counter()
     inference.generate(pipe, "a photo of a cat", seed=seed, steps=steps, guidance_scale=7.5,
@@ -252,25 +260,26 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
     95 % interval: a shared machine's slow minute then cancels instead of landing on one setting, and the interval
     says whether the rounds were enough to tell a few percent apart.
 
-    The base runs on its own UNet with no peft wrappers at all; the stack runs on a copy of it (same weights).
-    Fusing happens between images, untimed, exactly as `sdlora generate --fuse` does it once before its images."""
+    All three settings run on one pipeline, so they read the same tensors at the same addresses: the base setting
+    takes the adapters' wrappers out (the model's own modules and weights, untouched); fused merges the adapters
+    into those weights and takes the wrappers out too. Fusing happens between images, untimed, exactly as
+    `sdlora generate --fuse` does it once before its images."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = archs.build_random_base(arch)
-    base_pipe = inference.build_pipeline(base, device=device)
-    stacked_pipe = inference.build_pipeline(dataclasses.replace(base, unet=copy.deepcopy(base.unet)), device=device)
-    stack = inference.AdapterStack(stacked_pipe)
+    pipe = inference.build_pipeline(archs.build_random_base(arch), device=device)
+    stack = inference.AdapterStack(pipe)
     for number in range(2):
-        stack.add(f"a{number}", random_adapter(stacked_pipe.unet, rank, seed=number))
+        stack.add(f"a{number}", random_adapter(pipe.unet, rank, seed=number))
     stack.set_weights({"a0": (0.8, 0.8), "a1": (0.5, 0.5)})
 
     def one_image(setting: str, seed: int) -> float:
-        if setting == "base":
-            return _time_image(base_pipe, resolution, steps, seed)
         if setting == "stacked_unfused":
-            return _time_image(stacked_pipe, resolution, steps, seed)
+            return _time_image(pipe, resolution, steps, seed)
+        if setting == "base":
+            with _base_modules(pipe.unet):
+                return _time_image(pipe, resolution, steps, seed)
         stack.fuse()
         try:
-            return _time_image(stacked_pipe, resolution, steps, seed)
+            return _time_image(pipe, resolution, steps, seed)
         finally:
             stack.unfuse()
 

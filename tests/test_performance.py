@@ -358,3 +358,23 @@ def test_median_interval_narrows_with_rounds_and_is_reproducible():
     wide = median_interval(noisy[:3])
     assert wide[1] - wide[0] > high - low
     assert median_interval([1.02] * 5) == (1.02, 1.02)
+
+
+def test_generation_bench_base_setting_is_the_model_before_adapters():
+    """The bench's base setting runs the stacked pipeline's UNet with the wrappers taken out: same output as before
+    any adapter was added, and the adapters are back afterwards."""
+    from sdlora import archs
+    from sdlora.benchmark import _base_modules, random_adapter
+
+    unet = archs.build_random_base("tiny").unet.eval()
+    sample = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = unet(*sample).sample
+        stack = inference.AdapterStack(type("Pipe", (), {"unet": unet})())
+        stack.add("a0", random_adapter(unet, 4, seed=0))
+        stack.set_weights({"a0": (1.0, 1.0)})
+        stacked = unet(*sample).sample
+        with _base_modules(unet):
+            assert lora.lora_layers(unet) == []
+            assert torch.equal(unet(*sample).sample, before)
+        assert torch.equal(unet(*sample).sample, stacked) and not torch.equal(stacked, before)
