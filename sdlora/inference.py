@@ -148,9 +148,10 @@ class AdapterStack:
         originals: dict[tuple[str, str], torch.Tensor] = {}
         unwrapped: lora.Unwrapped = []
         for component, module in self._present():
-            for layer_name, layer in module.named_modules():
-                if reversible and isinstance(layer, lora.BaseTunerLayer):
-                    originals[(component, layer_name)] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+            if reversible:
+                for layer_name, layer in module.named_modules():
+                    if isinstance(layer, lora.BaseTunerLayer):
+                        originals[(component, layer_name)] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
             lora.fuse(module)
             unwrapped += lora.unwrap(module)
             if not reversible and isinstance(getattr(module, "peft_config", None), dict):
@@ -159,13 +160,12 @@ class AdapterStack:
         self._fused = _Fused(originals, unwrapped) if reversible else _Fused({}, [], reversible=False)
 
     def unfuse(self) -> None:
-        fused, self._fused = self._fused, None
-        if fused is None:
+        if self._fused is None:
             return
-        if not fused.reversible:
-            self._fused = fused
+        if not self._fused.reversible:
             raise RuntimeError("these adapters were fused with reversible=False: load the pipeline again to change "
                                "or remove them")
+        fused, self._fused = self._fused, None
         lora.rewrap(fused.unwrapped)
         for _, module in self._present():
             lora.unfuse(module)

@@ -8,6 +8,7 @@ import torch
 from sdlora.config import ConfigError
 from sdlora.run import TrainingRun
 
+
 def _page_faults_of_a_step() -> int:
     """Allocate, touch and free a step's worth of mixed-size blocks (266 MB), as a UNet step's activations do."""
     import resource
