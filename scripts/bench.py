@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdlora.benchmark import TrainBenchOptions, run_generation_bench, run_training_bench  # noqa: E402
+from sdlora.bench.benchmark import TrainBenchOptions, run_generation_bench, run_training_bench  # noqa: E402
 
 TRAIN_ROWS = [
     ("device", "device", "{}"), ("precision", "precision_used", "{}"),

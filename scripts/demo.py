@@ -15,7 +15,7 @@ from pathlib import Path
 from sdlora import inference
 from sdlora.config import load_config
 from sdlora.models import load_base_model
-from sdlora.run import train
+from sdlora.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = (

@@ -12,7 +12,7 @@ import argparse
 import random
 from pathlib import Path
 
-from sdlora.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
+from sdlora.bench.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
 
 
 def write_set(folder: Path, scenes, size: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from sdlora.evaluate import quality_report
+from sdlora.bench.quality import quality_report
 
 CHANCE = {"base_color": 1 / 6, "base_background": 1 / 5, "base_shape": 1 / 3}
 

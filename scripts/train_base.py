@@ -2,7 +2,7 @@
 
 A text-to-image latent diffusion model in SD1.5's own classes (AutoencoderKL, UNet2DConditionModel,
 CLIPTextModel + the project-made CLIP tokenizer, DDPM scaled-linear schedule, epsilon target), trained on the
-procedurally generated shapes world (`sdlora.shapes`): "a red circle on a blue background".
+procedurally generated shapes world (`sdlora.bench.shapes`): "a red circle on a blue background".
 
 Stage 1 trains the VAE on every style of the world (plain, striped, outlined, rings), so its latent space can
 express textures and objects the UNet has never been taught: that is what LoRAs add later. Stage 2 trains the
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdlora.shapes import SHAPES, STYLES, SUBJECT_SHAPE, random_scene, render
-from sdlora.tiny import make_tokenizer
+from sdlora.bench.shapes import SHAPES, STYLES, SUBJECT_SHAPE, random_scene, render
+from sdlora.models.tiny import make_tokenizer
 
 WORDS = "a on background style sks ring circle square triangle striped outline plain red green blue yellow white black"
 

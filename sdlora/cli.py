@@ -13,7 +13,7 @@ log = logging.getLogger("sdlora")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdlora.config import load_config
-    from sdlora.run import train
+    from sdlora.training.run import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
@@ -21,7 +21,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for sample in result.samples:
         print(f"samples: {sample}")
     if result.stopped_by:
-        from sdlora.interrupt import EXIT_STOPPED
+        from sdlora.training.interrupt import EXIT_STOPPED
 
         again = shlex.join(["sdlora", "train", str(args.config), *args.overrides, "--resume", "latest"])
         print(f"stopped by {result.stopped_by} at step {result.final_step}, checkpoint written; resume with:\n  {again}")
@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_card(args: argparse.Namespace) -> int:
-    from sdlora.card import write_card
+    from sdlora.hub.card import write_card
 
     print(f"card: {write_card(args.run_dir, repo_id=args.repo_id)}")
     return 0
@@ -105,7 +105,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from sdlora import formats, inference, merge
+    from sdlora import formats
+    from sdlora import inference
+    from sdlora.inference import merge
 
     specs = [inference.AdapterSpec.parse(text) for text in args.adapters]
     merged = merge.merge_adapters([(formats.read_adapter(s.source), s.unet_weight) for s in specs], args.rank)
@@ -121,7 +123,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from sdlora import grid, inference
+    from sdlora.inference import grid
+    from sdlora import inference
     from sdlora.models import load_base_model
 
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdlora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from sdlora.interrupt import EXIT_ABORTED
+        from sdlora.training.interrupt import EXIT_ABORTED
 
         print("sdlora: interrupted; no checkpoint was written for the unfinished step", file=sys.stderr)
         return EXIT_ABORTED

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sdlora.formats import AdapterFile
-from sdlora.lora import AdapterShape
+from sdlora.models.lora import AdapterShape
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

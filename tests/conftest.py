@@ -20,13 +20,13 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from sdlora.tiny import save_tiny_pipeline
+    from sdlora.models.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-base") / "pipe", seed=0)
 
 
 def write_shapes_dataset(folder: Path, count: int, style: str = "striped", seed: int = 0, size: int = 64) -> Path:
-    from sdlora.shapes import random_scene, render
+    from sdlora.bench.shapes import random_scene, render
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -65,7 +65,7 @@ def make_config(tiny_base, style_dataset, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_sdxl_base(tmp_path_factory) -> Path:
     """A saved tiny SDXL-shaped pipeline: two text encoders, time-id conditioned UNet."""
-    from sdlora.tiny import save_tiny_sdxl_pipeline
+    from sdlora.models.tiny import save_tiny_sdxl_pipeline
 
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe", seed=0)
 
@@ -73,6 +73,6 @@ def tiny_sdxl_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2v_base(tmp_path_factory) -> Path:
     """A saved tiny SD2.1-768-v-shaped pipeline: v-prediction, OpenCLIP-like text encoder."""
-    from sdlora.tiny import save_tiny_sd2v_pipeline
+    from sdlora.models.tiny import save_tiny_sd2v_pipeline
 
     return save_tiny_sd2v_pipeline(tmp_path_factory.mktemp("tiny-sd2v") / "pipe", seed=0)

@@ -66,7 +66,7 @@ def test_fsdp_builds_a_plugin_that_wraps_real_unet_blocks():
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from sdlora.tiny import build_tiny_components
+    from sdlora.models.tiny import build_tiny_components
 
     env = prepare_multi_gpu_env(_launch_args("fsdp"))
     with mock.patch.dict(os.environ, env):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-import sdlora.run
+import sdlora.training.run
 from sdlora.config import load_config
 from sdlora.data import CaptionedImageDataset
 from sdlora.data.cache import attach_caches
 from sdlora.data.preflight import check
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 
 class Calls:
@@ -23,7 +23,7 @@ class Calls:
 def counted(monkeypatch):
     """Count VAE-encoder and text-encoder forward passes of every base a run loads."""
     calls = Calls()
-    load = sdlora.run.load_base_model
+    load = sdlora.training.run.load_base_model
 
     def counting_load(*args, **kwargs):
         base = load(*args, **kwargs)
@@ -31,7 +31,7 @@ def counted(monkeypatch):
         base.text_encoder.register_forward_hook(lambda *_: setattr(calls, "text", calls.text + 1))
         return base
 
-    monkeypatch.setattr(sdlora.run, "load_base_model", counting_load)
+    monkeypatch.setattr(sdlora.training.run, "load_base_model", counting_load)
     return calls
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlora.checkpoint import PAUSE_ENV, latest_checkpoint
+from sdlora.training.checkpoint import PAUSE_ENV, latest_checkpoint
 from sdlora.formats import read_adapter
-from sdlora.interrupt import EXIT_STOPPED
+from sdlora.training.interrupt import EXIT_STOPPED
 
 STEPS = 8
 COMMON = ["train.checkpoint_every=2", "train.keep_checkpoints=2", "lora.dropout=0.1", "data.crop=random",

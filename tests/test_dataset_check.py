@@ -83,7 +83,7 @@ def test_table_names_the_problem_kinds(corpus):
 
 def test_training_uses_exactly_the_good_images(corpus, tiny_base, tmp_path, monkeypatch):
     from sdlora.data.dataset import CaptionedImageDataset
-    from sdlora.run import TrainingRun
+    from sdlora.training.run import TrainingRun
 
     loaded = []
     original = CaptionedImageDataset._load
@@ -107,7 +107,7 @@ def test_training_uses_exactly_the_good_images(corpus, tiny_base, tmp_path, monk
 
 
 def test_nothing_usable_stops_before_models_load(tmp_path):
-    from sdlora.run import TrainingRun
+    from sdlora.training.run import TrainingRun
 
     folder = tmp_path / "bad"
     folder.mkdir()

@@ -15,7 +15,7 @@ from sdlora.models import load_base_model
 def trained_adapter(tmp_path_factory, tiny_base, style_dataset):
     """Rank 4 / alpha 8: a file that lost its alpha would load at half strength and fail these tests."""
     from sdlora.config import load_config
-    from sdlora.run import train
+    from sdlora.training.run import train
 
     out = tmp_path_factory.mktemp("compat")
     config = load_config(None, [

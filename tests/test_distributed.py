@@ -17,11 +17,11 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from sdlora import distributed
-from sdlora.checkpoint import latest_checkpoint, load_checkpoint
+from sdlora.training import distributed
+from sdlora.training.checkpoint import latest_checkpoint, load_checkpoint
 from sdlora.config import ConfigError
 from sdlora.formats import read_adapter
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 
 def _free_port() -> int:

@@ -6,12 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora import diffusion, families
-from sdlora import train as train_loop
+from sdlora.training import diffusion
+from sdlora.models import families
+from sdlora.training import loop as train_loop
 from sdlora.data import collate
 from sdlora.data.transforms import resize_and_crop
 from sdlora.models import ModelLoadError, load_base_model, single_file_family
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 
 def test_family_is_detected_from_the_components(tiny_base, tiny_sd2v_base, tiny_sdxl_base):

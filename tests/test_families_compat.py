@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora import inference, lora
+from sdlora import inference
+from sdlora.models import lora
 from sdlora.formats import read_adapter
 from sdlora.models import load_base_model
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 PROMPT = "a red circle on a blue background"
 

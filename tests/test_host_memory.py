@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdlora.config import ConfigError
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 
 def _page_faults_of_a_step() -> int:
@@ -22,9 +22,9 @@ def _page_faults_of_a_step() -> int:
 def test_freed_host_memory_is_reused_without_page_faults():
     """Once retained, a step's freed blocks come back from the process's heap: a repeated step faults (almost) no
     pages, where glibc's default mmaps the large ones afresh and faults most of the 68,096 pages every time."""
-    from sdlora import speed
+    from sdlora import hostmem
 
-    if not speed.retain_freed_host_memory():
+    if not hostmem.retain_freed_host_memory():
         pytest.skip("not glibc: the C library's allocator is left as it is")
     for _ in range(3):  # the first steps grow the heap to the working set
         _page_faults_of_a_step()
@@ -42,10 +42,10 @@ def test_freed_host_memory_is_reused_without_page_faults():
     ],
 )
 def test_host_memory_is_retained_unless_memory_is_what_the_run_saves(make_config, monkeypatch, overrides, retained):
-    import sdlora.run
+    import sdlora.training.run
 
     calls = []
-    monkeypatch.setattr(sdlora.run, "settle_host_memory", calls.append)
+    monkeypatch.setattr(sdlora.training.run, "settle_host_memory", calls.append)
     TrainingRun(make_config(*overrides)).build()
     assert calls == [retained]
 
@@ -65,12 +65,12 @@ def _resident_mb() -> float:
 def test_releasing_returns_what_the_setup_freed():
     """What a retained heap holds after a big one-off block is freed goes back to the OS on release: a run calls
     this after loading and caching, so the steps do not carry the setup's garbage."""
-    from sdlora import speed
+    from sdlora import hostmem
 
-    if not speed.retain_freed_host_memory():
+    if not hostmem.retain_freed_host_memory():
         pytest.skip("not glibc: the C library's allocator is left as it is")
     blocks = [torch.empty(50 << 18).fill_(1.0) for _ in range(6)]  # 300 MB from the (retained) heap
     del blocks
     kept = _resident_mb()
-    assert speed.release_freed_host_memory()
+    assert hostmem.release_freed_host_memory()
     assert kept - _resident_mb() > 200

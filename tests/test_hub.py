@@ -22,7 +22,7 @@ from hub_server import HubServer
 from sdlora import hub
 from sdlora.cli import main
 from sdlora.config import load_config
-from sdlora.run import train
+from sdlora.training.run import train
 
 FAKE_TOKEN = "hf_sdloraFakeToken0123456789abcdefXYZ"
 REPO = "alice/style-lora"
@@ -234,7 +234,7 @@ def test_pulled_adapter_generates_the_same_image_as_the_local_file(run_dir, hub_
 
 
 def hub_base(run_dir: Path) -> str:
-    from sdlora.card import gather
+    from sdlora.hub.card import gather
 
     return gather(run_dir).primary.metadata["sdlora.base_model"]
 

@@ -19,7 +19,9 @@ from accelerate import init_empty_weights
 from adapter_factory import make_adapter
 from safetensors import safe_open
 
-from sdlora import formats, kohya, sgm
+from sdlora import formats
+from sdlora.formats import kohya
+from sdlora.formats import ldm
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
@@ -98,7 +100,7 @@ def _ldm_names(unet) -> set[str]:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     state = unet.state_dict()
-    ldm = {"model.diffusion_model." + sgm.to_sgm(k, up_attention_blocks=_up_attention(unet)): v for k, v in state.items()}
+    ldm = {"model.diffusion_model." + ldm.to_sgm(k, up_attention_blocks=_up_attention(unet)): v for k, v in state.items()}
     converted = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
     # diffusers' own converter brings every SGM name back to the module it came from: the SGM table is right.
     assert set(converted) == set(state)
@@ -198,7 +200,7 @@ def test_sdxl_file_loads_through_diffusers_sgm_reader(tmp_path):
 
 
 def test_sgm_mapping_reads_diffusers_paths_unchanged():
-    assert sgm.from_sgm("down_blocks.1.attentions.0.proj_in") == "down_blocks.1.attentions.0.proj_in"
+    assert ldm.from_sgm("down_blocks.1.attentions.0.proj_in") == "down_blocks.1.attentions.0.proj_in"
     assert kohya.parse_module_name("lora_unet_input_blocks_4_1_proj_in") == ("unet", "down_blocks.1.attentions.0.proj_in")
     assert kohya.parse_module_name("lora_unet_down_blocks_1_attentions_0_proj_in") == (
         "unet", "down_blocks.1.attentions.0.proj_in")

@@ -9,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora import backends, inference, lora, precision
-from sdlora import train as train_loop
+from sdlora.models import backends
+from sdlora import inference
+from sdlora.models import lora
+from sdlora.models import precision
+from sdlora.training import loop as train_loop
 from sdlora.config import ConfigError
 from sdlora.formats import read_adapter
 from sdlora.models import load_base_model
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 # -- mixed_precision: auto ----------------------------------------------------------------------------------------
 
@@ -48,7 +51,7 @@ def test_bare_yaml_no_means_fp32(make_config):
 
 
 def _tiny_unet_with_lora():
-    from sdlora.tiny import build_tiny_components
+    from sdlora.models.tiny import build_tiny_components
 
     unet = build_tiny_components()["unet"].requires_grad_(False)
     lora.attach(unet, lora.AdapterShape(4, 4.0, ("to_q", "to_k", "to_v", "to_out.0")))
@@ -95,16 +98,16 @@ def test_stored_weights_compute_exactly_like_their_upcast_values(checkpointing):
 
 @pytest.mark.parametrize(("storage", "dtype"), [("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)])
 def test_training_with_small_frozen_weights(make_config, tiny_base, storage, dtype, monkeypatch):
-    import sdlora.run
+    import sdlora.training.run
 
     loaded_with = {}
-    load = sdlora.run.load_base_model
+    load = sdlora.training.run.load_base_model
 
     def recording_load(*args, **kwargs):
         loaded_with.update(kwargs)
         return load(*args, **kwargs)
 
-    monkeypatch.setattr(sdlora.run, "load_base_model", recording_load)
+    monkeypatch.setattr(sdlora.training.run, "load_base_model", recording_load)
     run = TrainingRun(make_config(f"train.weight_storage={storage}", "train.gradient_checkpointing=true",
                                   "lora.rank=4"))
     run.build()
@@ -248,7 +251,7 @@ def test_a_cached_run_with_samples_keeps_what_samples_need(make_config, tmp_path
 
 
 def test_borrowed_refuses_released_modules():
-    from sdlora import offload
+    from sdlora.training import offload
 
     here = torch.nn.Linear(2, 2)
     with offload.borrowed([here], torch.device("cpu")):
@@ -261,7 +264,7 @@ def test_borrowed_refuses_released_modules():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_borrowed_round_trips_a_parked_text_encoder():
-    from sdlora import offload
+    from sdlora.training import offload
 
     parked = torch.nn.Linear(2, 2)
     with offload.borrowed([parked], torch.device("cuda")):
@@ -273,7 +276,7 @@ def test_borrowed_round_trips_a_parked_text_encoder():
 
 
 def test_loader_never_respawns_workers_and_pins_for_cuda(make_config):
-    from sdlora.speed import loader_options
+    from sdlora.hostmem import loader_options
 
     assert loader_options(0, torch.device("cpu")) == {"pin_memory": False}
     assert loader_options(2, torch.device("cuda")) == {"pin_memory": True, "persistent_workers": True,
@@ -296,7 +299,7 @@ def test_channels_last_and_compile_are_applied(make_config):
 
 def test_bench_measures_the_real_training_path(tmp_path):
     """scripts/bench.py's engine on the tiny layout: every number present and sane (timings are not asserted)."""
-    from sdlora.benchmark import TrainBenchOptions, run_training_bench
+    from sdlora.bench.benchmark import TrainBenchOptions, run_training_bench
 
     result = run_training_bench(
         TrainBenchOptions(arch="tiny", resolution=64, steps=2, warmup=1, cached=True, checkpointing=True,
@@ -315,7 +318,7 @@ def test_bench_arch_shapes_match_the_published_models():
     """The random bases have the real models' parameter counts (built on the meta device: no memory used)."""
     from diffusers import UNet2DConditionModel
 
-    from sdlora import archs
+    from sdlora.bench import archs
 
     with torch.device("meta"):
         sd15 = UNet2DConditionModel(**archs.SD15_UNET)
@@ -325,7 +328,7 @@ def test_bench_arch_shapes_match_the_published_models():
 
 
 def test_bench_runs_sdxl_shapes_through_the_sdxl_loop(tmp_path):
-    from sdlora.benchmark import TrainBenchOptions, run_training_bench
+    from sdlora.bench.benchmark import TrainBenchOptions, run_training_bench
 
     result = run_training_bench(
         TrainBenchOptions(arch="tiny-sdxl", resolution=64, steps=1, warmup=1, cached=True, flops=False),
@@ -337,7 +340,7 @@ def test_bench_runs_sdxl_shapes_through_the_sdxl_loop(tmp_path):
 
 
 def test_generation_bench_times_every_setting_in_rotating_rounds():
-    from sdlora.benchmark import run_generation_bench
+    from sdlora.bench.benchmark import run_generation_bench
 
     result = run_generation_bench("tiny", resolution=64, steps=2, repeats=3)
     for name in ("base", "stacked_unfused", "stacked_fused"):
@@ -349,7 +352,7 @@ def test_generation_bench_times_every_setting_in_rotating_rounds():
 
 
 def test_median_interval_narrows_with_rounds_and_is_reproducible():
-    from sdlora.benchmark import median_interval
+    from sdlora.bench.benchmark import median_interval
 
     noisy = [1.0 + 0.1 * ((7 * i) % 11 - 5) / 5 for i in range(11)]  # 0.9 .. 1.1, median 1.0
     low, high = median_interval(noisy)
@@ -363,8 +366,8 @@ def test_median_interval_narrows_with_rounds_and_is_reproducible():
 def test_generation_bench_base_setting_is_the_model_before_adapters():
     """The bench's base setting runs the stacked pipeline's UNet with the wrappers taken out: same output as before
     any adapter was added, and the adapters are back afterwards."""
-    from sdlora import archs
-    from sdlora.benchmark import _base_modules, random_adapter
+    from sdlora.bench import archs
+    from sdlora.bench.benchmark import _base_modules, random_adapter
 
     unet = archs.build_random_base("tiny").unet.eval()
     sample = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, unet.config.cross_attention_dim)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdlora import formats
 from sdlora.models import load_base_model
-from sdlora.run import train
+from sdlora.training.run import train
 
 
 def _train(make_config, out, *overrides):

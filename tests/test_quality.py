@@ -26,8 +26,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    from sdlora.evaluate import quality_report
-    from sdlora.run import train
+    from sdlora.bench.quality import quality_report
+    from sdlora.training.run import train
 
     out = tmp_path_factory.mktemp("demo")
     paths = {}

@@ -13,11 +13,13 @@ import sys
 import pytest
 import torch
 
-from sdlora import checkpoint, fileio, numeric
+from sdlora.training import checkpoint
+from sdlora.files import atomic
+from sdlora.training import divergence
 from sdlora.formats import read_adapter
-from sdlora.interrupt import GracefulStop
-from sdlora.runlock import LOCK_NAME, OutputLock, OutputLockedError
-from sdlora.run import TrainingRun
+from sdlora.training.interrupt import GracefulStop
+from sdlora.training.lock import LOCK_NAME, OutputLock, OutputLockedError
+from sdlora.training.run import TrainingRun
 
 # -- lock ------------------------------------------------------------------------------------------------------
 
@@ -99,14 +101,14 @@ def test_a_full_disk_during_save_keeps_the_previous_adapter(make_config, monkeyp
     monkeypatch.setattr(safetensors.torch, "save_file", _fill_disk_half_way(safetensors.torch.save_file))
     from sdlora import formats
 
-    with pytest.raises(fileio.DiskFullError, match="disk filled up while writing it; the half-written copy"):
+    with pytest.raises(atomic.DiskFullError, match="disk filled up while writing it; the half-written copy"):
         formats.save_diffusers(result.adapter_path, run.adapter())
     after = read_adapter(result.adapter_path).tensors["unet"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in result.output_dir.iterdir() if p.name.startswith(".")) == []
 
     monkeypatch.setattr(checkpoint, "save_file", _fill_disk_half_way(safetensors.torch.save_file))
-    with pytest.raises(fileio.DiskFullError, match="previous checkpoints are unchanged"):
+    with pytest.raises(atomic.DiskFullError, match="previous checkpoints are unchanged"):
         run.save_checkpoint(5)
     assert [p.name for p in (result.output_dir / "checkpoints").iterdir()] == []
 
@@ -115,8 +117,8 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(fileio.DiskFullError, match="need about 1.0 MB, 0.0 MB free"):
-        fileio.save_safetensors_atomic({"x": torch.zeros(4)}, tmp_path / "a.safetensors", {})
+    with pytest.raises(atomic.DiskFullError, match="need about 1.0 MB, 0.0 MB free"):
+        atomic.save_safetensors_atomic({"x": torch.zeros(4)}, tmp_path / "a.safetensors", {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,7 +164,7 @@ def test_endless_infs_stop_with_a_diagnosis_and_write_no_adapter(make_config):
     run = TrainingRun(make_config("train.steps=6", "train.checkpoint_every=2", "safety.nan_max_rollbacks=1"))
     run.build()
     run.parts.inject_inf = lambda step: step >= 3
-    with pytest.raises(numeric.NumericError) as caught:
+    with pytest.raises(divergence.NumericError) as caught:
         run.fit()
     message = str(caught.value)
     assert "training diverged: 3 steps in a row had a non-finite loss or gradient (steps 3..5)" in message
@@ -173,7 +175,7 @@ def test_endless_infs_stop_with_a_diagnosis_and_write_no_adapter(make_config):
     # never a NaN on disk: a poisoned weight makes every save refuse
     with torch.no_grad():
         run.parts.params[0].view(-1)[0] = float("nan")
-    with pytest.raises(numeric.NumericError, match="refusing to write checkpoint at step 9: 1 tensor"):
+    with pytest.raises(divergence.NumericError, match="refusing to write checkpoint at step 9: 1 tensor"):
         run.save_checkpoint(9)
     assert [p.name for p in checkpoint.list_checkpoints(run.output_dir / "checkpoints")] == ["step-000002"]
 
@@ -183,6 +185,6 @@ def test_no_checkpoint_means_stop_not_rollback(make_config):
     run.build()
     with torch.no_grad():  # weights already broken: no step can fix that, so no patience either
         run.parts.params[0].view(-1)[0] = float("inf")
-    with pytest.raises(numeric.NumericError, match="LoRA weights became NaN/inf at step 1; there is no checkpoint"):
+    with pytest.raises(divergence.NumericError, match="LoRA weights became NaN/inf at step 1; there is no checkpoint"):
         run.fit()
     assert not (run.output_dir / "pytorch_lora_weights.safetensors").exists()

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from sdlora.evaluate import STRIPED_THRESHOLD, base_prompts, styled_prompts
+from sdlora.bench.quality import STRIPED_THRESHOLD, base_prompts, styled_prompts
 from sdlora.models import PACKAGED_BASES
-from sdlora.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, read_scene, render
+from sdlora.bench.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, read_scene, render
 
 
 @pytest.mark.parametrize("style", ["plain", "outline"])

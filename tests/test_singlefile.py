@@ -8,7 +8,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 from sdlora.models import ModelLoadError, load_base_model
-from sdlora.singlefile import save_single_file, to_ldm_checkpoint
+from sdlora.formats.singlefile import save_single_file, to_ldm_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import pytest
 import torch
 from adapter_factory import make_adapter
 
-from sdlora import formats, inference, lora
+from sdlora import formats
+from sdlora import inference
+from sdlora.models import lora
 from sdlora.models import load_base_model
 
 PROMPT = "a red circle on a blue background"

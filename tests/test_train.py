@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from sdlora import train as train_loop
+from sdlora.training import loop as train_loop
 from sdlora.formats import read_adapter
-from sdlora.run import TrainingRun
+from sdlora.training.run import TrainingRun
 
 
 def _eval_loss(run: TrainingRun, batch) -> float:

@@ -24,7 +24,7 @@ from sdlora.data.dataset import CaptionedImageDataset
 from sdlora.data.images import load_rgb
 from sdlora.data.sources import ImageRecord
 from sdlora.data.transforms import Placement, apply_placement, plan_crop
-from sdlora.fileio import save_safetensors_atomic
+from sdlora.files.atomic import save_safetensors_atomic
 
 log = logging.getLogger(__name__)
 

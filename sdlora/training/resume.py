@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora import checkpoint, distributed, numeric
+from sdlora.training import checkpoint
+from sdlora.training import distributed
+from sdlora.training import divergence
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def save(run, step: int) -> None:
     trainable = distributed.trainable_state(accelerator, run.trained_models)
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        numeric.require_finite(trainable_by_name(run.base), f"checkpoint at step {step}")
+        divergence.require_finite(trainable_by_name(run.base), f"checkpoint at step {step}")
         state = checkpoint.TrainingState(
             step=step, micro_step=step * parts.gradient_accumulation,
             trainable=trainable,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from sdlora import diffusion
+from sdlora.training import diffusion
 
 
 @dataclass

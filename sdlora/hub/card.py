@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from sdlora import formats
 from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
-from sdlora.fileio import write_text_atomic
+from sdlora.files.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

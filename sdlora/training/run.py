@@ -18,21 +18,31 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import card, checkpoint, distributed, families, formats, hub, lora, numeric, offload, outputs, runlog
-from sdlora import runstate
+from sdlora.hub import card
+from sdlora.training import checkpoint
+from sdlora.training import distributed
+from sdlora.models import families
+from sdlora import formats
+from sdlora import hub
+from sdlora.models import lora
+from sdlora.training import divergence
+from sdlora.training import offload
+from sdlora.training import artifacts
+from sdlora.training import steplog
+from sdlora.training import resume as run_state
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, ResumableBatchSampler, collate
 from sdlora.data import cache, preflight
 from sdlora.data.buckets import BucketBatchSampler
-from sdlora.fileio import write_text_atomic
-from sdlora.interrupt import GracefulStop
-from sdlora.optim import build_optimizer
+from sdlora.files.atomic import write_text_atomic
+from sdlora.training.interrupt import GracefulStop
+from sdlora.training.optim import build_optimizer
 from sdlora.models import BaseModel, freeze, load_base_model, place, set_attention_backend
-from sdlora.precision import load_dtype_for, resolve_mixed_precision, store_frozen_weights
-from sdlora.quantize import quantize_frozen
-from sdlora.runlock import OutputLock
-from sdlora.speed import apply_speed_options, loader_options, retention_wanted, settle_host_memory
-from sdlora.train import TrainingParts, fit
+from sdlora.models.precision import load_dtype_for, resolve_mixed_precision, store_frozen_weights
+from sdlora.models.quantize import quantize_frozen
+from sdlora.training.lock import OutputLock
+from sdlora.hostmem import apply_speed_options, loader_options, retention_wanted, settle_host_memory
+from sdlora.training.loop import TrainingParts, fit
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +83,9 @@ class RunHooks:
 
     def after_step(self, step: int, loss: float, lr: float) -> None:
         run, every = self.run, self.run.config.train.checkpoint_every
-        action = run.guard.record(step, loss, numeric.all_finite(run.parts.params))
+        action = run.guard.record(step, loss, divergence.all_finite(run.parts.params))
         if run.accelerator.is_main_process:
-            runlog.append_step(run.output_dir / "train_log.jsonl", step, loss, lr)
+            steplog.append_step(run.output_dir / "train_log.jsonl", step, loss, lr)
         if action is not None:  # rolling back or stopping: this step's state is not worth keeping
             return
         # Not in the middle of a run of skipped steps: a rollback must land before the trouble started.
@@ -110,7 +120,7 @@ class TrainingRun:
         self.resumed_samples: int | None = None
         self.data_origin = (0, 0)  # (step, samples seen) where this process's run began
         safety = config.safety
-        self.guard = numeric.NumericGuard(safety.nan_patience, safety.nan_lr_factor, safety.nan_max_rollbacks)
+        self.guard = divergence.NumericGuard(safety.nan_patience, safety.nan_lr_factor, safety.nan_max_rollbacks)
         self.stop = GracefulStop()
         self._lock = OutputLock(self.output_dir)
         self._lr_factor = 1.0  # pending learning-rate cut, applied by the next restore (a rollback)
@@ -264,26 +274,26 @@ class TrainingRun:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def _trainable_by_name(self) -> dict[str, torch.nn.Parameter]:
-        return runstate.trainable_by_name(self.base)
+        return run_state.trainable_by_name(self.base)
 
     def save_checkpoint(self, step: int) -> None:
-        runstate.save(self, step)
+        run_state.save(self, step)
 
     def restore(self, resume: str) -> int:
         """Load `resume` ('latest' or a checkpoint folder) into the live objects; returns the step reached."""
-        step, self.resumed_samples = runstate.restore(self, resume)
+        step, self.resumed_samples = run_state.restore(self, resume)
         if self._lr_factor != 1.0:  # a rollback lowered the learning rate: apply it to the restored schedule
-            numeric.scale_learning_rate(self.parts.optimizer, self.parts.lr_scheduler, self._lr_factor)
+            divergence.scale_learning_rate(self.parts.optimizer, self.parts.lr_scheduler, self._lr_factor)
             self._lr_factor = 1.0
         return step
 
     # -- outputs -------------------------------------------------------------------------------------------------
 
     def adapter(self) -> formats.AdapterFile:
-        return outputs.adapter_file(self)
+        return artifacts.adapter_file(self)
 
     def render_samples(self, step: int) -> Path | None:
-        return outputs.render_samples(self, step)
+        return artifacts.render_samples(self, step)
 
     def data_loader(self, start: int) -> DataLoader:
         """Batches from optimizer step `start` on, in the order an uninterrupted run would see them (also after a
@@ -291,8 +301,8 @@ class TrainingRun:
         cfg, accelerator = self.config, self.accelerator
         position = start * cfg.train.gradient_accumulation
         if self.resumed_samples is not None:
-            position = distributed.resume_micro_step(self.resumed_samples, runstate.layout(self))
-        self.data_origin = (start, position * runstate.layout(self).global_micro_batch)
+            position = distributed.resume_micro_step(self.resumed_samples, run_state.layout(self))
+        self.data_origin = (start, position * run_state.layout(self).global_micro_batch)
         sampler_class = ResumableBatchSampler
         size = len(self.dataset)
         if cfg.data.bucketing.enabled:
@@ -324,20 +334,20 @@ class TrainingRun:
                 while True:
                     result = self._fit(resume)
                     segments.append(result)
-                    if self.guard.action != numeric.ROLLBACK:
+                    if self.guard.action != divergence.ROLLBACK:
                         break
                     resume = self._roll_back()
         finally:
             self._lock.release()
-        result.losses = runlog.join_segments(segments)
+        result.losses = steplog.join_segments(segments)
         result.stopped_by = self.stop.signal_name
         return result
 
     def _roll_back(self) -> str:
         target = checkpoint.latest_checkpoint(self.output_dir / "checkpoints")
         if target is None:
-            self.guard.action = numeric.STOP
-            raise numeric.NumericError(self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], None))
+            self.guard.action = divergence.STOP
+            raise divergence.NumericError(self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], None))
         self._lr_factor = self.guard.lr_factor
         self.guard.rolled_back(int(checkpoint.CHECKPOINT_DIR.match(target.name).group(1)), self._lr_factor)
         return str(target)
@@ -353,17 +363,17 @@ class TrainingRun:
         if accelerator.is_main_process and not resume:
             (self.output_dir / "train_log.jsonl").unlink(missing_ok=True)
         elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
-            runlog.truncate(self.output_dir / "train_log.jsonl", start)
+            steplog.truncate(self.output_dir / "train_log.jsonl", start)
         loader = self.data_loader(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
         progress.close()
         final_step = start + len(losses)
-        if self.guard.action == numeric.ROLLBACK:
+        if self.guard.action == divergence.ROLLBACK:
             return RunResult(self.output_dir, Path(), losses, final_step)
-        if self.guard.action == numeric.STOP:
+        if self.guard.action == divergence.STOP:
             latest = checkpoint.latest_checkpoint(self.output_dir / "checkpoints")
-            raise numeric.NumericError(
+            raise divergence.NumericError(
                 self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], str(latest) if latest else None)
             )
         adapter_path = self.output_dir / f"{cfg.output.name}.safetensors"
@@ -371,7 +381,7 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         adapter = self.adapter()  # every process: gathering under FSDP / DeepSpeed is collective
         if accelerator.is_main_process:
-            numeric.require_finite(
+            divergence.require_finite(
                 {f"{c}.{k}": t for c, tensors in adapter.tensors.items() for k, t in tensors.items()},
                 f"adapter {adapter_path}",
             )

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlora import formats, lora
+from sdlora import formats
+from sdlora.models import lora
 from sdlora.models import BaseModel
-from sdlora.speed import settle_host_memory
+from sdlora.hostmem import settle_host_memory
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",

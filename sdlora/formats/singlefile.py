@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.fileio import save_safetensors_atomic
+from sdlora.files.atomic import save_safetensors_atomic
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -8,7 +8,7 @@ from sdlora.config import RunConfig
 
 
 def build_optimizer(config: RunConfig, unet_params, te_params) -> torch.optim.Optimizer:
-    from sdlora.backends import adamw_8bit_class
+    from sdlora.models.backends import adamw_8bit_class
 
     train = config.train
     groups = [{"params": unet_params, "lr": train.learning_rate}]

@@ -19,8 +19,8 @@ from collections import Counter
 
 import torch
 
-from sdlora import sgm
-from sdlora.lora import AdapterShape
+from sdlora.formats import ldm
+from sdlora.models.lora import AdapterShape
 
 PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 _KEY = re.compile(r"^(?P<name>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
@@ -61,7 +61,7 @@ def module_name(component: str, path: str, family: str) -> str:
     if component == "unet":
         prefix = "lora_unet_"
         if family == "sdxl":
-            path = sgm.to_sgm(path, up_attention_blocks=frozenset({0, 1}))
+            path = ldm.to_sgm(path, up_attention_blocks=frozenset({0, 1}))
     elif component == "text_encoder":
         prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
         path = path if path.startswith("text_model.") else f"text_model.{path}"
@@ -81,7 +81,7 @@ def parse_module_name(name: str) -> tuple[str, str]:
     else:
         raise ValueError(f"{name}: no kohya prefix")
     if component == "unet":
-        return component, sgm.from_sgm(path)
+        return component, ldm.from_sgm(path)
     if component == "text_encoder":
         return component, path.removeprefix("text_model.")
     return component, path

@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdlora import distributed, families, formats, inference, offload
-from sdlora import metadata as adapter_metadata
+from sdlora.training import distributed
+from sdlora.models import families
+from sdlora import formats
+from sdlora import inference
+from sdlora.training import offload
+from sdlora.formats import metadata as adapter_metadata
 from sdlora.models import BaseModel
 
 

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from sdlora.fileio import write_text_atomic
+from sdlora.files.atomic import write_text_atomic
 
 
 def append_step(path: Path, step: int, loss: float, lr: float) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from sdlora import backends, families
+from sdlora.models import backends
+from sdlora.models import families
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,19 @@ class BaseModel:
 
 
 def _build_tiny(target: Path) -> None:
-    from sdlora.tiny import save_tiny_pipeline
+    from sdlora.models.tiny import save_tiny_pipeline
 
     save_tiny_pipeline(target)
 
 
 def _build_tiny_sdxl(target: Path) -> None:
-    from sdlora.tiny import save_tiny_sdxl_pipeline
+    from sdlora.models.tiny import save_tiny_sdxl_pipeline
 
     save_tiny_sdxl_pipeline(target)
 
 
 def _build_tiny_sd2v(target: Path) -> None:
-    from sdlora.tiny import save_tiny_sd2v_pipeline
+    from sdlora.models.tiny import save_tiny_sd2v_pipeline
 
     save_tiny_sd2v_pipeline(target)
 
@@ -177,7 +178,7 @@ def _load_single_file(
 ) -> BaseModel:
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from sdlora.safefiles import check_single_file
+    from sdlora.files.untrusted import check_single_file
 
     try:
         check_single_file(path, allow_pickle)

@@ -94,7 +94,7 @@ def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dty
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdlora.tiny import make_tokenizer
+    from sdlora.models.tiny import make_tokenizer
 
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")

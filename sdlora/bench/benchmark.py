@@ -21,10 +21,13 @@ from typing import Any
 
 import torch
 
-from sdlora import archs, inference, lora, train
+from sdlora.bench import archs
+from sdlora import inference
+from sdlora.models import lora
+from sdlora.training import loop
 from sdlora.config import load_config
-from sdlora.quantize import frozen_weight_bytes
-from sdlora.run import TrainingRun
+from sdlora.models.quantize import frozen_weight_bytes
+from sdlora.training.run import TrainingRun
 
 GB = 1024**3
 
@@ -150,14 +153,14 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         batches = iter(run.data_loader(0))
         clock = StepClock()
         fit_started = time.perf_counter()
-        train.fit(run.parts, batches, 0, options.warmup, clock)
+        loop.fit(run.parts, batches, 0, options.warmup, clock)
         step = options.warmup
         flops = None
         if options.flops:
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as counter:
-                train.fit(run.parts, batches, step, step + 1, clock)
+                loop.fit(run.parts, batches, step, step + 1, clock)
             flops, step = counter.get_total_flops(), step + 1
         device = run.accelerator.device
         if device.type == "cuda":
@@ -166,7 +169,7 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         timed_from = time.perf_counter()
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
         n_before = len(clock.times)
-        train.fit(run.parts, batches, step, step + options.steps, clock)
+        loop.fit(run.parts, batches, step, step + options.steps, clock)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stamps = [timed_from, *clock.times[n_before:]]
         durations = [b - a for a, b in zip(stamps, stamps[1:])]

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from sdlora import backends
+from sdlora.models import backends
 
 log = logging.getLogger(__name__)
 

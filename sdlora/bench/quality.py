@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from sdlora import inference
-from sdlora.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, SUBJECT_TRIGGER, read_scene
+from sdlora.bench.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, SUBJECT_TRIGGER, read_scene
 
 STRIPED_THRESHOLD = 0.15  # share of black pixels inside the shape's box above which a picture reads as striped
 

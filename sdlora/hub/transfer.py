@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora import card
+from sdlora.hub import card
 
 log = logging.getLogger(__name__)
 

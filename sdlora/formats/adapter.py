@@ -9,8 +9,8 @@ diffusers / peft format (`pytorch_lora_weights.safetensors`): keys `<component>.
 (`"unet.r"`, `"unet.lora_alpha"`, ...). Without that header diffusers assumes alpha = rank, so it is always written,
 and kept minimal: the full peft `to_dict()` carries fields an older peft refuses.
 
-kohya / AUTOMATIC1111 / ComfyUI keys live in `sdlora.kohya` (SDXL's SGM UNet paths in `sdlora.sgm`) and header
-metadata in `sdlora.metadata`; this module detects a file's layout, reads it, and writes either layout.
+kohya / AUTOMATIC1111 / ComfyUI keys live in `sdlora.formats.kohya` (SDXL's SGM UNet paths in `sdlora.formats.ldm`) and header
+metadata in `sdlora.formats.metadata`; this module detects a file's layout, reads it, and writes either layout.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from sdlora import __version__
-from sdlora.fileio import save_safetensors_atomic
-from sdlora.lora import AdapterShape
-from sdlora.safefiles import validate_safetensors
+from sdlora.files.atomic import save_safetensors_atomic
+from sdlora.models.lora import AdapterShape
+from sdlora.files.untrusted import validate_safetensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -189,7 +189,7 @@ def _unmatched_message(unmatched: list[str]) -> str:
 
 def detect_format(keys) -> str:
     """'kohya' or 'diffusers' from the key names; an unknown layout raises, listing the keys."""
-    from sdlora import kohya
+    from sdlora.formats import kohya
 
     keys = list(keys)
     if not keys:
@@ -202,7 +202,7 @@ def detect_format(keys) -> str:
 
 
 def from_kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
-    from sdlora import kohya
+    from sdlora.formats import kohya
 
     per_component, shapes, unmatched = kohya.from_kohya_state_dict(tensors)
     if unmatched:
@@ -228,7 +228,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
 def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None = None,
                title: str | None = None) -> Path:
     """Write the file A1111, Forge, ComfyUI and sd-scripts load: kohya keys, `ss_*` + `modelspec.*` header. Atomic."""
-    from sdlora import kohya, metadata as meta
+    from sdlora.formats import kohya
+    from sdlora.formats import metadata as meta
 
     family = meta.family_key(adapter.metadata, adapter.components)
     shapes = {c: adapter.shapes[c] for c in adapter.components}
@@ -266,7 +267,7 @@ def convert(source: str | Path, target: str | Path, to: str, dtype: str | None =
 
 def describe(path: str | Path) -> dict:
     """What `sdlora info` prints: layout, components with rank / alpha / module count, and the header summary."""
-    from sdlora import metadata as meta
+    from sdlora.formats import metadata as meta
 
     adapter = read_adapter(path)
     components = {

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora.fileio import DiskFullError, ensure_free_space
-from sdlora.safefiles import validate_safetensors
+from sdlora.files.atomic import DiskFullError, ensure_free_space
+from sdlora.files.untrusted import validate_safetensors
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sdlora.formats import AdapterFile, AdapterFormatError
-from sdlora.lora import AdapterShape
+from sdlora.models.lora import AdapterShape
 
 
 def _modules(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -124,7 +124,7 @@ def save_base(base, output) -> Path:
                 f"-o {output}: single-file output is written for SD1.x bases only (this base is {base.family}); "
                 "give a folder name to get a diffusers folder"
             )
-        from sdlora.singlefile import save_single_file
+        from sdlora.formats.singlefile import save_single_file
 
         return save_single_file(base, output)
     if base.family == "sdxl":

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Re-exported: callers import these from sdlora.config.
-from sdlora.configfile import ConfigError, apply_overrides, explain, read_config_file  # noqa: F401
+from sdlora.config.files import ConfigError, apply_overrides, explain, read_config_file  # noqa: F401
 
 
 class _Section(BaseModel):

@@ -1,0 +1,20 @@
+"""Generation with stacked adapters at weights (`pipeline.py`), XY grids, merges.
+
+The package's public names are re-exported here."""
+
+from sdlora.inference.pipeline import (  # noqa: F401
+    AdapterSpec,
+    AdapterStack,
+    LoraNameError,
+    SCHEDULERS,
+    build_pipeline,
+    cell_origin,
+    generate,
+    image_grid,
+    parse_prompt_loras,
+    preview_adapters,
+    prompt_specs,
+    resolve_in_folder,
+    rng_isolated,
+    stack_adapters,
+)
