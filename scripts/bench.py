@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdlora.bench.benchmark import TrainBenchOptions, run_generation_bench, run_training_bench  # noqa: E402
+from sdlora.bench.benchmark import (  # noqa: E402
+    TrainBenchOptions,
+    run_generation_bench,
+    run_training_bench,
+)
 
 TRAIN_ROWS = [
     ("device", "device", "{}"), ("precision", "precision_used", "{}"),

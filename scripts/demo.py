@@ -14,8 +14,9 @@ from pathlib import Path
 
 from sdlora import inference
 from sdlora.config import load_config
+from sdlora.hostmem import settle_host_memory
 from sdlora.models import load_base_model
-from sdlora.training.run import train
+from sdlora.workflow import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = (
@@ -45,6 +46,7 @@ def main() -> None:
     subject = train_adapter("subject", args.out, args.steps)
 
     pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
+    settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
     stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(style)), inference.AdapterSpec(str(subject))])
     images = []
     for prompt in PROMPTS:

@@ -13,7 +13,7 @@ log = logging.getLogger("sdlora")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdlora.config import load_config
-    from sdlora.training.run import train
+    from sdlora.workflow import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
@@ -31,12 +31,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdlora import inference
+    from sdlora.hostmem import settle_host_memory
     from sdlora.hub import resolve_adapter
     from sdlora.models import load_base_model
 
     prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
     specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
+    settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
@@ -105,8 +107,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from sdlora import formats
-    from sdlora import inference
+    from sdlora import formats, inference
     from sdlora.inference import merge
 
     specs = [inference.AdapterSpec.parse(text) for text in args.adapters]
@@ -123,12 +124,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from sdlora.inference import grid
     from sdlora import inference
+    from sdlora.hostmem import settle_host_memory
+    from sdlora.inference import grid
     from sdlora.models import load_base_model
 
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
+    settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
     stack = inference.stack_adapters(pipe, specs)
     columns = grid.axis_from_text(args.x, args.x_values)
     rows = grid.axis_from_text(args.y, args.y_values) if args.y else None

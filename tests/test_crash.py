@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdlora.training.checkpoint import PAUSE_ENV, latest_checkpoint
 from sdlora.formats import read_adapter
+from sdlora.training.checkpoint import PAUSE_ENV, latest_checkpoint
 from sdlora.training.interrupt import EXIT_STOPPED
 
 STEPS = 8

@@ -9,7 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.data import CaptionedImageDataset, DatasetError, ResumableBatchSampler, discover
+from sdlora.data import (
+    CaptionedImageDataset,
+    DatasetError,
+    ResumableBatchSampler,
+    discover,
+)
 
 
 def _image(path, size=(40, 30), color=(200, 10, 10), mode="RGB"):

@@ -17,10 +17,10 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from sdlora.training import distributed
-from sdlora.training.checkpoint import latest_checkpoint, load_checkpoint
 from sdlora.config import ConfigError
 from sdlora.formats import read_adapter
+from sdlora.training import distributed
+from sdlora.training.checkpoint import latest_checkpoint, load_checkpoint
 from sdlora.training.run import TrainingRun
 
 

@@ -6,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.training import diffusion
-from sdlora.models import families
-from sdlora.training import loop as train_loop
 from sdlora.data import collate
 from sdlora.data.transforms import resize_and_crop
-from sdlora.models import ModelLoadError, load_base_model, single_file_family
+from sdlora.models import ModelLoadError, families, load_base_model, single_file_family
+from sdlora.training import diffusion
+from sdlora.training import loop as train_loop
 from sdlora.training.run import TrainingRun
 
 

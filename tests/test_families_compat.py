@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from sdlora import inference
-from sdlora.models import lora
 from sdlora.formats import read_adapter
-from sdlora.models import load_base_model
+from sdlora.models import load_base_model, lora
 from sdlora.training.run import TrainingRun
 
 PROMPT = "a red circle on a blue background"
@@ -27,9 +26,9 @@ def _train(base, dataset, out, *extra):
     ])
     run = TrainingRun(config)
     run.build()
-    before = {n: p.detach().clone() for n, p in run._trainable_by_name().items()}
+    before = {n: p.detach().clone() for n, p in run.checkpointer.trainable.items()}
     result = run.fit()
-    moved = {n.split(".")[0] for n, p in run._trainable_by_name().items() if not torch.equal(p, before[n])}
+    moved = {n.split(".")[0] for n, p in run.checkpointer.trainable.items() if not torch.equal(p, before[n])}
     return run, result, moved
 
 

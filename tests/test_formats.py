@@ -13,8 +13,7 @@ from adapter_factory import make_adapter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdlora import formats
-from sdlora import inference
+from sdlora import formats, inference
 from sdlora.models import load_base_model
 
 PROMPT = "a red circle on a blue background"

@@ -10,9 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdlora.files.untrusted import (
+    UnsafeFileError,
+    check_single_file,
+    validate_safetensors,
+)
 from sdlora.formats import AdapterFormatError, read_adapter, read_safetensors
 from sdlora.models import ModelLoadError, load_base_model
-from sdlora.files.untrusted import UnsafeFileError, check_single_file, validate_safetensors
 
 
 def _good_file(path):

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hub_server import HubServer
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import save_file
 
-from hub_server import HubServer
 from sdlora import hub
 from sdlora.cli import main
 from sdlora.config import load_config
-from sdlora.training.run import train
+from sdlora.workflow import train
 
 FAKE_TOKEN = "hf_sdloraFakeToken0123456789abcdefXYZ"
 REPO = "alice/style-lora"
@@ -71,7 +71,10 @@ def hub_server(monkeypatch, tmp_path, fake_token):
     import httpx2
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
+    from huggingface_hub.utils._http import (
+        default_client_factory,
+        hf_request_event_hook,
+    )
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))

@@ -20,8 +20,7 @@ from adapter_factory import make_adapter
 from safetensors import safe_open
 
 from sdlora import formats
-from sdlora.formats import kohya
-from sdlora.formats import ldm
+from sdlora.formats import kohya, ldm
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,

@@ -13,9 +13,7 @@ from adapter_factory import make_adapter
 from PIL import Image
 from safetensors import safe_open
 
-from sdlora import cli
-from sdlora import formats
-from sdlora import inference
+from sdlora import cli, formats, inference
 from sdlora.inference import merge
 from sdlora.models import load_base_model
 

@@ -9,14 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.models import backends
 from sdlora import inference
-from sdlora.models import lora
-from sdlora.models import precision
-from sdlora.training import loop as train_loop
 from sdlora.config import ConfigError
 from sdlora.formats import read_adapter
-from sdlora.models import load_base_model
+from sdlora.models import backends, load_base_model, lora, precision
+from sdlora.training import loop as train_loop
 from sdlora.training.run import TrainingRun
 
 # -- mixed_precision: auto ----------------------------------------------------------------------------------------
@@ -276,7 +273,7 @@ def test_borrowed_round_trips_a_parked_text_encoder():
 
 
 def test_loader_never_respawns_workers_and_pins_for_cuda(make_config):
-    from sdlora.hostmem import loader_options
+    from sdlora.data.loader import loader_options
 
     assert loader_options(0, torch.device("cpu")) == {"pin_memory": False}
     assert loader_options(2, torch.device("cuda")) == {"pin_memory": True, "persistent_workers": True,

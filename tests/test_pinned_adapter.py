@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_shapes_dataset
+from safetensors.torch import load_file
 
 PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned_adapter.safetensors")
 

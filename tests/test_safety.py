@@ -13,10 +13,9 @@ import sys
 import pytest
 import torch
 
-from sdlora.training import checkpoint
 from sdlora.files import atomic
-from sdlora.training import divergence
 from sdlora.formats import read_adapter
+from sdlora.training import checkpoint, divergence
 from sdlora.training.interrupt import GracefulStop
 from sdlora.training.lock import LOCK_NAME, OutputLock, OutputLockedError
 from sdlora.training.run import TrainingRun

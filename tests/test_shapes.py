@@ -7,8 +7,15 @@ import random
 import pytest
 
 from sdlora.bench.quality import STRIPED_THRESHOLD, base_prompts, styled_prompts
+from sdlora.bench.shapes import (
+    NOT_BLACK,
+    SHAPES,
+    SUBJECT_SHAPE,
+    random_scene,
+    read_scene,
+    render,
+)
 from sdlora.models import PACKAGED_BASES
-from sdlora.bench.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, read_scene, render
 
 
 @pytest.mark.parametrize("style", ["plain", "outline"])

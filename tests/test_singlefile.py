@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
 
-from sdlora.models import ModelLoadError, load_base_model
 from sdlora.formats.singlefile import save_single_file, to_ldm_checkpoint
+from sdlora.models import ModelLoadError, load_base_model
 
 
 @pytest.fixture(scope="module")

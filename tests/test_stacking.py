@@ -7,10 +7,8 @@ import pytest
 import torch
 from adapter_factory import make_adapter
 
-from sdlora import formats
-from sdlora import inference
-from sdlora.models import lora
-from sdlora.models import load_base_model
+from sdlora import formats, inference
+from sdlora.models import load_base_model, lora
 
 PROMPT = "a red circle on a blue background"
 

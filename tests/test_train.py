@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sdlora.training import loop as train_loop
 from sdlora.formats import read_adapter
+from sdlora.training import loop as train_loop
 from sdlora.training.run import TrainingRun
 
 

@@ -11,7 +11,13 @@ import itertools
 from dataclasses import dataclass
 
 from sdlora import inference
-from sdlora.bench.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, SUBJECT_TRIGGER, read_scene
+from sdlora.bench.shapes import (
+    NOT_BLACK,
+    SHAPES,
+    SUBJECT_SHAPE,
+    SUBJECT_TRIGGER,
+    read_scene,
+)
 
 STRIPED_THRESHOLD = 0.15  # share of black pixels inside the shape's box above which a picture reads as striped
 
@@ -82,9 +88,11 @@ def score(pipe, prompts: list[Prompt], seeds=(0, 1), steps: int = 25, guidance_s
 
 def quality_report(base: str, style_path: str, subject_path: str, seeds=(0, 1), steps: int = 25) -> dict:
     """All four measures; a dict of named numbers (scripts/quality.py prints it; the slow test asserts on it)."""
+    from sdlora.hostmem import settle_host_memory
     from sdlora.models import load_base_model
 
     pipe = inference.build_pipeline(load_base_model(base))
+    settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
     stack = inference.stack_adapters(
         pipe, [inference.AdapterSpec(style_path, 0.0), inference.AdapterSpec(subject_path, 0.0)]
     )

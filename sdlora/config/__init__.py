@@ -2,7 +2,15 @@
 
 The package's public names are re-exported here."""
 
+from sdlora.config.files import (  # noqa: F401
+    ConfigError,
+    apply_overrides,
+    explain,
+    read_config_file,
+)
 from sdlora.config.schema import (  # noqa: F401
+    TEXT_ENCODER_ATTENTION_TARGETS,
+    UNET_ATTENTION_TARGETS,
     BucketSection,
     CaptionSection,
     DataSection,
@@ -15,17 +23,9 @@ from sdlora.config.schema import (  # noqa: F401
     SafetySection,
     SampleSection,
     SourceSection,
-    TEXT_ENCODER_ATTENTION_TARGETS,
     TrainSection,
-    UNET_ATTENTION_TARGETS,
     dump_config,
     load_config,
     load_folder_settings,
     validate_config,
-)
-from sdlora.config.files import (  # noqa: F401
-    ConfigError,
-    apply_overrides,
-    explain,
-    read_config_file,
 )

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import difflib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, get_args
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ValidationError
 

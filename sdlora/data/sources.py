@@ -16,7 +16,13 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sdlora.config import CaptionSection, ConfigError, FolderSettings, SourceSection, load_folder_settings
+from sdlora.config import (
+    CaptionSection,
+    ConfigError,
+    FolderSettings,
+    SourceSection,
+    load_folder_settings,
+)
 from sdlora.data.captions import caption_from_filename
 from sdlora.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
 

@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +28,27 @@ def ensure_free_space(folder: Path, needed_bytes: int, what: str) -> None:
         )
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
+@contextlib.contextmanager
+def discarded_on_failure(discard: Callable[[], None], disk_full_message: str) -> Iterator[None]:
+    """Run `discard` (delete the partial output) if the block fails; a full disk becomes one `DiskFullError` that
+    says what was kept, anything else propagates as it is."""
+    try:
+        yield
+    except BaseException as exc:
+        discard()
+        if is_disk_full(exc):
+            raise DiskFullError(disk_full_message) from exc
+        raise
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it is fsynced and renamed over `path`."""
@@ -36,19 +57,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    try:
+    with discarded_on_failure(
+        lambda: tmp_path.unlink(missing_ok=True),
+        f"{path}: the disk filled up while writing it; the half-written copy was deleted and the previous "
+        "file, if any, is unchanged. Free some space and try again",
+    ):
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-    except BaseException as exc:
-        tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"{path}: the disk filled up while writing it; the half-written copy was deleted and the previous "
-                "file, if any, is unchanged. Free some space and try again"
-            ) from exc
-        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -60,7 +77,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
     from safetensors.torch import save_file
 
     path = Path(path)
-    needed = sum(t.numel() * t.element_size() for t in tensors.values()) + 1_000_000
+    needed = tensor_bytes(tensors.values()) + 1_000_000
     ensure_free_space(path.parent, needed, str(path))
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

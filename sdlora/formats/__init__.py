@@ -4,10 +4,10 @@
 The package's public names are re-exported here."""
 
 from sdlora.formats.adapter import (  # noqa: F401
-    AdapterFile,
-    AdapterFormatError,
     COMPONENTS,
     DTYPES,
+    AdapterFile,
+    AdapterFormatError,
     convert,
     describe,
     detect_format,

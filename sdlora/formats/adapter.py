@@ -24,8 +24,8 @@ import torch
 
 from sdlora import __version__
 from sdlora.files.atomic import save_safetensors_atomic
-from sdlora.models.lora import AdapterShape
 from sdlora.files.untrusted import validate_safetensors
+from sdlora.models.lora import AdapterShape
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")

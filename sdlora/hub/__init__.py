@@ -3,10 +3,10 @@
 The package's public names are re-exported here."""
 
 from sdlora.hub.transfer import (  # noqa: F401
-    CheckpointPusher,
-    HubError,
     PREFERRED_ADAPTER,
     REPO_ID,
+    CheckpointPusher,
+    HubError,
     UploadPlan,
     parse_hub_source,
     plan_upload,

@@ -3,10 +3,10 @@
 The package's public names are re-exported here."""
 
 from sdlora.inference.pipeline import (  # noqa: F401
+    SCHEDULERS,
     AdapterSpec,
     AdapterStack,
     LoraNameError,
-    SCHEDULERS,
     build_pipeline,
     cell_origin,
     generate,
@@ -15,6 +15,5 @@ from sdlora.inference.pipeline import (  # noqa: F401
     preview_adapters,
     prompt_specs,
     resolve_in_folder,
-    rng_isolated,
     stack_adapters,
 )

@@ -8,19 +8,15 @@ for full-speed generation and unfused again.
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlora import formats
-from sdlora.models import lora
-from sdlora.models import BaseModel
-from sdlora.hostmem import settle_host_memory
+from sdlora import formats, rng
+from sdlora.models import BaseModel, lora
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -67,14 +63,11 @@ def _is_number(text: str) -> bool:
 
 
 def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, retain_host_memory: bool = True):
+                   dtype: torch.dtype = torch.float32):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) over already-loaded
-    components (no second copy of the weights). On a CPU, freed memory is kept in the process by default
-    (`speed.settle_host_memory`): otherwise each denoising step page-faults its activations back."""
+    components (no second copy of the weights). It leaves the process's memory policy alone: commands that
+    generate on a CPU call `hostmem.settle_host_memory` themselves."""
     import diffusers
-
-    if retain_host_memory and torch.device(device).type == "cpu":
-        settle_host_memory(retain=True)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler not in SCHEDULERS:
@@ -260,7 +253,7 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
     stack = AdapterStack(pipe)
     names = [f"preview_{number}" for number in range(len(specs))]
     try:
-        with rng_isolated():
+        with rng.isolated():
             for name, spec in zip(names, specs):
                 stack.add(name, formats.read_adapter(spec.source))
         for component, index in (("unet", 0), ("text_encoder", 1)):
@@ -292,27 +285,12 @@ def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack
     return stack
 
 
-@contextlib.contextmanager
-def rng_isolated():
-    """Sampling must not move the training RNG streams: a run with previews equals one without."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
-
-
 def generate(pipe, prompt: str, *, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
              negative_prompt: str = "", height: int | None = None, width: int | None = None,
              num_images: int = 1) -> list[Image.Image]:
     """Images for one prompt; image i uses seed + i, so a batch equals separate single-image calls."""
     images = []
-    with rng_isolated(), torch.no_grad():
+    with rng.isolated(), torch.no_grad():
         for index in range(num_images):
             generator = torch.Generator(device="cpu").manual_seed(seed + index)
             out = pipe(

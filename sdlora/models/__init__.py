@@ -5,10 +5,10 @@ The package's public names are re-exported here."""
 
 from sdlora.models.base import (  # noqa: F401
     BUILTIN_BASES,
-    BaseModel,
-    ModelLoadError,
     PACKAGED_BASES,
     SINGLE_FILE_SUFFIXES,
+    BaseModel,
+    ModelLoadError,
     cache_root,
     freeze,
     load_base_model,

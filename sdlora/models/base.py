@@ -17,8 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from sdlora.models import backends
-from sdlora.models import families
+from sdlora.models import backends, families
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +175,11 @@ def single_file_family(path: Path) -> str | None:
 def _load_single_file(
     path: Path, config: str | None, torch_dtype, family: str | None = None, allow_pickle: bool = False
 ) -> BaseModel:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     from sdlora.files.untrusted import check_single_file
 

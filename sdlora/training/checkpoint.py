@@ -7,10 +7,8 @@ never mistaken for a checkpoint; `latest_checkpoint` only ever sees complete one
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora.files.atomic import DiskFullError, ensure_free_space
+from sdlora.files.atomic import discarded_on_failure, ensure_free_space, tensor_bytes
 from sdlora.files.untrusted import validate_safetensors
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
@@ -92,32 +90,6 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RNG
-
-
-def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "generators": {name: g.get_state() for name, g in generators.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(tuple(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    for name, generator in generators.items():
-        generator.set_state(state["generators"][name])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Save / load
 
@@ -140,11 +112,15 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         "extra": state.extra,
     }
     trainable = {name: t.detach().cpu().contiguous() for name, t in state.trainable.items()}
-    size = sum(t.numel() * t.element_size() for t in [*tensors.values(), *trainable.values()])
+    size = tensor_bytes([*tensors.values(), *trainable.values()])
     ensure_free_space(folder, size + 1_000_000, "a checkpoint")
     final = folder / checkpoint_name(state.step)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=folder))
-    try:
+    with discarded_on_failure(
+        lambda: shutil.rmtree(staging, ignore_errors=True),
+        f"{final}: the disk filled up while writing this checkpoint; it was discarded and the previous "
+        "checkpoints are unchanged. Free some space and resume with --resume latest",
+    ):
         save_file(trainable, str(staging / "trainable.safetensors"))
         if os.environ.get(PAUSE_ENV):
             time.sleep(float(os.environ[PAUSE_ENV]))
@@ -153,14 +129,6 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-    except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"{final}: the disk filled up while writing this checkpoint; it was discarded and the previous "
-                "checkpoints are unchanged. Free some space and resume with --resume latest"
-            ) from exc
-        raise
     remove_partials(folder)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -16,9 +16,9 @@ import socket
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from sdlora.training.folder import LOCK_NAME
 
-LOCK_NAME = ".sdlora.lock"
+log = logging.getLogger(__name__)
 
 
 class OutputLockedError(RuntimeError):

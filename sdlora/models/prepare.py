@@ -1,0 +1,67 @@
+"""Make a loaded base trainable: quantize its frozen weights, attach LoRA, store and place the frozen weights, and
+switch on the attention backend and speed levers the config asks for. The model half of a run's setup."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from sdlora.config import LoraSection, RunConfig
+from sdlora.models import families, lora
+from sdlora.models.base import BaseModel, place, set_attention_backend
+from sdlora.models.precision import store_frozen_weights
+from sdlora.models.quantize import quantize_frozen
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainableModels:
+    base: BaseModel  # with LoRA attached to its UNet (and text encoders when they train)
+    trained_encoders: dict[str, torch.nn.Module]  # by adapter component; empty unless lora.train_text_encoder
+    prediction_type: str  # what the UNet is trained to predict (train.prediction_type or the base's own)
+    attention: str  # the attention backend in use
+
+
+def adapter_shape(section: LoraSection, targets: tuple[str, ...]) -> lora.AdapterShape:
+    return lora.AdapterShape(section.rank, section.effective_alpha, targets, section.dropout)
+
+
+def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.device,
+                         weight_dtype: torch.dtype) -> TrainableModels:
+    train, lora_cfg = config.train, config.lora
+    quantize_frozen({"unet": base.unet, **base.text_encoders}, config.model.quantize, device, weight_dtype)
+    prediction_type = train.prediction_type or base.prediction_type
+    if train.zero_terminal_snr:
+        base.scheduler = families.with_zero_terminal_snr(base.scheduler, prediction_type)
+    lora.attach(base.unet, adapter_shape(lora_cfg, lora_cfg.unet_targets))
+    # "Train the text encoder" means every text encoder of the base: SDXL's two (kohya's te1 / te2).
+    trained_encoders = dict(base.text_encoders) if lora_cfg.train_text_encoder else {}
+    for encoder in trained_encoders.values():
+        lora.attach(encoder, adapter_shape(lora_cfg, lora_cfg.text_encoder_targets))
+    # Stored before placing: stored weights keep their dtype through place(), so the full-size frozen model never
+    # exists (and a GPU receives half the bytes).
+    for module in (base.unet, *base.text_encoders.values()):
+        store_frozen_weights(module, train.weight_storage, weight_dtype)
+    place(base, device, weight_dtype)
+    lora.cast_lora_to_fp32(base.unet, *base.text_encoders.values())
+    attention = set_attention_backend(base.unet, train.attention, device)
+    if train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for encoder in trained_encoders.values():
+            encoder.gradient_checkpointing_enable()
+    apply_speed_options(base.unet, train.channels_last, train.compile)
+    return TrainableModels(base, trained_encoders, prediction_type, attention)
+
+
+def apply_speed_options(unet: torch.nn.Module, channels_last: bool, compile_unet: bool) -> None:
+    """channels-last convolutions and torch.compile, in place: the module keeps its identity and its LoRA keys.
+    Neither changes what the UNet computes; each is a config switch so `scripts/bench.py` can measure it."""
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if compile_unet:
+        # nn.Module.compile keeps parameter names (no `_orig_mod.` prefix), so saving and resuming are unchanged.
+        unet.compile()
+        log.info("train.compile: the UNet is compiled on its first step (slow), later steps reuse the graph")
