@@ -187,21 +187,6 @@ def check(
     )
 
 
-def tokenizer_counter(base: str) -> TokenCounter | None:
-    """Exact CLIP token counts when the base is a local diffusers folder with a tokenizer; else None (approximate)."""
-    folder = Path(base) / "tokenizer"
-    if not folder.is_dir():
-        return None
-    try:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read the tokenizer in %s (%s); caption lengths are estimated", folder, exc)
-        return None
-    return TokenCounter(lambda text: len(tokenizer(text).input_ids), tokenizer.model_max_length, "tokenizer")
-
-
 def log_summary(report: PreflightReport) -> None:
     """What a training run prints about its data: every skipped file by name, and how many warnings there are."""
     for finding in report.skipped:

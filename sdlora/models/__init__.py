@@ -10,6 +10,7 @@ from sdlora.models.base import (  # noqa: F401
     BaseModel,
     ModelLoadError,
     cache_root,
+    caption_token_counter,
     freeze,
     load_base_model,
     place,

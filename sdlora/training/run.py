@@ -28,7 +28,13 @@ from sdlora.data import CaptionedImageDataset, cache, preflight
 from sdlora.data.loader import training_loader
 from sdlora.files.atomic import write_text_atomic
 from sdlora.hostmem import retention_wanted, settle_host_memory
-from sdlora.models import BaseModel, families, freeze, load_base_model
+from sdlora.models import (
+    BaseModel,
+    caption_token_counter,
+    families,
+    freeze,
+    load_base_model,
+)
 from sdlora.models.precision import (
     COMPUTE_DTYPES,
     load_dtype_for,
@@ -180,7 +186,7 @@ class TrainingRun:
         cfg = self.config
         self.report = preflight.check(
             cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation, self.accelerator.num_processes,
-            tokens=preflight.tokenizer_counter(cfg.model.base),
+            tokens=caption_token_counter(cfg.model.base),
         )
         preflight.require_usable(self.report, cfg.train.batch_size, self.accelerator.num_processes)
         preflight.log_summary(self.report)
