@@ -173,7 +173,8 @@ def walk(model: type[BaseModel], prefix: str, title: str, intro: str = "", where
         kind = "list of entries" if is_list else type_text(info.annotation)
         bounds = bounds_text(info)
         # A section's default is its fields' defaults, listed in its own table.
-        default = "see its fields" if inner is not None and not is_list and info.default is not None else default_text(info)
+        section = inner is not None and not is_list and info.default is not None
+        default = "see its fields" if section else default_text(info)
         rows.append(Row(dotted, kind + (f", {bounds}" if bounds else ""), default, description))
     sections = [Section(prefix, title, intro or _docstring(model), tuple(rows))]
     for inner, child, child_title in nested:
@@ -227,9 +228,11 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page differs from the schema; write nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the page differs from the schema; write nothing")
     parser.add_argument("--missing", action="store_true", help="list fields that have no description")
-    parser.add_argument("--out", type=Path, default=PAGE, help=f"page to write or check (default: {PAGE.relative_to(ROOT)})")
+    parser.add_argument("--out", type=Path, default=PAGE,
+                        help=f"page to write or check (default: {PAGE.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.missing:
         print("\n".join(missing_descriptions()) or "every field has a description")
