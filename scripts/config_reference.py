@@ -85,7 +85,6 @@ class Row:
 
 @dataclass(frozen=True)
 class Section:
-    name: str  # dotted prefix; "" for the folder-settings file
     title: str
     intro: str
     rows: tuple[Row, ...]
@@ -176,7 +175,7 @@ def walk(model: type[BaseModel], prefix: str, title: str, intro: str = "", where
         section = inner is not None and not is_list and info.default is not None
         default = "see its fields" if section else default_text(info)
         rows.append(Row(dotted, kind + (f", {bounds}" if bounds else ""), default, description))
-    sections = [Section(prefix, title, intro or _docstring(model), tuple(rows))]
+    sections = [Section(title, intro or _docstring(model), tuple(rows))]
     for inner, child, child_title in nested:
         sections += walk(inner, child, child_title, _docstring(inner), where)
     return sections
