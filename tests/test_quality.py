@@ -18,7 +18,7 @@ pytestmark = [
                        reason="sdlora:shapes is not in this checkout (scripts/train_base.py makes it)"),
 ]
 
-# Measured for the committed base and demo configs (README, "The offline demo"): colour 0.93, background 1.00, shape
+# Measured for the committed base and demo configs (docs/demo.md): colour 0.93, background 1.00, shape
 # 0.82; stripes 0.005 -> 0.020 -> 0.119 over style weights 0 / 0.5 / 1 with colour kept 0.96; rings 0.00 -> 0.83
 # with the subject adapter; stacked: rings 0.375, striped 0.79. The thresholds leave room for float-order
 # differences between machines and retrains.

@@ -58,7 +58,7 @@ def test_captions_name_the_trigger_word_for_the_subject():
                     reason="sdlora:shapes is not in this checkout (scripts/train_base.py makes it)")
 def test_the_shipped_base_loads_by_name_and_draws_the_prompted_colours():
     """fp16 weights on disk load as fp32 by the built-in name; the shape's colour and the background are read back
-    from the pictures (see README for the measured adherence over many prompts)."""
+    from the pictures (docs/demo.md has the measured adherence over many prompts)."""
     import torch
 
     from sdlora import inference
