@@ -5,8 +5,10 @@ name to `dtype`, `shape` and `data_offsets` [begin, end) inside the data region.
 most broken files, but its errors are terse and a header can still ask it to allocate a lot. Here every claim of the
 header is checked against the file itself with nothing but `os.stat` and one bounded read: the header length fits
 in the file and under a limit, the JSON is an object of well-formed entries, each tensor's byte range matches its
-dtype and shape, lies inside the file, and the ranges neither overlap nor leave holes. Pickle files are not
-validated here at all: they are refused unless a user opts in (see `models.py`).
+dtype and shape, lies inside the file, and the ranges neither overlap nor leave holes.
+
+A pickle checkpoint (`.ckpt`, `.pt`, `.pth`, `.bin`) can run code when loaded: `check_single_file` refuses it
+unless the user opts in (`model.allow_pickle`), and even then only if `torch.load(weights_only=True)` accepts it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 def check_single_file(path: str | Path, allow_pickle: bool) -> None:
     """Gate for a single-file base checkpoint: safetensors is validated; pickle only with the opt-in, and only if
-    `torch.load(weights_only=True)` accepts it (plain tensors and containers, no code). Raises ValueError."""
+    `torch.load(weights_only=True)` accepts it (plain tensors and containers, no code). Raises UnsafeFileError."""
     path = Path(path)
     if path.suffix == ".safetensors":
         validate_safetensors(path)
