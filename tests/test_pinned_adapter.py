@@ -1,28 +1,37 @@
 """Refactors must not change what training computes: the same seed and config give the same adapter, bit for bit.
 
 `data/pinned_adapter.safetensors` was written by sdlora 0.1.0 at commit 5b47eba (the last flat-package release) on
-the project's 2-core CPU machines with the torch in constraints.txt. Float results can differ with the torch
-build, the CPU's kernels or the thread count, so the comparison is exact only on that set-up: elsewhere it
-falls back to a tolerance that still catches any change to the training maths (a wrong loss, a dropped step, another
-initialisation all move the tensors by far more).
+the project's 2-core x86-64 CPU machines with torch 2.13.0 (constraints.txt) and 2 threads. Float results depend on
+the torch build and the thread count (Adam turns last-bit gradient differences into lr-sized steps, so no tolerance
+could both absorb them and still catch a real change): the test runs with the reference thread count and skips
+under another torch, where it cannot say anything.
 """
 
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
-from conftest import write_shapes_dataset
 from safetensors.torch import load_file
 
+from conftest import write_shapes_dataset
+
 PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned_adapter.safetensors")
+REFERENCE_TORCH, REFERENCE_THREADS = "2.13.0", 2
 
 
-def _reference_setup() -> bool:
-    return torch.__version__.split("+")[0] == "2.13.0" and torch.get_num_threads() == 2
+@pytest.fixture
+def reference_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE_THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
-def test_same_seed_and_config_give_the_pinned_adapter(tiny_base, tmp_path):
+@pytest.mark.skipif(torch.__version__.split("+")[0] != REFERENCE_TORCH,
+                    reason=f"the pinned adapter was computed with torch {REFERENCE_TORCH}")
+def test_same_seed_and_config_give_the_pinned_adapter(tiny_base, tmp_path, reference_threads):
     from sdlora.config import load_config
     from sdlora.training.run import train
 
@@ -35,10 +44,8 @@ def test_same_seed_and_config_give_the_pinned_adapter(tiny_base, tmp_path):
     result = train(config)
     got, pinned = load_file(result.adapter_path), load_file(PINNED)
     assert sorted(got) == sorted(pinned)
-    # The adapter must have moved away from its initialisation, or the comparison would prove little.
+    assert any(k.startswith("text_encoder.") for k in pinned) and any(k.startswith("unet.") for k in pinned)
+    # The adapter moved away from its initialisation (B starts at zero), or the comparison would prove little.
     assert any(t.abs().max() > 0 for k, t in pinned.items() if "lora_B" in k)
-    for key in pinned:
-        if _reference_setup():
-            assert torch.equal(got[key], pinned[key]), f"{key} differs from the pinned adapter"
-        else:
-            torch.testing.assert_close(got[key], pinned[key], rtol=1e-4, atol=1e-6, msg=f"{key}")
+    differing = [key for key in pinned if not torch.equal(got[key], pinned[key])]
+    assert not differing, f"{len(differing)} of {len(pinned)} tensors differ from the pinned adapter: {differing[:3]}"
