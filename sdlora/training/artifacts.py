@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdlora.config.names import public_name
 from sdlora.training import distributed
 from sdlora.models import families
 from sdlora import formats
@@ -18,17 +19,20 @@ from sdlora.models import BaseModel
 
 
 def adapter_file(run) -> formats.AdapterFile:
-    """The trained LoRA with its metadata. Call on every process: gathering under FSDP / DeepSpeed is collective."""
+    """The trained LoRA with its metadata. Call on every process: gathering under FSDP / DeepSpeed is collective.
+
+    The file is made to be shared, so its metadata names the base by hub id or built-in name, a local base by its
+    folder or file name, and records the config with every local path cut to its final name."""
     cfg = run.config
     tensors = {name: distributed.lora_tensors(run.accelerator, m) for name, m in run.trained_models.items()}
     shapes = {c: formats.shape_from_tensors(t, cfg.lora.effective_alpha) for c, t in tensors.items()}
     metadata = {
-        "sdlora.base_model": run.base.source,
+        "sdlora.base_model": public_name(run.base.source),
         "sdlora.family": run.base.family,
         "sdlora.prediction_type": run.parts.prediction_type,
         "sdlora.rank": str(cfg.lora.rank),
         "sdlora.alpha": str(cfg.lora.effective_alpha),
-        "sdlora.training_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "sdlora.training_config": json.dumps(cfg.to_public_dict(), sort_keys=True),
         **families.adapter_metadata(run.base.family, run.parts.prediction_type, cfg.data.resolution),
     }
     metadata.update(adapter_metadata.provenance(
