@@ -294,16 +294,21 @@ def _settings(facts: RunFacts) -> list[tuple[str, str]]:
 
 def build_card(run_dir: str | Path, repo_id: str | None = None, dataset_size: int | None = None) -> ModelCard:
     """The card for a run folder; `repo_id` goes into the snippets (default: a placeholder to replace)."""
+    _check_repo_id(repo_id)  # before the folder is read: a typo is reported as itself
     return card_for(gather(run_dir, dataset_size), repo_id)
 
 
-def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
-    """The card for gathered run facts; `repo_id` goes into the snippets (default: a placeholder to replace)."""
+def _check_repo_id(repo_id: str | None) -> None:
     if repo_id is not None:
         try:
             check_repo_id(repo_id)
         except RepoIdError as exc:
             raise CardError(f"--repo-id: {exc}") from None
+
+
+def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
+    """The card for gathered run facts; `repo_id` goes into the snippets (default: a placeholder to replace)."""
+    _check_repo_id(repo_id)
     out, prompts = facts.config.output, facts.config.sample.prompts
     words = ", ".join(f"`{w}`" for w in out.trigger_words)
     repo = repo_id or "USER/REPO"
