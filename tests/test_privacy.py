@@ -1,8 +1,8 @@
 """Nothing private leaves the machine: what a push uploads and the saved adapters' headers hold no local path.
 
 A real run on the tiny base writes into pytest's tmp_path, so every private path is known: the run folder, the
-dataset, the base, the home directory. The test greps every byte a push uploads (as sent to the test Hub) and
-every header value of the diffusers and kohya files for them.
+dataset, the base, the home directory. The test greps every byte a push uploads (as sent to the test Hub), the
+checkpoints `hub.push_checkpoints` would upload, and every header value of the diffusers and kohya files for them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def private_run(tiny_base, style_dataset, tmp_path_factory) -> Path:
         f"model.base={tiny_base}", f"model.single_file_config={tiny_base}", f"data.path={style_dataset}",
         f"data.cache_dir={root / 'cache'}", "data.resolution=64", "train.steps=2", "train.batch_size=2",
         f"output.dir={root / 'run'}", "output.name=style", "output.kohya=true", "sample.prompts=[a red circle]",
-        "sample.steps=2",
+        "sample.steps=2", "train.checkpoint_every=1",
     ])
     train(config)
     return root / "run"
@@ -86,6 +86,13 @@ def test_no_local_path_in_anything_a_push_uploads_or_in_the_adapter_headers(
         for name, data in blobs.items():
             for secret in private:
                 assert secret.encode() not in data, f"{label}: {name} holds {secret}"
+
+    # hub.push_checkpoints uploads checkpoint folders as they are: they hold no path either.
+    checkpoints = [p for p in (private_run / "checkpoints").rglob("*") if p.is_file()]
+    assert checkpoints
+    for path in checkpoints:
+        for secret in private:
+            assert secret.encode() not in path.read_bytes(), f"{path.relative_to(private_run)} holds {secret}"
 
     headers = _headers(private_run)
     assert set(headers) == {"style.safetensors", "style_kohya.safetensors"}
@@ -191,3 +198,35 @@ def test_a_relative_folder_that_looks_like_a_hub_id_is_local(tmp_path, monkeypat
     assert public_name("models/sd15") == "models/sd15"  # not here: a hub id, as the loaders would read it
     (tmp_path / "models" / "sd15").mkdir(parents=True)
     assert public_name("models/sd15") == "sd15"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every other writer of a shared file
+
+
+def test_converting_an_older_adapter_drops_its_full_base_path(private_run, tmp_path):
+    """Files an older sdlora wrote hold the base's full path: convert and merge write the name only."""
+    from sdlora import formats
+    from sdlora.inference.merge import merge_adapters
+
+    adapter = formats.read_adapter(private_run / "style.safetensors")
+    adapter.metadata["sdlora.base_model"] = "/home/alice/models/sd15-base"
+    written = [formats.save_kohya(tmp_path / "k.safetensors", adapter),
+               formats.save_diffusers(tmp_path / "d.safetensors", adapter),
+               formats.save_diffusers(tmp_path / "m.safetensors", merge_adapters([(adapter, 0.5)]))]
+    headers = _headers(tmp_path)
+    assert sorted(headers) == sorted(p.name for p in written)
+    for name, header in headers.items():
+        assert header["sdlora.base_model"] == "sd15-base", name
+        assert not [k for k, v in header.items() if "/home/alice" in v], name
+    assert headers["k.safetensors"]["ss_sd_model_name"] == "sd15-base"
+
+
+def test_a_single_file_export_names_its_base_by_folder_name(tiny_base, tmp_path):
+    from sdlora.formats.singlefile import save_single_file
+    from sdlora.models import load_base_model
+
+    path = save_single_file(load_base_model(str(tiny_base)), tmp_path / "merged.safetensors")
+    header = _headers(tmp_path)[path.name]
+    assert header["sdlora.source"] == tiny_base.name
+    assert not [k for k, v in header.items() if str(tiny_base) in v]
