@@ -134,7 +134,8 @@ def _facts(base: str, **output) -> RunFacts:
     overrides = [f"model.base={base}", "output.name=style", "output.trigger_words=[sks]"]
     overrides += [f"output.{key}={value}" for key, value in output.items()]
     metadata = {"sdlora.base_model": base, "sdlora.family": "sd1"}
-    return RunFacts(config=load_config(None, overrides), adapters=[AdapterInfo("style.safetensors", "diffusers", metadata)],
+    return RunFacts(config=load_config(None, overrides),
+                    adapters=[AdapterInfo("style.safetensors", "diffusers", metadata)],
                     samples=[], dataset_size=8, final_loss=None, steps_done=2)
 
 

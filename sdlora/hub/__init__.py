@@ -6,7 +6,6 @@ from sdlora.hub.transfer import (  # noqa: F401
     CheckpointPusher,
     HubError,
     PREFERRED_ADAPTER,
-    REPO_ID,
     UploadPlan,
     parse_hub_source,
     plan_upload,

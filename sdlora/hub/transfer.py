@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.config import dump_config
-from sdlora.config.names import REPO_ID, RepoIdError, check_repo_id, is_repo_id  # noqa: F401 (REPO_ID re-exported)
+from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id
 from sdlora.hub import card
 
 log = logging.getLogger(__name__)
