@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from sdlora import hub
 from sdlora.cli import main
-from sdlora.config import load_config
+from sdlora.config import dump_config, load_config
 from sdlora.workflow import train
 
 FAKE_TOKEN = "hf_sdloraFakeToken0123456789abcdefXYZ"
@@ -169,8 +169,12 @@ def test_push_uploads_the_run_in_one_commit(run_dir, hub_server):
     assert sorted(repo.files) == [
         "README.md", "config.yaml", "samples/step-000003.png", "style.safetensors", "style_kohya.safetensors"
     ]
-    for name in ("style.safetensors", "style_kohya.safetensors", "config.yaml", "samples/step-000003.png"):
+    for name in ("style.safetensors", "style_kohya.safetensors", "samples/step-000003.png"):
         assert repo.files[name] == (run_dir / name).read_bytes(), name
+    # The config goes up as a copy with local paths cut to their final names (the run folder keeps full ones).
+    config = hub.card.gather(run_dir).config
+    assert repo.files["config.yaml"].decode() == dump_config(config, public=True)
+    assert str(config.data.path) in (run_dir / "config.yaml").read_text()
     card = ModelCard(repo.files["README.md"].decode())
     assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert "template:sd-lora" in card.data.tags and card.data.instance_prompt == "sks style"
@@ -216,7 +220,8 @@ def test_push_to_a_bad_repo_id_is_one_clear_line(run_dir, capsys):
 # Pull
 
 
-def test_pulled_adapter_generates_the_same_image_as_the_local_file(run_dir, hub_server, hub_default, tmp_path):
+def test_pulled_adapter_generates_the_same_image_as_the_local_file(run_dir, hub_server, hub_default, tmp_path,
+                                                                    tiny_base):
     hub.push(run_dir, REPO, endpoint=hub_server.url)
     # The explicit-file form lands in the normal huggingface_hub cache, byte for byte.
     path = Path(hub.resolve_adapter(f"{REPO}:style.safetensors", endpoint=hub_server.url))
@@ -228,18 +233,12 @@ def test_pulled_adapter_generates_the_same_image_as_the_local_file(run_dir, hub_
     for label, lora in sources.items():
         out = tmp_path / f"{label}.png"
         flags = [arg for source in lora for arg in ("--lora", f"{source}:0.7")]
-        assert main(["generate", "--base", hub_base(run_dir), *flags, "--prompt", "a red circle", "--steps", "2",
+        assert main(["generate", "--base", str(tiny_base), *flags, "--prompt", "a red circle", "--steps", "2",
                      "--height", "64", "--width", "64", "-o", str(out)]) == 0
         images[label] = np.asarray(Image.open(out))
     assert np.array_equal(images["local"], images["hub"])
     # The adapter changes the image, so the equality above is not two base-model images.
     assert not np.array_equal(images["base"], images["hub"])
-
-
-def hub_base(run_dir: Path) -> str:
-    from sdlora.hub.card import gather
-
-    return gather(run_dir).primary.metadata["sdlora.base_model"]
 
 
 def test_pull_of_a_missing_repo_is_a_clear_error(hub_server):

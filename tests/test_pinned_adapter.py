@@ -13,9 +13,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_shapes_dataset
+from safetensors.torch import load_file
 
 PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned_adapter.safetensors")
 REFERENCE_TORCH, REFERENCE_THREADS = "2.13.0", 2

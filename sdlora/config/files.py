@@ -1,6 +1,6 @@
 """Reading config files and `section.field=value` overrides, and wording validation errors for people.
 
-The schema lives in `config.py`; this module knows YAML/TOML and pydantic's error records, not the fields.
+The schema lives in `schema.py`; this module knows YAML/TOML and pydantic's error records, not the fields.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Typed run configuration: the schema every run is validated against (reading files: `configfile.py`).
+"""Typed run configuration: the schema every run is validated against (reading files: `files.py`).
 
 A run is described by one YAML or TOML file. Every field has its default here, in the schema, and nowhere else.
 Unknown keys are refused (a misspelt option must never silently do nothing) and every error names the field,
@@ -8,7 +8,6 @@ the value it got and what it accepts. The validated config is frozen: nothing ch
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from pydantic import (
 
 # Re-exported: callers import these from sdlora.config.
 from sdlora.config.files import ConfigError, apply_overrides, explain, read_config_file  # noqa: F401
+from sdlora.config.names import check_repo_id, local_name, public_name
 
 
 class _Section(BaseModel):
@@ -274,6 +274,12 @@ class OutputSection(_Section):
         None, description="Hub id recorded as the card's base_model when model.base is a local folder or file."
     )
 
+    @field_validator("base_model_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        # It is published on the card: a local path here would leak, and the Hub refuses anything but an id.
+        return None if value is None else check_repo_id(value)
+
 
 class SampleSection(_Section):
     prompts: tuple[str, ...] = Field((), description="Prompts rendered after training (and every `every` steps).")
@@ -295,12 +301,15 @@ class HubSection(_Section):
         False, description="Upload each checkpoint, then the finished run, in the background while training."
     )
 
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
     @model_validator(mode="after")
     def _needs_repo(self) -> HubSection:
         if self.push_checkpoints and not self.repo_id:
             raise ValueError("hub.push_checkpoints needs hub.repo_id (user/name)")
-        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
-            raise ValueError(f"hub.repo_id must look like user/name, got {self.repo_id!r}")
         return self
 
 
@@ -345,8 +354,33 @@ class RunConfig(_Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict, as recorded in adapter metadata and the run folder."""
+        """Plain JSON-able dict, as the run folder keeps it (full local paths: resuming needs them)."""
         return json.loads(self.model_dump_json())
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """`to_dict()` fit to share (adapter metadata, the config a push uploads): every local path by its final
+        name only; hub ids and built-in names as they are. Every `Path` field is covered by its type, the text
+        fields that may name a local file by SOURCE_FIELDS."""
+        return _public(self, self.to_dict(), "")
+
+
+# Text fields that name a base, a config folder or an adapter: a hub id or built-in name, or a local path.
+SOURCE_FIELDS = ("model.base", "model.single_file_config", "sample.adapters")
+
+
+def _public(model: BaseModel, data: dict[str, Any], where: str) -> dict[str, Any]:
+    for name in type(model).model_fields:
+        value, key = getattr(model, name), f"{where}{name}"
+        if isinstance(value, BaseModel):
+            _public(value, data[name], f"{key}.")
+        elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
+            for item, dumped in zip(value, data[name]):
+                _public(item, dumped, f"{key}.")
+        elif isinstance(value, Path):
+            data[name] = local_name(value)
+        elif key in SOURCE_FIELDS and value is not None:
+            data[name] = [public_name(v) for v in value] if isinstance(value, tuple) else public_name(value)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,9 +401,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate_config(data, source=str(path) if path is not None else "overrides")
 
 
-def dump_config(config: RunConfig) -> str:
-    """YAML text of a validated config (what the run folder keeps next to the adapter)."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def dump_config(config: RunConfig, public: bool = False) -> str:
+    """YAML text of a validated config: what the run folder keeps next to the adapter, or with `public`, the copy
+    that is shared (local paths by their final name only, see `RunConfig.to_public_dict`)."""
+    return yaml.safe_dump(config.to_public_dict() if public else config.to_dict(), sort_keys=False)
 
 
 def load_folder_settings(path: str | Path) -> FolderSettings:

@@ -96,10 +96,12 @@ def to_diffusers_state_dict(adapter: AdapterFile) -> dict[str, torch.Tensor]:
 
 def save_diffusers(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None = None) -> Path:
     """Write the diffusers/peft file that `pipe.load_lora_weights` loads as is. Atomic."""
+    from sdlora.formats.metadata import shareable
+
     tensors = to_diffusers_state_dict(adapter)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    metadata = {str(k): str(v) for k, v in adapter.metadata.items()}
+    metadata = shareable({str(k): str(v) for k, v in adapter.metadata.items()})
     metadata.update(
         {
             "format": "pt",
@@ -238,7 +240,8 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     main = shapes.get("unet") or next(iter(shapes.values()))
-    header = {k: v for k, v in adapter.metadata.items() if k.startswith(("sdlora.", "ss_", "modelspec."))}
+    header = meta.shareable({k: v for k, v in adapter.metadata.items()
+                             if k.startswith(("sdlora.", "ss_", "modelspec."))})
     header.update(meta.kohya_header(adapter.metadata, main.rank, main.alpha, family, title or Path(path).stem))
     header["sdlora.version"] = __version__
     header["sshs_model_hash"] = meta.tensor_bytes_hash(tensors, {})

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from sdlora.config.names import public_name
+
 SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {
     "sd1": "stable-diffusion-v1/lora",
@@ -53,6 +55,17 @@ def _training_field(metadata: dict[str, str], *path: str):
         return None
 
 
+def shareable(metadata: dict[str, str]) -> dict[str, str]:
+    """A header fit to share: `sdlora.base_model` as a hub id or built-in name, a local base by its final name only.
+
+    Every adapter writer applies it, so converting or merging a file an older sdlora wrote (which kept the full
+    path) does not pass the path on. New files already hold the public name; applying it again changes nothing."""
+    out = dict(metadata)
+    if "sdlora.base_model" in out:
+        out["sdlora.base_model"] = public_name(out["sdlora.base_model"])
+    return out
+
+
 def kohya_header(metadata: dict[str, str], rank: int, alpha: float, family: str, title: str) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` keys for a kohya-format file, from an adapter's sdlora provenance."""
     resolution = _training_field(metadata, "data", "resolution") or {"sdxl": 1024, "sd2_v": 768}.get(family, 512)
@@ -66,7 +79,8 @@ def kohya_header(metadata: dict[str, str], rank: int, alpha: float, family: str,
         "ss_base_model_version": SS_BASE_MODEL_VERSION[family],
         "ss_output_name": title,
         "ss_resolution": str((resolution, resolution)),
-        "ss_sd_model_name": metadata.get("sdlora.base_model", ""),
+        # kohya writes the base's hub id, or a local file's name only (never its path): so does sdlora.
+        "ss_sd_model_name": public_name(metadata.get("sdlora.base_model", "")),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.config.names import public_name
 from sdlora.files.atomic import save_safetensors_atomic
 
 UNET_PREFIX = "model.diffusion_model."
@@ -148,5 +149,6 @@ def save_single_file(base, path: str | Path, dtype: torch.dtype | None = None) -
     tensors = to_ldm_checkpoint(base.unet, base.vae, base.text_encoder)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
-    save_safetensors_atomic(tensors, path, {"format": "pt", "sdlora.source": str(base.source)})
+    # The file is made to be shared: the base is named by hub id or built-in name, a local one by its final name.
+    save_safetensors_atomic(tensors, path, {"format": "pt", "sdlora.source": public_name(str(base.source))})
     return Path(path)

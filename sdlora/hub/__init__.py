@@ -4,7 +4,6 @@ The package's public names are re-exported here."""
 
 from sdlora.hub.transfer import (  # noqa: F401
     PREFERRED_ADAPTER,
-    REPO_ID,
     CheckpointPusher,
     HubError,
     UploadPlan,

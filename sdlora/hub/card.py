@@ -3,7 +3,8 @@
 Everything on the card is read back from the run folder (config.yaml, the adapter headers, samples/,
 train_log.jsonl), so `sdlora card RUN_DIR` rebuilds the same card the end of training wrote. The card is built
 with huggingface_hub's `ModelCard` / `ModelCardData`: the front matter is YAML that the Hub validates, never
-pasted strings.
+pasted strings. The card is published, so it names the base by its hub id, or a local base by its folder or file
+name only (`config.names.public_name`), never by a local path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from sdlora import formats
 from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
+from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id, public_name
 from sdlora.files.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,6 @@ FAMILY_PIPELINES = {
     "sd2-v": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
 }
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# kohya / A1111 / ComfyUI key prefixes (see formats.py and FORMATS.md); the card only needs to tell the files apart.
 
 
 class CardError(ValueError):
@@ -74,12 +74,16 @@ class RunFacts:
         return self.primary.metadata.get("sdlora.family", "sd1")
 
     @property
+    def base_name(self) -> str:
+        """The base as it may be published: its hub id or built-in name, or a local folder's or file's name."""
+        return public_name(self.primary.metadata.get("sdlora.base_model", self.config.model.base))
+
+    @property
     def base_model(self) -> str | None:
         """A hub id for the card's base_model; a local folder or file is not one (the Hub rejects it)."""
         if self.config.output.base_model_id:
             return self.config.output.base_model_id
-        base = self.primary.metadata.get("sdlora.base_model", self.config.model.base)
-        return base if HUB_ID.match(base) and not Path(base).exists() else None
+        return self.base_name if is_repo_id(self.base_name) else None
 
 
 def _read_header(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -267,7 +271,7 @@ The full configuration is in [`config.yaml`](config.yaml).
 def _settings(facts: RunFacts) -> list[tuple[str, str]]:
     cfg = facts.config
     rows = [
-        ("base model", f"`{facts.primary.metadata.get('sdlora.base_model', cfg.model.base)}` ({facts.family})"),
+        ("base model", f"`{facts.base_name}` ({facts.family})"),
         ("dataset size", f"{facts.dataset_size} images" if facts.dataset_size is not None else "not recorded"),
         ("resolution", f"{cfg.data.resolution} px, {cfg.data.crop} crop" + (", random flip" if cfg.data.random_flip else "")),
         ("steps", str(facts.steps_done if facts.steps_done is not None else cfg.train.steps)),
@@ -290,7 +294,21 @@ def _settings(facts: RunFacts) -> list[tuple[str, str]]:
 
 def build_card(run_dir: str | Path, repo_id: str | None = None, dataset_size: int | None = None) -> ModelCard:
     """The card for a run folder; `repo_id` goes into the snippets (default: a placeholder to replace)."""
-    facts = gather(run_dir, dataset_size)
+    _check_repo_id(repo_id)  # before the folder is read: a typo is reported as itself
+    return card_for(gather(run_dir, dataset_size), repo_id)
+
+
+def _check_repo_id(repo_id: str | None) -> None:
+    if repo_id is not None:
+        try:
+            check_repo_id(repo_id)
+        except RepoIdError as exc:
+            raise CardError(f"--repo-id: {exc}") from None
+
+
+def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
+    """The card for gathered run facts; `repo_id` goes into the snippets (default: a placeholder to replace)."""
+    _check_repo_id(repo_id)
     out, prompts = facts.config.output, facts.config.sample.prompts
     words = ", ".join(f"`{w}`" for w in out.trigger_words)
     repo = repo_id or "USER/REPO"

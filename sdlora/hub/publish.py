@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sdlora.config import RunConfig
 from sdlora.hub.card import write_card
-from sdlora.hub.transfer import CheckpointPusher, _check_repo_id
+from sdlora.hub.transfer import CheckpointPusher
 from sdlora.training.folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class RunPublisher:
     def __init__(self, config: RunConfig):
         hub = config.hub
         self._push = hub.push_checkpoints
-        self._repo_id = _check_repo_id(hub.repo_id) if self._push else None
+        self._repo_id = hub.repo_id  # checked when the config was loaded
         self._private = hub.private
         self._folder = Path(config.output.dir)
         self._pusher: CheckpointPusher | None = None

@@ -2,25 +2,27 @@
 
 All traffic goes through huggingface_hub (`HfApi.create_repo`, `create_commit`, `hf_hub_download`), so the token
 is whatever huggingface_hub finds (`hf auth login` or `HF_TOKEN`); sdlora never reads, prints or stores it. A push
-reads the run folder and writes nothing to it: the card is built in memory with the repo id in its snippets.
+reads the run folder and writes nothing to it: the card is built in memory with the repo id in its snippets, and the
+config it uploads is a copy with local paths cut to their final names.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlora.config import dump_config
+from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id
 from sdlora.hub import card
 
 log = logging.getLogger(__name__)
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONFIG_NAME = "config.yaml"
 PREFERRED_ADAPTER = "pytorch_lora_weights.safetensors"
 
 
@@ -29,9 +31,10 @@ class HubError(RuntimeError):
 
 
 def _check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id):
-        raise HubError(f"repo id {repo_id!r}: expected USER/NAME (or ORG/NAME), e.g. alice/my-style-lora")
-    return repo_id
+    try:
+        return check_repo_id(repo_id)
+    except RepoIdError as exc:
+        raise HubError(str(exc)) from None
 
 
 def _api(endpoint: str | None = None):
@@ -62,34 +65,41 @@ def _reason(exc: BaseException) -> str:
 
 @dataclass
 class UploadPlan:
-    """Exactly what one push commits: (path in repo, local file) pairs plus the card text."""
+    """Exactly what one push commits: (path in repo, local file) pairs plus the texts built in memory."""
 
     repo_id: str
     run_dir: Path
     files: list[tuple[str, Path]]
     card_text: str
+    config_text: str
+    name: str  # output.name of the run, for the commit message
+
+    @property
+    def texts(self) -> dict[str, str]:
+        return {card.CARD_NAME: self.card_text, CONFIG_NAME: self.config_text}
 
     @property
     def paths(self) -> list[str]:
-        return sorted([card.CARD_NAME, *(path for path, _ in self.files)])
+        return sorted([*self.texts, *(path for path, _ in self.files)])
 
     def describe(self) -> str:
         sizes = {path: local.stat().st_size for path, local in self.files}
-        sizes[card.CARD_NAME] = len(self.card_text.encode("utf-8"))
+        sizes.update({path: len(text.encode("utf-8")) for path, text in self.texts.items()})
         lines = [f"{self.repo_id}: {len(sizes)} files in one commit"]
         lines += [f"  {path}  ({sizes[path]:,} bytes)" for path in self.paths]
         return "\n".join(lines)
 
 
 def plan_upload(run_dir: str | Path, repo_id: str) -> UploadPlan:
-    """Adapter file(s), samples and config.yaml as they are in the run folder; README.md freshly built."""
+    """Adapter file(s) and samples as they are in the run folder; README.md freshly built; config.yaml as a copy
+    with every local path cut to its final name (the run folder's own copy keeps full paths for resuming)."""
     run_dir = Path(run_dir)
     _check_repo_id(repo_id)
-    text = str(card.build_card(run_dir, repo_id=repo_id))
+    facts = card.gather(run_dir)
+    text = str(card.card_for(facts, repo_id=repo_id))
     files = [(p.name, p) for p in card.adapter_files(run_dir)]
     files += [(p.relative_to(run_dir).as_posix(), p) for p in card.sample_files(run_dir)]
-    files.append(("config.yaml", run_dir / "config.yaml"))
-    return UploadPlan(repo_id, run_dir, files, text)
+    return UploadPlan(repo_id, run_dir, files, text, dump_config(facts.config, public=True), facts.config.output.name)
 
 
 def _commit(api, repo_id: str, private: bool, operations: list, message: str) -> str:
@@ -115,10 +125,9 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, endpoint: str
     from huggingface_hub import CommitOperationAdd
 
     plan = plan_upload(run_dir, repo_id)
-    operations = [CommitOperationAdd(card.CARD_NAME, plan.card_text.encode("utf-8"))]
+    operations = [CommitOperationAdd(path, text.encode("utf-8")) for path, text in plan.texts.items()]
     operations += [CommitOperationAdd(path, str(local)) for path, local in plan.files]
-    name = card.gather(run_dir).config.output.name
-    url = _commit(_api(endpoint), repo_id, private, operations, f"Upload {name} LoRA (sdlora)")
+    url = _commit(_api(endpoint), repo_id, private, operations, f"Upload {plan.name} LoRA (sdlora)")
     log.info("pushed %d files to %s", len(plan.paths), repo_id)
     return url
 
@@ -218,7 +227,7 @@ class CheckpointPusher:
 def parse_hub_source(source: str) -> tuple[str, str | None] | None:
     """`user/repo` or `user/repo:file.safetensors` -> (repo_id, filename); None when it is not a hub reference."""
     repo_id, sep, filename = source.partition(":")
-    if not REPO_ID.match(repo_id) or (sep and not filename):
+    if not is_repo_id(repo_id) or (sep and not filename):
         return None
     if not sep and repo_id.endswith(".safetensors"):
         return None  # `folder/file.safetensors` is a local path that does not exist, not a repo

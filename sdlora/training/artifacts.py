@@ -10,6 +10,7 @@ import torch
 
 from sdlora import formats, inference
 from sdlora.config import RunConfig, SampleSection
+from sdlora.config.names import public_name
 from sdlora.formats import metadata as adapter_metadata
 from sdlora.models import BaseModel, families
 from sdlora.training import distributed, offload
@@ -18,17 +19,20 @@ from sdlora.training.folder import RunFolder
 
 def adapter_file(accelerator, trained_models: dict[str, torch.nn.Module], config: RunConfig, base: BaseModel,
                  prediction_type: str, records) -> formats.AdapterFile:
-    """The trained LoRA with its metadata. Call on every process: gathering under FSDP / DeepSpeed is collective."""
+    """The trained LoRA with its metadata. Call on every process: gathering under FSDP / DeepSpeed is collective.
+
+    The file is made to be shared, so its metadata names the base by hub id or built-in name, a local base by its
+    folder or file name, and records the config with every local path cut to its final name."""
     tensors = {name: distributed.lora_tensors(accelerator, model) for name, model in trained_models.items()}
     alpha = config.lora.effective_alpha
     shapes = {component: formats.shape_from_tensors(t, alpha) for component, t in tensors.items()}
     metadata = {
-        "sdlora.base_model": base.source,
+        "sdlora.base_model": public_name(base.source),
         "sdlora.family": base.family,
         "sdlora.prediction_type": prediction_type,
         "sdlora.rank": str(config.lora.rank),
         "sdlora.alpha": str(alpha),
-        "sdlora.training_config": json.dumps(config.to_dict(), sort_keys=True),
+        "sdlora.training_config": json.dumps(config.to_public_dict(), sort_keys=True),
         **families.adapter_metadata(base.family, prediction_type, config.data.resolution),
     }
     metadata.update(adapter_metadata.provenance(
