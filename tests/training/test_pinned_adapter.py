@@ -1,6 +1,6 @@
 """Refactors must not change what training computes: the same seed and config give the same adapter, bit for bit.
 
-`data/pinned_adapter.safetensors` was written by sdlora 0.1.0 at commit 5b47eba (the last flat-package release) on
+`tests/assets/pinned_adapter.safetensors` was written by sdlora 0.1.0 at commit 5b47eba (the last flat-package release) on
 the project's 2-core x86-64 CPU machines with torch 2.13.0 (constraints.txt) and 2 threads. Float results depend on
 the torch build and the thread count (Adam turns last-bit gradient differences into lr-sized steps, so no tolerance
 could both absorb them and still catch a real change): the test runs with the reference thread count and skips
@@ -16,7 +16,7 @@ import torch
 from conftest import write_shapes_dataset
 from safetensors.torch import load_file
 
-PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned_adapter.safetensors")
+PINNED = os.path.join(os.path.dirname(__file__), os.pardir, "assets", "pinned_adapter.safetensors")
 REFERENCE_TORCH, REFERENCE_THREADS = "2.13.0", 2
 
 

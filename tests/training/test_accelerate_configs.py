@@ -12,7 +12,7 @@ from accelerate.commands.config.config_args import ClusterConfig, load_config_fr
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 EXPECTED = {
     # name: (distributed_type, machines, processes, launch flag set by accelerate)
     "single-gpu": (DistributedType.NO, 1, 1, None),

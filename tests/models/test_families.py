@@ -158,7 +158,7 @@ def test_family_presets():
 
     from sdlora.config import load_config
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     sdxl = load_config(configs / "sdxl-gpu.yaml")
     assert sdxl.data.resolution == 1024 and sdxl.train.mixed_precision == "bf16"
     assert sdxl.train.gradient_checkpointing and sdxl.train.optimizer == "adamw8bit"

@@ -11,7 +11,7 @@ import pytest
 from sdlora.config import load_config
 from sdlora.models import PACKAGED_BASES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (PACKAGED_BASES["sdlora:shapes"] / "model_index.json").is_file(),
