@@ -26,6 +26,7 @@ from sdlora import __version__
 from sdlora.files.atomic import save_safetensors_atomic
 from sdlora.models.lora import AdapterShape
 from sdlora.files.untrusted import validate_safetensors
+from sdlora.errors import UserError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -33,7 +34,7 @@ _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _LEGACY_KEY = re.compile(r"^(?P<module>.+)\.lora(?:_linear_layer)?\.(?P<part>up|down)\.weight$")
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(UserError, ValueError):
     """A LoRA file that sdlora cannot read; the message lists what did not match."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdlora.files.atomic import save_safetensors_atomic
+from sdlora.errors import UserError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -52,7 +53,7 @@ _VAE_TOP = {
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-class SingleFileError(KeyError):
+class SingleFileError(UserError, ValueError):
     """A weight with no place in the original layout (an architecture this exporter does not know)."""
 
 

@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from sdlora import formats
 from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
 from sdlora.files.atomic import write_text_atomic
+from sdlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # kohya / A1111 / ComfyUI key prefixes (see formats.py and FORMATS.md); the card only needs to tell the files apart.
 
 
-class CardError(ValueError):
+class CardError(UserError, ValueError):
     """A run folder a card cannot be written for; the message names the folder and what is missing."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.hub import card
+from sdlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PREFERRED_ADAPTER = "pytorch_lora_weights.safetensors"
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """A push or pull that failed; the message names the repo, what failed and what to do."""
 
 

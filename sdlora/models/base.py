@@ -19,13 +19,14 @@ import torch
 
 from sdlora.models import backends
 from sdlora.models import families
+from sdlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A base model that cannot be found or loaded; the message names the source and what to try."""
 
 

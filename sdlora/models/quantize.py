@@ -15,11 +15,12 @@ import logging
 import torch
 
 from sdlora.models import backends
+from sdlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(UserError, RuntimeError):
     """A quantization setting this machine cannot run; the message says what to install or change."""
 
 

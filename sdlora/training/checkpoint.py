@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.files.atomic import DiskFullError, ensure_free_space
 from sdlora.files.untrusted import validate_safetensors
+from sdlora.errors import UserError
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -32,7 +33,7 @@ STATE_FILE = "state.json"
 PAUSE_ENV = "SDLORA_TEST_CHECKPOINT_PAUSE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
 
 

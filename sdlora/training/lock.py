@@ -16,12 +16,14 @@ import socket
 import time
 from pathlib import Path
 
+from sdlora.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".sdlora.lock"
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(UserError, RuntimeError):
     """Another live run owns the output folder."""
 
 
