@@ -128,10 +128,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from sdlora.models import load_base_model
 
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
+    columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
+    rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
     stack = inference.stack_adapters(pipe, specs)
-    columns = grid.axis_from_text(args.x, args.x_values)
-    rows = grid.axis_from_text(args.y, args.y_values) if args.y else None
     image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                         height=args.height, width=args.width)

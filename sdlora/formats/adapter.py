@@ -231,11 +231,16 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     """Write the file A1111, Forge, ComfyUI and sd-scripts load: kohya keys, `ss_*` + `modelspec.*` header. Atomic."""
     from sdlora.formats import kohya
     from sdlora.formats import metadata as meta
+    from sdlora.formats.ldm import LayoutError
 
     family = meta.family_key(adapter.metadata, adapter.components)
     shapes = {c: adapter.shapes[c] for c in adapter.components}
-    tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,
-                                        "sdxl" if family == "sdxl" else "sd")
+    try:
+        tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,
+                                            "sdxl" if family == "sdxl" else "sd")
+    except LayoutError as exc:
+        raise LayoutError(f"{path}: cannot write this {family} adapter in kohya layout: {exc}; "
+                          "keep it in diffusers layout (--to diffusers; in a run, output.kohya=false)") from None
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     main = shapes.get("unet") or next(iter(shapes.values()))
@@ -252,7 +257,7 @@ def save_adapter(path: str | Path, adapter: AdapterFile, to: str = "diffusers", 
         return save_kohya(path, adapter, dtype)
     if to == "diffusers":
         return save_diffusers(path, adapter, dtype)
-    raise ValueError(f"--to: unknown format {to!r}; choose kohya or diffusers")
+    raise AdapterFormatError(f"--to: unknown format {to!r}; choose kohya or diffusers")
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

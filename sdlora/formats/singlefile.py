@@ -146,7 +146,11 @@ def to_ldm_checkpoint(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
 
 def save_single_file(base, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `base` (a `models.BaseModel`) as one original-layout safetensors file. Atomic."""
-    tensors = to_ldm_checkpoint(base.unet, base.vae, base.text_encoder)
+    try:
+        tensors = to_ldm_checkpoint(base.unet, base.vae, base.text_encoder)
+    except SingleFileError as exc:
+        raise SingleFileError(f"{path}: cannot write {base.source} as one original-layout file: {exc}; "
+                              "give an output name without .safetensors to get a diffusers folder") from None
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
     save_safetensors_atomic(tensors, path, {"format": "pt", "sdlora.source": str(base.source)})

@@ -5,6 +5,7 @@ The package's public names are re-exported here."""
 from sdlora.inference.pipeline import (  # noqa: F401
     AdapterSpec,
     AdapterStack,
+    GenerationSettingError,
     LoraNameError,
     SCHEDULERS,
     build_pipeline,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from sdlora import inference
+from sdlora.inference.pipeline import GenerationSettingError
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,24 @@ class Cell:
     weights: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
-def parse_values(text: str) -> tuple[float, ...]:
-    """`0,0.5,1` or a range `0:1:0.25` (start:stop:step, stop included)."""
-    if text.count(":") == 2:
-        start, stop, step = (float(x) for x in text.split(":"))
-        if step <= 0:
-            raise ValueError(f"{text!r}: the step must be positive")
-        count = int(round((stop - start) / step)) + 1
-        return tuple(round(start + i * step, 10) for i in range(count))
-    return tuple(float(x) for x in text.split(",") if x.strip())
+def parse_values(text: str, option: str = "values") -> tuple[float, ...]:
+    """`0,0.5,1` or a range `0:1:0.25` (start:stop:step, stop included). `option` names the flag in errors."""
+    try:
+        if text.count(":") == 2:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0:
+                raise GenerationSettingError(f"{option} {text!r}: the step must be positive, e.g. 0:1:0.25")
+            count = int(round((stop - start) / step)) + 1
+            values = tuple(round(start + i * step, 10) for i in range(count))
+        else:
+            values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        if isinstance(exc, GenerationSettingError):
+            raise
+        raise GenerationSettingError(f"{option} {text!r}: expected numbers, e.g. 0,0.5,1 or 0:1:0.25") from None
+    if not values:
+        raise GenerationSettingError(f"{option} {text!r}: give at least one value, e.g. 0,0.5,1 or 0:1:0.25")
+    return values
 
 
 def plan(columns: Axis, rows: Axis | None, prompt: str, seed: int, specs: list[inference.AdapterSpec]) -> list[list[Cell]]:
@@ -80,13 +90,23 @@ def render(pipe, stack: inference.AdapterStack, specs: list[inference.AdapterSpe
                                 column_labels=[columns.label(v) for v in columns.values])
 
 
-def axis_from_text(kind: str, values: str) -> Axis:
-    """CLI form: kind `weight:N` (adapter number N, in --lora order), `prompt` (values split at `|`) or `seed`."""
+def axis_from_text(kind: str, values: str, option: str = "--x", adapters: int | None = None) -> Axis:
+    """CLI form: kind `weight:N` (adapter number N, in --lora order), `prompt` (values split at `|`) or `seed`.
+    `option` (`--x` or `--y`) names the flags in errors; `adapters`, when given, is how many --lora there are."""
+    where = f"{option}-values"
     if kind.startswith("weight"):
         _, _, number = kind.partition(":")
-        return Axis("weight", parse_values(values), int(number or 0))
+        if not (number or "0").isdigit() or (adapters is not None and int(number or 0) >= adapters):
+            raise GenerationSettingError(
+                f"{option} {kind!r}: N in weight:N is an adapter number, from 0 in --lora order "
+                f"({adapters if adapters is not None else 'some'} --lora given)"
+            )
+        return Axis("weight", parse_values(values, where), int(number or 0))
     if kind == "prompt":
-        return Axis("prompt", tuple(v.strip() for v in values.split("|") if v.strip()))
+        prompts = tuple(v.strip() for v in values.split("|") if v.strip())
+        if not prompts:
+            raise GenerationSettingError(f"{where} {values!r}: give prompts separated by |")
+        return Axis("prompt", prompts)
     if kind == "seed":
-        return Axis("seed", tuple(int(v) for v in parse_values(values)))
-    raise ValueError(f"grid axis {kind!r}: use weight:N, prompt or seed")
+        return Axis("seed", tuple(int(v) for v in parse_values(values, where)))
+    raise GenerationSettingError(f"{option} {kind!r}: use weight:N, prompt or seed")

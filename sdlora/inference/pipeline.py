@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdlora import formats
+from sdlora.errors import UserError
 from sdlora.models import lora
 from sdlora.models import BaseModel
 from sdlora.hostmem import settle_host_memory
@@ -29,6 +30,11 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler",
 }
+
+
+class GenerationSettingError(UserError, ValueError):
+    """A generation or grid setting that cannot be used (an --lora spec, a scheduler name, a grid axis or its
+    values); the message names the option."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,8 @@ class AdapterSpec:
             numbers.insert(0, float(parts.pop()))
         source = ":".join(parts)
         if not source:
-            raise ValueError(f"--lora {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]]")
+            raise GenerationSettingError(f"--lora {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]], "
+                                         "e.g. style.safetensors:0.8")
         if not numbers:
             return cls(source)
         return cls(source, numbers[0], numbers[1] if len(numbers) == 2 else None)
@@ -78,7 +85,7 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise GenerationSettingError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config)
     if base.family == "sdxl":
         # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
@@ -262,7 +269,7 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
     try:
         with rng_isolated():
             for name, spec in zip(names, specs):
-                stack.add(name, formats.read_adapter(spec.source))
+                _add_file(stack, name, spec.source, "sample.adapters")
         for component, index in (("unet", 0), ("text_encoder", 1)):
             module = getattr(pipe, component)
             own = {trained: 1.0} if trained in lora.adapter_names(module) else {}
@@ -279,6 +286,14 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
                 lora.set_trainable(module, trained)
 
 
+def _add_file(stack: AdapterStack, name: str, path, option: str = "--lora") -> None:
+    """Read an adapter file into the stack; an adapter that does not fit the base names the file and the option."""
+    try:
+        stack.add(name, formats.read_adapter(path))
+    except lora.AdapterMismatchError as exc:
+        raise lora.AdapterMismatchError(f"{option} {path}: {exc}") from None
+
+
 def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack:
     """Load each spec's file (resolved to a local path by `resolve`, e.g. a hub download) and set its weights."""
     stack = AdapterStack(pipe)
@@ -286,7 +301,7 @@ def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack
     for number, spec in enumerate(specs):
         path = resolve(spec.source) if resolve else spec.source
         name = f"{number}_{Path(str(path)).stem}"
-        stack.add(name, formats.read_adapter(path))
+        _add_file(stack, name, path)
         weights[name] = (spec.unet_weight, spec.te_weight)
     stack.set_weights(weights)
     return stack

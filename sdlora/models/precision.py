@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdlora.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
@@ -57,9 +59,12 @@ def choose_mixed_precision(setting: str, hardware: Hardware) -> str:
 
 
 def resolve_mixed_precision(setting: str) -> str:
+    """'no', 'fp16' or 'bf16' for `train.mixed_precision`; fp16 is refused on a machine without a CUDA GPU."""
     resolved = choose_mixed_precision(setting, detect_hardware()) if setting == "auto" else setting
     if setting == "auto":
         log.info("train.mixed_precision=auto -> %s", resolved)
+    if resolved == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use 'no' (fp32) or 'bf16' on this machine")
     return resolved
 
 
