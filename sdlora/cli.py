@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.verbose:
             raise
-        print(f"sdlora: error: {exc}", file=sys.stderr)
+        # One line per problem (a config file with two bad fields gives two), each greppable on its own.
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"sdlora: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         from sdlora.training.interrupt import EXIT_ABORTED
