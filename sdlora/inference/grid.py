@@ -37,22 +37,19 @@ class Cell:
 
 def parse_values(text: str, option: str = "values") -> tuple[float, ...]:
     """`0,0.5,1` or a range `0:1:0.25` (start:stop:step, stop included). `option` names the flag in errors."""
+    is_range = text.count(":") == 2
     try:
-        if text.count(":") == 2:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0:
-                raise GenerationSettingError(f"{option} {text!r}: the step must be positive, e.g. 0:1:0.25")
-            count = int(round((stop - start) / step)) + 1
-            values = tuple(round(start + i * step, 10) for i in range(count))
-        else:
-            values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        if isinstance(exc, GenerationSettingError):
-            raise
+        numbers = [float(x) for x in (text.split(":") if is_range else text.split(",")) if is_range or x.strip()]
+    except ValueError:
         raise GenerationSettingError(f"{option} {text!r}: expected numbers, e.g. 0,0.5,1 or 0:1:0.25") from None
-    if not values:
+    if is_range:
+        start, stop, step = numbers
+        if step <= 0:
+            raise GenerationSettingError(f"{option} {text!r}: the step must be positive, e.g. 0:1:0.25")
+        numbers = [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+    if not numbers:
         raise GenerationSettingError(f"{option} {text!r}: give at least one value, e.g. 0,0.5,1 or 0:1:0.25")
-    return values
+    return tuple(numbers)
 
 
 def plan(columns: Axis, rows: Axis | None, prompt: str, seed: int, specs: list[inference.AdapterSpec]) -> list[list[Cell]]:
@@ -96,11 +93,12 @@ def axis_from_text(kind: str, values: str, option: str = "--x", adapters: int | 
     where = f"{option}-values"
     if kind.startswith("weight"):
         _, _, number = kind.partition(":")
-        if not (number or "0").isdigit() or (adapters is not None and int(number or 0) >= adapters):
-            raise GenerationSettingError(
-                f"{option} {kind!r}: N in weight:N is an adapter number, from 0 in --lora order "
-                f"({adapters if adapters is not None else 'some'} --lora given)"
-            )
+        if not (number or "0").isdigit():
+            raise GenerationSettingError(f"{option} {kind!r}: N in weight:N is an adapter number: 0 for the first "
+                                         "--lora, 1 for the second, ...")
+        if adapters is not None and int(number or 0) >= adapters:
+            raise GenerationSettingError(f"{option} {kind!r}: there is no adapter {int(number or 0)}; {adapters} "
+                                         "--lora given, numbered from 0")
         return Axis("weight", parse_values(values, where), int(number or 0))
     if kind == "prompt":
         prompts = tuple(v.strip() for v in values.split("|") if v.strip())

@@ -21,7 +21,6 @@ class AdapterMismatchError(UserError, ValueError):
     """An adapter whose modules or shapes are not in this model: it was made for another base."""
 
 
-
 @dataclass(frozen=True)
 class AdapterShape:
     """What peft needs to rebuild an adapter on a model: rank, alpha and the module names it wraps."""
