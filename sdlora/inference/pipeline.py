@@ -50,15 +50,16 @@ class AdapterSpec:
         return self.unet_weight if self.text_encoder_weight is None else self.text_encoder_weight
 
     @classmethod
-    def parse(cls, text: str) -> AdapterSpec:
-        """`path`, `path:w` or `path:w_unet:w_te` (Windows drive letters and hub ids keep their colons)."""
+    def parse(cls, text: str, option: str = "--lora") -> AdapterSpec:
+        """`path`, `path:w` or `path:w_unet:w_te` (Windows drive letters and hub ids keep their colons). `option`
+        (`--lora`, `sample.adapters`) names where the text came from in errors."""
         parts = text.rsplit(":", 2)
         numbers: list[float] = []
         while len(parts) > 1 and _is_number(parts[-1]) and len(numbers) < 2:
             numbers.insert(0, float(parts.pop()))
         source = ":".join(parts)
         if not source:
-            raise GenerationSettingError(f"--lora {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]], "
+            raise GenerationSettingError(f"{option} {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]], "
                                          "e.g. style.safetensors:0.8")
         if not numbers:
             return cls(source)
