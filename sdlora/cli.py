@@ -131,11 +131,11 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from sdlora.models import load_base_model
 
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
+    columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
+    rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
     pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
     settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
     stack = inference.stack_adapters(pipe, specs)
-    columns = grid.axis_from_text(args.x, args.x_values)
-    rows = grid.axis_from_text(args.y, args.y_values) if args.y else None
     image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                         height=args.height, width=args.width)
@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.verbose:
             raise
-        print(f"sdlora: error: {exc}", file=sys.stderr)
+        # One line per problem (a config file with two bad fields gives two), each greppable on its own.
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"sdlora: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         from sdlora.training.interrupt import EXIT_ABORTED

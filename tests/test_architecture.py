@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdlora"
 
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
 LAYERS = [
-    {"files", "rng", "hostmem", "__init__"},
+    {"errors", "files", "rng", "hostmem", "__init__"},  # errors.py imports nothing: every layer raises UserError
     {"config"},
     {"data"},
     {"models"},
@@ -21,7 +21,7 @@ LAYERS = [
     {"training"},
     {"hub"},
     {"bench", "workflow"},
-    {"errors", "cli", "__main__"},
+    {"cli", "__main__"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from sdlora.config import ConfigError
 from sdlora.data.sampler import EndlessBatches
+from sdlora.data.sources import DatasetError
 
 Bucket = tuple[int, int]  # (height, width)
 
@@ -28,7 +30,7 @@ def make_buckets(resolution: int, step: int, min_side: int, max_side: int, max_a
         widest[height] = max(width, widest.get(height, 0))
     found = {(h, w) for h, w in widest.items()} | {(w, h) for h, w in widest.items()}  # and their portraits
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"data.bucketing: no bucket fits resolution {resolution} with step {step}, sides {min_side}..{max_side} "
             f"and max_aspect {max_aspect}; widen min_side/max_side or max_aspect"
         )
@@ -67,7 +69,7 @@ class BucketBatchSampler(EndlessBatches):
     def __init__(self, bucket_of: Sequence[Bucket], batch_size: int, seed: int, start: int = 0,
                  num_replicas: int = 1, rank: int = 0):
         if not bucket_of:
-            raise ValueError("data: no images to sample from")
+            raise DatasetError("data.path: no usable images to sample from; run `sdlora dataset check` to see why")
         self.bucket_of = list(bucket_of)
         self.batch_size, self.seed, self.start = batch_size, seed, start
         self.num_replicas, self.rank = num_replicas, rank

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdlora.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # Pillow's own bomb guard warns at ~89 Mpx and errors at twice that; a training image over 64 Mpx is almost
@@ -14,7 +16,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_PIXELS = 64 * 1024 * 1024
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """An image file that cannot be used for training; `path` and `reason` say which and why."""
 
     def __init__(self, path: Path, reason: str, kind: str = "corrupt"):

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from sdlora.data.sources import DatasetError
+
 
 class EndlessBatches(Sampler[list[tuple[int, int]]]):
     """An endless stream of batches of (epoch, index) keys from `start`; subclasses say what `batch_at` is."""
@@ -39,7 +41,7 @@ class ResumableBatchSampler(EndlessBatches):
     ):
         global_batch = batch_size * num_replicas
         if num_items < global_batch:
-            raise ValueError(
+            raise DatasetError(
                 f"train.batch_size: {num_items} image(s) cannot fill one batch of {batch_size} x {num_replicas} "
                 "process(es); lower the batch size or add images"
             )

@@ -25,6 +25,7 @@ from sdlora.config import (
 )
 from sdlora.data.captions import caption_from_filename
 from sdlora.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
+from sdlora.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ FOLDER_SETTINGS_FILES = ("dataset.toml", "dataset.yaml", "dataset.yml")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be trained on; the message names the folder or file and what to do."""
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from sdlora.errors import UserError
 
-class DiskFullError(OSError):
+
+class DiskFullError(UserError, OSError):
     """Not enough free space for a write; nothing was changed."""
 
 

@@ -18,6 +18,8 @@ import math
 import struct
 from pathlib import Path
 
+from sdlora.errors import UserError
+
 # Real LoRA headers are a few hundred KB at most (kohya's ss_tag_frequency is the big one); 100 MB is safetensors'
 # own upper bound and far beyond any honest file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -30,7 +32,7 @@ DTYPE_BYTES = {
 }
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserError, ValueError):
     """A tensor file whose structure is broken or lies about its contents; the message says what and where."""
 
 

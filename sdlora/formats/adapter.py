@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sdlora import __version__
+from sdlora.errors import UserError
 from sdlora.files.atomic import save_safetensors_atomic
 from sdlora.files.untrusted import validate_safetensors
 from sdlora.models.lora import AdapterShape
@@ -33,7 +34,7 @@ _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 _LEGACY_KEY = re.compile(r"^(?P<module>.+)\.lora(?:_linear_layer)?\.(?P<part>up|down)\.weight$")
 
 
-class AdapterFormatError(ValueError):
+class AdapterFormatError(UserError, ValueError):
     """A LoRA file that sdlora cannot read; the message lists what did not match."""
 
 
@@ -232,11 +233,16 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     """Write the file A1111, Forge, ComfyUI and sd-scripts load: kohya keys, `ss_*` + `modelspec.*` header. Atomic."""
     from sdlora.formats import kohya
     from sdlora.formats import metadata as meta
+    from sdlora.formats.ldm import LayoutError
 
     family = meta.family_key(adapter.metadata, adapter.components)
     shapes = {c: adapter.shapes[c] for c in adapter.components}
-    tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,
-                                        "sdxl" if family == "sdxl" else "sd")
+    try:
+        tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,
+                                            "sdxl" if family == "sdxl" else "sd")
+    except LayoutError as exc:
+        raise LayoutError(f"{path}: cannot write this {family} adapter in kohya layout: {exc}; "
+                          "keep it in diffusers layout (--to diffusers; in a run, output.kohya=false)") from None
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     main = shapes.get("unet") or next(iter(shapes.values()))
@@ -254,7 +260,7 @@ def save_adapter(path: str | Path, adapter: AdapterFile, to: str = "diffusers", 
         return save_kohya(path, adapter, dtype)
     if to == "diffusers":
         return save_diffusers(path, adapter, dtype)
-    raise ValueError(f"--to: unknown format {to!r}; choose kohya or diffusers")
+    raise AdapterFormatError(f"--to: unknown format {to!r}; choose kohya or diffusers")
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from sdlora.errors import UserError
+
 LAYERS_PER_BLOCK = 2  # SD1, SD2 and SDXL all use 2; the mapping needs it to number blocks
 
 # Renames inside a ResBlock and the samplers: diffusers name -> SGM name.
@@ -22,7 +24,7 @@ _TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out
 _SAMPLER = {"downsamplers.0.conv": "op", "upsamplers.0.conv": "conv"}
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A module path that has no counterpart in the other layout."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdlora.config.names import public_name
+from sdlora.errors import UserError
 from sdlora.files.atomic import save_safetensors_atomic
 
 UNET_PREFIX = "model.diffusion_model."
@@ -53,7 +54,7 @@ _VAE_TOP = {
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-class SingleFileError(KeyError):
+class SingleFileError(UserError, ValueError):
     """A weight with no place in the original layout (an architecture this exporter does not know)."""
 
 
@@ -146,7 +147,11 @@ def to_ldm_checkpoint(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
 
 def save_single_file(base, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `base` (a `models.BaseModel`) as one original-layout safetensors file. Atomic."""
-    tensors = to_ldm_checkpoint(base.unet, base.vae, base.text_encoder)
+    try:
+        tensors = to_ldm_checkpoint(base.unet, base.vae, base.text_encoder)
+    except SingleFileError as exc:
+        raise SingleFileError(f"{path}: cannot write {base.source} as one original-layout file: {exc}; "
+                              "give an output name without .safetensors to get a diffusers folder") from None
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in tensors.items()}
     # The file is made to be shared: the base is named by hub id or built-in name, a local one by its final name.

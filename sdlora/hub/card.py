@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from sdlora import formats
 from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
 from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id, public_name
+from sdlora.errors import UserError
 from sdlora.files.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ FAMILY_PIPELINES = {
 }
 
 
-class CardError(ValueError):
+class CardError(UserError, ValueError):
     """A run folder a card cannot be written for; the message names the folder and what is missing."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sdlora.config import dump_config
 from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id
+from sdlora.errors import UserError
 from sdlora.hub import card
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ CONFIG_NAME = "config.yaml"
 PREFERRED_ADAPTER = "pytorch_lora_weights.safetensors"
 
 
-class HubError(RuntimeError):
+class HubError(UserError, RuntimeError):
     """A push or pull that failed; the message names the repo, what failed and what to do."""
 
 

@@ -6,6 +6,7 @@ from sdlora.inference.pipeline import (  # noqa: F401
     SCHEDULERS,
     AdapterSpec,
     AdapterStack,
+    GenerationSettingError,
     LoraNameError,
     build_pipeline,
     cell_origin,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from sdlora import inference
+from sdlora.inference.pipeline import GenerationSettingError
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,21 @@ class Cell:
     weights: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
-def parse_values(text: str) -> tuple[float, ...]:
-    """`0,0.5,1` or a range `0:1:0.25` (start:stop:step, stop included)."""
-    if text.count(":") == 2:
-        start, stop, step = (float(x) for x in text.split(":"))
+def parse_values(text: str, option: str = "values") -> tuple[float, ...]:
+    """`0,0.5,1` or a range `0:1:0.25` (start:stop:step, stop included). `option` names the flag in errors."""
+    is_range = text.count(":") == 2
+    try:
+        numbers = [float(x) for x in (text.split(":") if is_range else text.split(",")) if is_range or x.strip()]
+    except ValueError:
+        raise GenerationSettingError(f"{option} {text!r}: expected numbers, e.g. 0,0.5,1 or 0:1:0.25") from None
+    if is_range:
+        start, stop, step = numbers
         if step <= 0:
-            raise ValueError(f"{text!r}: the step must be positive")
-        count = int(round((stop - start) / step)) + 1
-        return tuple(round(start + i * step, 10) for i in range(count))
-    return tuple(float(x) for x in text.split(",") if x.strip())
+            raise GenerationSettingError(f"{option} {text!r}: the step must be positive, e.g. 0:1:0.25")
+        numbers = [round(start + i * step, 10) for i in range(int(round((stop - start) / step)) + 1)]
+    if not numbers:
+        raise GenerationSettingError(f"{option} {text!r}: give at least one value, e.g. 0,0.5,1 or 0:1:0.25")
+    return tuple(numbers)
 
 
 def plan(columns: Axis, rows: Axis | None, prompt: str, seed: int, specs: list[inference.AdapterSpec]) -> list[list[Cell]]:
@@ -80,13 +87,24 @@ def render(pipe, stack: inference.AdapterStack, specs: list[inference.AdapterSpe
                                 column_labels=[columns.label(v) for v in columns.values])
 
 
-def axis_from_text(kind: str, values: str) -> Axis:
-    """CLI form: kind `weight:N` (adapter number N, in --lora order), `prompt` (values split at `|`) or `seed`."""
+def axis_from_text(kind: str, values: str, option: str = "--x", adapters: int | None = None) -> Axis:
+    """CLI form: kind `weight:N` (adapter number N, in --lora order), `prompt` (values split at `|`) or `seed`.
+    `option` (`--x` or `--y`) names the flags in errors; `adapters`, when given, is how many --lora there are."""
+    where = f"{option}-values"
     if kind.startswith("weight"):
         _, _, number = kind.partition(":")
-        return Axis("weight", parse_values(values), int(number or 0))
+        if not (number or "0").isdigit():
+            raise GenerationSettingError(f"{option} {kind!r}: N in weight:N is an adapter number: 0 for the first "
+                                         "--lora, 1 for the second, ...")
+        if adapters is not None and int(number or 0) >= adapters:
+            raise GenerationSettingError(f"{option} {kind!r}: there is no adapter {int(number or 0)}; {adapters} "
+                                         "--lora given, numbered from 0")
+        return Axis("weight", parse_values(values, where), int(number or 0))
     if kind == "prompt":
-        return Axis("prompt", tuple(v.strip() for v in values.split("|") if v.strip()))
+        prompts = tuple(v.strip() for v in values.split("|") if v.strip())
+        if not prompts:
+            raise GenerationSettingError(f"{where} {values!r}: give prompts separated by |")
+        return Axis("prompt", prompts)
     if kind == "seed":
-        return Axis("seed", tuple(int(v) for v in parse_values(values)))
-    raise ValueError(f"grid axis {kind!r}: use weight:N, prompt or seed")
+        return Axis("seed", tuple(int(v) for v in parse_values(values, where)))
+    raise GenerationSettingError(f"{option} {kind!r}: use weight:N, prompt or seed")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from sdlora import formats, rng
+from sdlora.errors import UserError
 from sdlora.models import BaseModel, lora
 
 SCHEDULERS = {
@@ -25,6 +26,11 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler",
 }
+
+
+class GenerationSettingError(UserError, ValueError):
+    """A generation or grid setting that cannot be used (an --lora spec, a scheduler name, a grid axis or its
+    values); the message names the option."""
 
 
 @dataclass(frozen=True)
@@ -40,15 +46,17 @@ class AdapterSpec:
         return self.unet_weight if self.text_encoder_weight is None else self.text_encoder_weight
 
     @classmethod
-    def parse(cls, text: str) -> AdapterSpec:
-        """`path`, `path:w` or `path:w_unet:w_te` (Windows drive letters and hub ids keep their colons)."""
+    def parse(cls, text: str, option: str = "--lora") -> AdapterSpec:
+        """`path`, `path:w` or `path:w_unet:w_te` (Windows drive letters and hub ids keep their colons). `option`
+        (`--lora`, `sample.adapters`) names where the text came from in errors."""
         parts = text.rsplit(":", 2)
         numbers: list[float] = []
         while len(parts) > 1 and _is_number(parts[-1]) and len(numbers) < 2:
             numbers.insert(0, float(parts.pop()))
         source = ":".join(parts)
         if not source:
-            raise ValueError(f"--lora {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]]")
+            raise GenerationSettingError(f"{option} {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]], "
+                                         "e.g. style.safetensors:0.8")
         if not numbers:
             return cls(source)
         return cls(source, numbers[0], numbers[1] if len(numbers) == 2 else None)
@@ -71,7 +79,7 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise GenerationSettingError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config)
     if base.family == "sdxl":
         # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
@@ -255,7 +263,7 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
     try:
         with rng.isolated():
             for name, spec in zip(names, specs):
-                stack.add(name, formats.read_adapter(spec.source))
+                _add_file(stack, name, spec.source, "sample.adapters")
         for component, index in (("unet", 0), ("text_encoder", 1)):
             module = getattr(pipe, component)
             own = {trained: 1.0} if trained in lora.adapter_names(module) else {}
@@ -272,6 +280,14 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
                 lora.set_trainable(module, trained)
 
 
+def _add_file(stack: AdapterStack, name: str, path, option: str = "--lora") -> None:
+    """Read an adapter file into the stack; an adapter that does not fit the base names the file and the option."""
+    try:
+        stack.add(name, formats.read_adapter(path))
+    except lora.AdapterMismatchError as exc:
+        raise lora.AdapterMismatchError(f"{option} {path}: {exc}") from None
+
+
 def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack:
     """Load each spec's file (resolved to a local path by `resolve`, e.g. a hub download) and set its weights."""
     stack = AdapterStack(pipe)
@@ -279,7 +295,7 @@ def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack
     for number, spec in enumerate(specs):
         path = resolve(spec.source) if resolve else spec.source
         name = f"{number}_{Path(str(path)).stem}"
-        stack.add(name, formats.read_adapter(path))
+        _add_file(stack, name, path)
         weights[name] = (spec.unet_weight, spec.te_weight)
     stack.set_weights(weights)
     return stack

@@ -11,6 +11,8 @@ import importlib.util
 
 import torch
 
+from sdlora.config import ConfigError
+
 
 @functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
@@ -37,7 +39,7 @@ def bitsandbytes_available() -> bool:
 def adamw_8bit_class():
     """bitsandbytes' 8-bit AdamW, or a clear error saying how to get it."""
     if not bitsandbytes_available():
-        raise RuntimeError(
+        raise ConfigError(
             "train.optimizer: adamw8bit needs bitsandbytes: `pip install sdlora[bnb]` (CUDA), "
             "or set train.optimizer=adamw"
         )

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from sdlora.errors import UserError
 from sdlora.models import backends, families
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A base model that cannot be found or loaded; the message names the source and what to try."""
 
 

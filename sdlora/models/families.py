@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sdlora.config import ConfigError
+
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 
@@ -73,9 +75,9 @@ def with_zero_terminal_snr(scheduler, prediction_type: str):
     and Sample Steps are Flawed", 2024): fixes washed-out very dark / bright images. Only for v-prediction: at
     zero SNR an epsilon target says nothing about the image."""
     if prediction_type != "v_prediction":
-        raise ValueError(
+        raise ConfigError(
             "train.zero_terminal_snr: needs a v-prediction model (SD2.x 768-v) or train.prediction_type=v_prediction;"
-            f" this run predicts {prediction_type}"
+            f" this run predicts {prediction_type}: set train.zero_terminal_snr=false or train a v-prediction base"
         )
     return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
 

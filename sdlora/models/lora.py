@@ -14,6 +14,12 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from sdlora.errors import UserError
+
+
+class AdapterMismatchError(UserError, ValueError):
+    """An adapter whose modules or shapes are not in this model: it was made for another base."""
+
 
 @dataclass(frozen=True)
 class AdapterShape:
@@ -69,16 +75,29 @@ def load_adapter(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], shape: AdapterShape, adapter_name: str
 ) -> None:
     """Add a named adapter to a model and fill it, failing on any key that does not land (never silently)."""
-    model.add_adapter(shape.peft_config(init=False), adapter_name=adapter_name)
-    result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    advice = "it was made for another base: use the base it was trained on (`sdlora info FILE` names it)"
+    try:
+        model.add_adapter(shape.peft_config(init=False), adapter_name=adapter_name)
+    except ValueError as exc:  # peft: none of the target modules exist in this model
+        delete_adapter(model, adapter_name)
+        detail = str(exc).partition(". Please check")[0]  # peft's own advice is about writing a config
+        raise AdapterMismatchError(f"adapter {adapter_name!r} does not fit this {type(model).__name__}: {detail}; "
+                                   f"{advice}") from None
+    try:
+        result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+    except RuntimeError as exc:  # torch's load_state_dict: same module names, other sizes
+        delete_adapter(model, adapter_name)
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise AdapterMismatchError(f"adapter {adapter_name!r} does not fit this {type(model).__name__}: {first}; "
+                                   f"{advice}") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     expected_prefix = f".{adapter_name}."
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k and expected_prefix in k]
     if unexpected or missing:
         delete_adapter(model, adapter_name)
-        raise KeyError(
-            f"adapter {adapter_name!r} does not fit this model: "
-            f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(missing)} missing {missing[:5]}"
+        raise AdapterMismatchError(
+            f"adapter {adapter_name!r} does not fit this {type(model).__name__}: "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(missing)} missing {missing[:5]}; {advice}"
         )
 
 

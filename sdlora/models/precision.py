@@ -19,15 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdlora.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 # accelerate's mixed-precision names -> the dtype frozen weights compute in
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class PrecisionError(ValueError):
-    """A precision this machine cannot run; the message names the field and what to use instead."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +66,7 @@ def resolve_mixed_precision(setting: str) -> str:
     if setting == "auto":
         log.info("train.mixed_precision=auto -> %s", resolved)
     if resolved == "fp16" and not torch.cuda.is_available():
-        # fp16 training needs the grad scaler, which accelerate only runs on CUDA.
-        raise PrecisionError(
-            "train.mixed_precision: fp16 needs a CUDA GPU; use 'no' (fp32) or 'bf16' on this machine"
-        )
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use 'no' (fp32) or 'bf16' on this machine")
     return resolved
 
 

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.config import LoraSection, RunConfig
+from sdlora.config import ConfigError, LoraSection, RunConfig
 from sdlora.models import families, lora
 from sdlora.models.base import BaseModel, place, set_attention_backend
 from sdlora.models.precision import store_frozen_weights
 from sdlora.models.quantize import quantize_frozen
 
 log = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -34,6 +36,12 @@ def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.devic
     train, lora_cfg = config.train, config.lora
     quantize_frozen({"unet": base.unet, **base.text_encoders}, config.model.quantize, device, weight_dtype)
     prediction_type = train.prediction_type or base.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        # Checked here, not at the first step: a base whose scheduler predicts something else fails in seconds.
+        raise ConfigError(
+            f"{base.source}: its scheduler predicts {prediction_type!r}, which sdlora cannot train; set "
+            f"train.prediction_type to one of {', '.join(PREDICTION_TYPES)}"
+        )
     if train.zero_terminal_snr:
         base.scheduler = families.with_zero_terminal_snr(base.scheduler, prediction_type)
     lora.attach(base.unet, adapter_shape(lora_cfg, lora_cfg.unet_targets))

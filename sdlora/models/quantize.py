@@ -14,12 +14,13 @@ import logging
 
 import torch
 
+from sdlora.errors import UserError
 from sdlora.models import backends
 
 log = logging.getLogger(__name__)
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(UserError, RuntimeError):
     """A quantization setting this machine cannot run; the message says what to install or change."""
 
 

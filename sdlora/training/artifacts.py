@@ -55,6 +55,10 @@ class SampleRenderer:
     dtype: torch.dtype
     folder: RunFolder
 
+    def __post_init__(self):
+        # Parsed now, at setup: a typo in sample.adapters fails before training, not at the first sample step.
+        self.adapters = [inference.AdapterSpec.parse(text, option="sample.adapters") for text in self.sample.adapters]
+
     def render(self, step: int) -> Path | None:
         sample, base = self.sample, self.base
         if not sample.prompts:
@@ -68,7 +72,7 @@ class SampleRenderer:
             pipe = inference.build_pipeline(view, device=self.device, dtype=self.dtype)
             self.unet.eval()
             images = []
-            with inference.preview_adapters(pipe, [inference.AdapterSpec.parse(a) for a in sample.adapters]):
+            with inference.preview_adapters(pipe, self.adapters):
                 for prompt in sample.prompts:
                     images += inference.generate(
                         pipe, prompt, seed=sample.seed, steps=sample.steps, guidance_scale=sample.guidance_scale,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdlora.errors import UserError
 from sdlora.files.atomic import discarded_on_failure, ensure_free_space, tensor_bytes
 from sdlora.files.untrusted import validate_safetensors
 
@@ -30,7 +31,7 @@ STATE_FILE = "state.json"
 PAUSE_ENV = "SDLORA_TEST_CHECKPOINT_PAUSE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from; the message says which and why."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sdlora.config import ConfigError
+
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise like `latents`; with an offset, plus a per-channel constant.
@@ -35,7 +37,10 @@ def training_target(
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"train.prediction_type: unsupported {prediction_type!r}; use 'epsilon' or 'v_prediction'")
+    raise ConfigError(
+        f"train.prediction_type: sdlora cannot train a {prediction_type!r} target (the base's scheduler asks for it "
+        "when the field is unset); set train.prediction_type to 'epsilon' or 'v_prediction'"
+    )
 
 
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdlora.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ROLLBACK, STOP = "rollback", "stop"
 
 
-class NumericError(RuntimeError):
+class NumericError(UserError, RuntimeError):
     """Training diverged (or would write non-finite numbers); the message says where and what to try."""
 
 

@@ -16,12 +16,13 @@ import socket
 import time
 from pathlib import Path
 
+from sdlora.errors import UserError
 from sdlora.training.folder import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(UserError, RuntimeError):
     """Another live run owns the output folder."""
 
 
