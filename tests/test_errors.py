@@ -338,6 +338,8 @@ TRIGGERED_AT_CLI = {
     "sdlora.files.atomic.DiskFullError",
 }
 COVERED_ELSEWHERE = {
+    "sdlora.config.names.RepoIdError": "config/test_repo_ids.py; at the CLI it arrives as ConfigError / HubError / "
+                                       "CardError, each with the same wording",
     "sdlora.training.divergence.NumericError": "test_safety.py: endless infs stop with a diagnosis (one line)",
     "sdlora.data.images.ImageLoadError": "test_dataset_check.py: the preflight reports unreadable images by name; "
                                          "only an image deleted mid-run reaches the CLI as this error",

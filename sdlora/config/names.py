@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from sdlora.errors import UserError
 
 # USER/NAME or ORG/NAME. The Hub allows letters, digits, '-', '_' and '.'; a name never starts with '-' or '.'.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_PREFIX = "sdlora:"
 
 
-class RepoIdError(ValueError):
+class RepoIdError(UserError, ValueError):
     """Text that is not a hub repo id; the message quotes it and shows the expected form."""
 
 
@@ -50,3 +55,24 @@ def public_name(source: str) -> str:
     if is_repo_id(head) and not Path(head).exists():
         return source
     return local_name(source) or source
+
+
+# Text fields that name a base, a config folder or an adapter: a hub id or built-in name, or a local path.
+SOURCE_FIELDS = ("model.base", "model.single_file_config", "sample.adapters")
+
+
+def public_config(model: BaseModel, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`data` (the dump of a config `model`) with every `Path` field cut to its final name and every SOURCE_FIELDS
+    value to its public name; walks nested sections and lists of them."""
+    for name in type(model).model_fields:
+        value, key = getattr(model, name), f"{where}{name}"
+        if isinstance(value, BaseModel):
+            public_config(value, data[name], f"{key}.")
+        elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
+            for item, dumped in zip(value, data[name]):
+                public_config(item, dumped, f"{key}.")
+        elif isinstance(value, Path):
+            data[name] = local_name(value)
+        elif key in SOURCE_FIELDS and value is not None:
+            data[name] = [public_name(v) for v in value] if isinstance(value, tuple) else public_name(value)
+    return data

@@ -23,7 +23,7 @@ from pydantic import (
 
 # Re-exported: callers import these from sdlora.config.
 from sdlora.config.files import ConfigError, apply_overrides, explain, read_config_file  # noqa: F401
-from sdlora.config.names import check_repo_id, local_name, public_name
+from sdlora.config.names import check_repo_id, public_config
 
 
 class _Section(BaseModel):
@@ -361,26 +361,7 @@ class RunConfig(_Section):
         """`to_dict()` fit to share (adapter metadata, the config a push uploads): every local path by its final
         name only; hub ids and built-in names as they are. Every `Path` field is covered by its type, the text
         fields that may name a local file by SOURCE_FIELDS."""
-        return _public(self, self.to_dict(), "")
-
-
-# Text fields that name a base, a config folder or an adapter: a hub id or built-in name, or a local path.
-SOURCE_FIELDS = ("model.base", "model.single_file_config", "sample.adapters")
-
-
-def _public(model: BaseModel, data: dict[str, Any], where: str) -> dict[str, Any]:
-    for name in type(model).model_fields:
-        value, key = getattr(model, name), f"{where}{name}"
-        if isinstance(value, BaseModel):
-            _public(value, data[name], f"{key}.")
-        elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
-            for item, dumped in zip(value, data[name]):
-                _public(item, dumped, f"{key}.")
-        elif isinstance(value, Path):
-            data[name] = local_name(value)
-        elif key in SOURCE_FIELDS and value is not None:
-            data[name] = [public_name(v) for v in value] if isinstance(value, tuple) else public_name(value)
-    return data
+        return public_config(self, self.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------

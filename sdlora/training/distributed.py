@@ -18,6 +18,7 @@ from accelerate.utils import DistributedType
 from peft.utils import get_peft_model_state_dict
 
 from sdlora.config import ConfigError, RunConfig
+from sdlora.models.precision import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,19 @@ def cpu_only_launch() -> bool:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world > 1 and torch.accelerator.current_accelerator() is None
+
+
+def build_accelerator(config: RunConfig):
+    """The run's Accelerator: devices, mixed precision, the process group, and the accumulation window."""
+    from accelerate import Accelerator
+
+    precision = resolve_mixed_precision(config.train.mixed_precision)
+    warn_on_precision_mismatch(precision)
+    # accelerate owns the accumulation window so DDP, FSDP and DeepSpeed all skip the all-reduce inside it.
+    return Accelerator(
+        mixed_precision=precision, cpu=cpu_only_launch(),
+        gradient_accumulation_steps=config.train.gradient_accumulation,
+    )
 
 
 def is_sharded(accelerator) -> bool:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -38,7 +37,6 @@ from sdlora.models import (
 from sdlora.models.precision import (
     COMPUTE_DTYPES,
     load_dtype_for,
-    resolve_mixed_precision,
 )
 from sdlora.models.prepare import TrainableModels, prepare_for_training
 from sdlora.training import (
@@ -75,16 +73,6 @@ class Publisher(Protocol):
     def checkpoint_written(self, path: Path) -> None: ...
 
     def run_finished(self, folder: RunFolder, dataset_size: int) -> None: ...
-
-
-def _build_accelerator(config: RunConfig) -> Accelerator:
-    precision = resolve_mixed_precision(config.train.mixed_precision)
-    distributed.warn_on_precision_mismatch(precision)
-    # accelerate owns the accumulation window so DDP, FSDP and DeepSpeed all skip the all-reduce inside it.
-    return Accelerator(
-        mixed_precision=precision, cpu=distributed.cpu_only_launch(),
-        gradient_accumulation_steps=config.train.gradient_accumulation,
-    )
 
 
 class RunHooks:
@@ -131,7 +119,7 @@ class TrainingRun:
         self.config = config
         self.output_dir = Path(config.output.dir)
         self.folder = RunFolder(self.output_dir)
-        self.accelerator = _build_accelerator(config)
+        self.accelerator = distributed.build_accelerator(config)
         self.weight_dtype = COMPUTE_DTYPES[self.accelerator.mixed_precision]
         self.publisher = publisher
         self._prebuilt_base = base
