@@ -154,6 +154,17 @@ def test_sd1_epsilon_path_is_unchanged(make_config):
     assert torch.equal(loss(parts.conditioning), loss(None))
 
 
+def test_config_offers_exactly_the_families_of_the_table():
+    """config sits below models, so `model.family` spells its choices out; they must be the table's names."""
+    from typing import get_args
+
+    from sdlora.config.schema import ModelSection
+
+    offered = get_args(ModelSection.model_fields["family"].annotation)
+    literal = next(arg for arg in offered if arg is not type(None))
+    assert get_args(literal) == families.FAMILIES
+
+
 def test_family_presets():
     from pathlib import Path
 

@@ -176,7 +176,7 @@ def single_file_family(path: Path) -> str | None:
 def _load_single_file(
     path: Path, config: str | None, torch_dtype, family: str | None = None, allow_pickle: bool = False
 ) -> BaseModel:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     from sdlora.files.untrusted import check_single_file
 
@@ -196,7 +196,7 @@ def _load_single_file(
             f"model.base: cannot tell which Stable Diffusion family {path} is from its keys; set model.family "
             f"to one of {', '.join(families.FAMILIES)}"
         )
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = getattr(diffusers, families.TABLE[family].pipeline_class)
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as exc:
@@ -209,7 +209,7 @@ def _load_single_file(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
-        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        scheduler=diffusers.DDPMScheduler.from_config(pipe.scheduler.config),
         source=str(path),
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
@@ -260,9 +260,10 @@ def _declare_family(model: BaseModel, family: str) -> None:
         raise ModelLoadError(f"model.family: 'sdxl', but {model.source} has no text_encoder_2 (not an SDXL base)")
     if family != "sdxl" and model.text_encoder_2 is not None:
         raise ModelLoadError(f"model.family: {family!r}, but {model.source} has two text encoders (an SDXL base)")
-    if family == "sd2-v" and model.prediction_type != "v_prediction":
+    target = families.TABLE[family].prediction_type
+    if target == "v_prediction" and model.prediction_type != target:
         # SD2 single files do not say whether they predict v; the user said so.
-        model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type="v_prediction")
+        model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=target)
     model.declared_family = family
 
 
