@@ -75,23 +75,9 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
 
     if retain_host_memory and torch.device(device).type == "cpu":
         settle_host_memory(retain=True)
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config)
-    if base.family == "sdxl":
-        # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=sampler,
-            add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipe = base.pipeline(getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
     return pipe.to(device) if base.unet.dtype == dtype else pipe.to(device, dtype)

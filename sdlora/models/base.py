@@ -65,6 +65,31 @@ class BaseModel:
     def tokenizers(self) -> list[Any]:
         return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
+    def pipeline(self, scheduler=None):
+        """This base as a diffusers pipeline over the same modules; `scheduler` (default: the base's) samples."""
+        return pipeline_from_components(
+            unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler=scheduler or self.scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+        )
+
+
+def pipeline_from_components(*, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None,
+                             tokenizer_2=None):
+    """The one way sdlora assembles a diffusers pipeline, over already-built components (no copy of the weights):
+    StableDiffusionXLPipeline when there is a second text encoder (SDXL), else StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if text_encoder_2 is not None:
+        # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in bases: built (or unpacked) once into a cache folder, then loaded like any local diffusers folder.

@@ -1,5 +1,6 @@
 """What differs between Stable Diffusion families, and nothing else: the family table (`TABLE`: names, what kohya
-and modelspec call each family, target, resolution; every other module reads it), detection, text conditioning.
+and modelspec call each family, target, resolution; every other module reads it), detection, text conditioning,
+and the one noise schedule they share.
 
 - **sd1**: one CLIP-L text encoder, its last hidden state conditions the UNet; epsilon target.
 - **sd2** / **sd2-v**: one OpenCLIP-H text encoder (exact GELU, where OpenAI's CLIP uses quick-GELU), last hidden
@@ -52,6 +53,17 @@ TABLE: dict[str, Family] = {
     )
 }
 FAMILIES = tuple(TABLE)
+
+# The training noise schedule every family shares: SD1.5's scheduler config (scaled-linear betas, 1000 steps).
+NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def noise_scheduler(prediction_type: str = "epsilon"):
+    """A DDPM scheduler with the shared schedule, for bases sdlora builds itself (tiny, benchmark, shapes)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False, prediction_type=prediction_type)
 
 
 def detect_family(unet_config, text_encoder_config, prediction_type: str) -> str:

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from sdlora.models import families
+from sdlora.models.base import pipeline_from_components
+
 DEFAULT_WORDS = tuple(
     (
         "a an the of on in with and style photo painting drawing sketch picture image "
@@ -117,7 +120,7 @@ def _tiny_vae(spec, **extra):
 
 def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
     """UNet, VAE, text encoder, tokenizer and scheduler with seeded random weights."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = make_tokenizer(spec.words, spec.max_length, spec.pad_token)
@@ -141,15 +144,7 @@ def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
     vae = _tiny_vae(spec)
     text_encoder = CLIPTextModel(_text_config(spec, tokenizer, spec.text_hidden, spec.text_hidden_act))
     # SD1.5's own scheduler settings, so timesteps, SNR and targets are the real ones.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type=spec.prediction_type,
-    )
+    scheduler = families.noise_scheduler(spec.prediction_type)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
@@ -173,14 +168,8 @@ def _text_config(spec: TinySpec, tokenizer, hidden: int, hidden_act: str, projec
 
 def save_tiny_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     """Build a tiny pipeline and save it in diffusers layout (model_index.json + one folder per component)."""
-    from diffusers import StableDiffusionPipeline
-
     path = Path(path)
-    parts = build_tiny_components(spec, seed)
-    pipe = StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipeline_from_components(**build_tiny_components(spec, seed)).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -226,13 +215,7 @@ def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> di
         _text_config(spec, tokenizer_2, hidden_2, "gelu", projection_dim=spec.text_hidden)
     )
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type=spec.prediction_type,
+        **families.NOISE_SCHEDULE, timestep_spacing="leading", prediction_type=spec.prediction_type
     )
     return {
         "unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
@@ -242,11 +225,8 @@ def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> di
 
 def save_tiny_sdxl_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     """A tiny StableDiffusionXLPipeline in diffusers layout (text_encoder_2 / tokenizer_2 folders included)."""
-    from diffusers import StableDiffusionXLPipeline
-
     path = Path(path)
-    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(spec, seed), add_watermarker=False)
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipeline_from_components(**build_tiny_sdxl_components(spec, seed)).save_pretrained(path, safe_serialization=True)
     return path
 
 
