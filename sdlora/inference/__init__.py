@@ -8,7 +8,6 @@ from sdlora.inference.pipeline import (  # noqa: F401
     LoraNameError,
     SCHEDULERS,
     build_pipeline,
-    cell_origin,
     generate,
     image_grid,
     parse_prompt_loras,
