@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.bench.shapes import SHAPES, STYLES, SUBJECT_SHAPE, random_scene, render
+from sdlora.models import families
+from sdlora.models.base import pipeline_from_components
 from sdlora.models.tiny import make_tokenizer
 
 WORDS = "a on background style sks ring circle square triangle striped outline plain red green blue yellow white black"
@@ -51,7 +53,7 @@ def world_batch(rng: random.Random, count: int, size: int, styled: bool):
 
 
 def build_models(args, tokenizer):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vae = AutoencoderKL(
@@ -71,8 +73,7 @@ def build_models(args, tokenizer):
         projection_dim=args.text_hidden, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    scheduler = families.noise_scheduler()
     return vae, unet, text_encoder, scheduler
 
 
@@ -173,11 +174,8 @@ def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapsh
 
 
 def save_model(out: Path, vae, text_encoder, tokenizer, unet, scheduler, fp16: bool) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=copy.deepcopy(unet),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = pipeline_from_components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=copy.deepcopy(unet),
+                                    scheduler=scheduler)
     if fp16:
         pipe = copy.deepcopy(pipe).to(torch.float16)  # the training copies stay fp32
     pipe.save_pretrained(out, safe_serialization=True)

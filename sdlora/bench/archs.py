@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from sdlora.models import BaseModel, freeze
+from sdlora.models import BaseModel, families, freeze
 
 # SD1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json) and CLIP ViT-L/14 text encoder.
 SD15_UNET = dict(
@@ -68,16 +68,6 @@ ARCHS = {
 }
 
 
-def sd_scheduler():
-    """SD1.5's (and SDXL's) training noise schedule."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, steps_offset=1, prediction_type="epsilon",
-    )
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -117,7 +107,7 @@ def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dty
         unet = UNet2DConditionModel(**unet_config)
     base = BaseModel(
         unet=unet, vae=AutoencoderKL(**vae_config), text_encoder=text_encoder,
-        tokenizer=tokenizer, scheduler=sd_scheduler(), source=f"random:{arch}", **extra,
+        tokenizer=tokenizer, scheduler=families.noise_scheduler(), source=f"random:{arch}", **extra,
     )
     freeze(base)
     return base

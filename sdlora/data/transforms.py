@@ -49,14 +49,6 @@ def apply_placement(image: Image.Image, resized: tuple[int, int], placement: Pla
     return to_tensor(cropped)
 
 
-def resize_and_crop(
-    image: Image.Image, size: tuple[int, int], crop: str, rng: random.Random, flip_probability: float = 0.0
-) -> tuple[torch.Tensor, Placement]:
-    """Scale the short side to cover `size` (height, width), crop to it, maybe flip; returns [-1, 1] CHW."""
-    resized, placement = plan_crop((image.height, image.width), size, crop, rng, flip_probability)
-    return apply_placement(image, resized, placement), placement
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy())

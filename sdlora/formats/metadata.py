@@ -16,21 +16,11 @@ import time
 import torch
 
 from sdlora.config.names import public_name
-
-SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sd2_v": "stable-diffusion-v2-768-v/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
-PROVENANCE = ("sdlora.base_model", "sdlora.base_model_hash", "sdlora.dataset_hash", "sdlora.family",
-              "sdlora.prediction_type", "sdlora.trigger_words", "sdlora.recommended_weight",
-              "sdlora.training_config", "sdlora.version")
+from sdlora.models import families
 
 
 def family_key(metadata: dict[str, str], components: list[str]) -> str:
-    """sd1 / sd2 / sd2_v / sdxl from sdlora's provenance, kohya's or modelspec's header, else from the parts."""
+    """A name in `families.TABLE` from sdlora's provenance, kohya's or modelspec's header, else from the parts."""
     family = metadata.get("sdlora.family")
     if family is None:
         version = metadata.get("ss_base_model_version", "")
@@ -42,7 +32,7 @@ def family_key(metadata: dict[str, str], components: list[str]) -> str:
         else:
             family = "sd1"
     v_pred = metadata.get("sdlora.prediction_type") == "v_prediction" or metadata.get("ss_v_parameterization") == "True"
-    return "sd2_v" if family == "sd2" and v_pred else family
+    return "sd2-v" if family == "sd2" and v_pred else family
 
 
 def _training_field(metadata: dict[str, str], *path: str):
@@ -68,27 +58,25 @@ def shareable(metadata: dict[str, str]) -> dict[str, str]:
 
 def kohya_header(metadata: dict[str, str], rank: int, alpha: float, family: str, title: str) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` keys for a kohya-format file, from an adapter's sdlora provenance."""
-    resolution = _training_field(metadata, "data", "resolution") or {"sdxl": 1024, "sd2_v": 768}.get(family, 512)
+    row = families.TABLE[family]
+    resolution = _training_field(metadata, "data", "resolution") or row.resolution
     trigger = metadata.get("sdlora.trigger_words", "")
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
-        "ss_v2": str(family.startswith("sd2")),
-        "ss_v_parameterization": str(family == "sd2_v"),
-        "ss_base_model_version": SS_BASE_MODEL_VERSION[family],
+        # kohya names the family's own target: a file's header cannot say more than its base
+        **families.adapter_metadata(family, row.prediction_type, resolution),
+        "ss_v_parameterization": str(row.prediction_type == "v_prediction"),
         "ss_output_name": title,
         "ss_resolution": str((resolution, resolution)),
         # kohya writes the base's hub id, or a local file's name only (never its path): so does sdlora.
         "ss_sd_model_name": public_name(metadata.get("sdlora.base_model", "")),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[family],
+        # SDXL UNet keys are written in SGM layout (`formats.ldm`), Stability's own implementation
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
         else "diffusers",
         "modelspec.title": title,
-        "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": metadata.get("modelspec.date") or time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "v" if family == "sd2_v" else "epsilon",
     }
     if trigger:
         header["modelspec.trigger_phrase"] = trigger

@@ -1,7 +1,8 @@
 """Write a base model as one original-layout (LDM) `.safetensors` checkpoint, the file AUTOMATIC1111, Forge and
 ComfyUI load and that diffusers reads back with `from_single_file`.
 
-Key layout (SD1/SD2): UNet under `model.diffusion_model.` (input_blocks / middle_block / output_blocks), VAE under
+Key layout (SD1/SD2): UNet under `model.diffusion_model.` (input_blocks / middle_block / output_blocks, named by
+`ldm.to_sgm`, the map kohya's SDXL names use too), VAE under
 `first_stage_model.` (encoder.down / decoder.up, reversed order), CLIP under `cond_stage_model.transformer.`.
 The mapping is the inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`, which the
 tests use as the oracle; it is driven by the model configs, so tiny models and SD1.5 map the same way.
@@ -17,30 +18,12 @@ import torch
 from sdlora.config.names import public_name
 from sdlora.errors import UserError
 from sdlora.files.atomic import save_safetensors_atomic
+from sdlora.formats import ldm
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 
-_UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "class_embedding.linear_1": "label_emb.0.0",
-    "class_embedding.linear_2": "label_emb.0.2",
-}
-_UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
 _VAE_TOP = {
     "encoder.conv_in": "encoder.conv_in",
     "encoder.conv_norm_out": "encoder.norm_out",
@@ -58,45 +41,19 @@ class SingleFileError(UserError, ValueError):
     """A weight with no place in the original layout (an architecture this exporter does not know)."""
 
 
-def _rename_head(rest: str, table: dict[str, str]) -> str:
-    for new, old in table.items():
-        if rest.startswith(new + "."):
-            return old + rest[len(new) :]
-    return rest
-
-
-def _unet_key(key: str, layers: int, up_has_attention: set[int]) -> str:
-    module, _, param = key.rpartition(".")
-    if module in _UNET_TOP:
-        return f"{_UNET_TOP[module]}.{param}"
-    per_block = layers + 1
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = 1 + block * per_block + j
-        return f"input_blocks.{index}.0.{_rename_head(rest, _UNET_RESNET)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * per_block}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_rename_head(m[2], _UNET_RESNET)}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = block * per_block + j
-        return f"output_blocks.{index}.0.{_rename_head(rest, _UNET_RESNET)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        block = int(m[1])
-        slot = 2 if block in up_has_attention else 1
-        return f"output_blocks.{block * per_block + layers}.{slot}.conv.{m[2]}"
-    raise SingleFileError(f"UNet weight {key} has no original-layout name")
-
-
 def unet_to_ldm(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """UNet weights under their LDM names: the one diffusers <-> SGM/LDM map, `ldm.to_sgm`."""
     layers = config["layers_per_block"]
     if not isinstance(layers, int):
         raise SingleFileError("per-block layer counts are not supported by the original layout exporter")
-    up_has_attention = {int(k.split(".")[1]) for k in state if re.match(r"up_blocks\.\d+\.attentions\.", k)}
-    return {UNET_PREFIX + _unet_key(k, layers, up_has_attention): v for k, v in state.items()}
+    attention = ldm.up_attention(state)
+    out = {}
+    for key, value in state.items():
+        try:
+            out[UNET_PREFIX + ldm.to_sgm(key, up_attention_blocks=attention, layers_per_block=layers)] = value
+        except ldm.LayoutError:
+            raise SingleFileError(f"UNet weight {key} has no original-layout name") from None
+    return out
 
 
 def _vae_key(key: str, num_up: int) -> str:
@@ -110,7 +67,7 @@ def _vae_key(key: str, num_up: int) -> str:
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
-        return f"{m[1]}.mid.attn_1.{_rename_head(m[2], _VAE_ATTENTION)}"
+        return f"{m[1]}.mid.attn_1.{ldm.rename_prefix(m[2], _VAE_ATTENTION)}"
     if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
         return f"decoder.up.{num_up - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
     if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):

@@ -9,7 +9,6 @@ from sdlora.inference.pipeline import (  # noqa: F401
     GenerationSettingError,
     LoraNameError,
     build_pipeline,
-    cell_origin,
     generate,
     image_grid,
     parse_prompt_loras,

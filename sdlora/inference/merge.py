@@ -113,8 +113,6 @@ def bake_into(models: dict[str, torch.nn.Module], adapter: AdapterFile, weight: 
 def save_base(base, output) -> Path:
     """Save a base (with an adapter baked in): a diffusers pipeline folder, or for SD1.x bases and an output
     ending in .safetensors, one original-layout file that AUTOMATIC1111 / Forge / ComfyUI load."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     output = Path(output)
     if output.suffix == ".ckpt":
         raise AdapterFormatError(f"-o {output}: sdlora does not write pickle checkpoints; use .safetensors or a folder")
@@ -127,15 +125,5 @@ def save_base(base, output) -> Path:
         from sdlora.formats.singlefile import save_single_file
 
         return save_single_file(base, output)
-    if base.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler,
-            add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                       unet=base.unet, scheduler=base.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(output, safe_serialization=True)
+    base.pipeline().save_pretrained(output, safe_serialization=True)
     return output

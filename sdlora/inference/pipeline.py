@@ -76,23 +76,10 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
     components (no second copy of the weights). It leaves the process's memory policy alone: commands that
     generate on a CPU call `hostmem.settle_host_memory` themselves."""
     import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if scheduler not in SCHEDULERS:
         raise GenerationSettingError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    sampler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config)
-    if base.family == "sdxl":
-        # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
-        pipe = StableDiffusionXLPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=sampler,
-            add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=sampler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipe = base.pipeline(getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
     return pipe.to(device) if base.unet.dtype == dtype else pipe.to(device, dtype)
@@ -317,19 +304,14 @@ def generate(pipe, prompt: str, *, seed: int = 0, steps: int = 20, guidance_scal
     return images
 
 
-def _label_margins(row_labels, column_labels) -> tuple[int, int]:
-    font = ImageFont.load_default()
-    left = 8 + max((int(font.getlength(label)) for label in row_labels or []), default=-8)
-    return left, 16 if column_labels else 0
-
-
 def image_grid(images: list[Image.Image], columns: int, row_labels: list[str] | None = None,
                column_labels: list[str] | None = None) -> Image.Image:
     """A labelled grid; cells are pasted unscaled so each cell's pixels equal the image's."""
     width, height = images[0].size
     rows = (len(images) + columns - 1) // columns
     font = ImageFont.load_default()
-    left, top = _label_margins(row_labels, column_labels)
+    left = 8 + max((int(font.getlength(label)) for label in row_labels or []), default=-8)
+    top = 16 if column_labels else 0
     grid = Image.new("RGB", (left + columns * width, top + rows * height), "white")
     draw = ImageDraw.Draw(grid)
     for number, image in enumerate(images):
@@ -340,10 +322,3 @@ def image_grid(images: list[Image.Image], columns: int, row_labels: list[str] | 
     for row, label in enumerate(row_labels or []):
         draw.text((2, top + row * height + height // 2 - 6), label, fill="black", font=font)
     return grid
-
-
-def cell_origin(index: int, columns: int, cell_size: tuple[int, int], row_labels, column_labels) -> tuple[int, int]:
-    """Top-left pixel of cell `index` in an `image_grid` built with the same arguments (for tests and tools)."""
-    left, top = _label_margins(row_labels, column_labels)
-    row, column = divmod(index, columns)
-    return left + column * cell_size[0], top + row * cell_size[1]

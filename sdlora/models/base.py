@@ -65,6 +65,31 @@ class BaseModel:
     def tokenizers(self) -> list[Any]:
         return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
+    def pipeline(self, scheduler=None):
+        """This base as a diffusers pipeline over the same modules; `scheduler` (default: the base's) samples."""
+        return pipeline_from_components(
+            unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            scheduler=scheduler or self.scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+        )
+
+
+def pipeline_from_components(*, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None,
+                             tokenizer_2=None):
+    """The one way sdlora assembles a diffusers pipeline, over already-built components (no copy of the weights):
+    StableDiffusionXLPipeline when there is a second text encoder (SDXL), else StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if text_encoder_2 is not None:
+        # The invisible watermark would make images differ from plain diffusers' depending on an optional package.
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in bases: built (or unpacked) once into a cache folder, then loaded like any local diffusers folder.
@@ -176,11 +201,7 @@ def single_file_family(path: Path) -> str | None:
 def _load_single_file(
     path: Path, config: str | None, torch_dtype, family: str | None = None, allow_pickle: bool = False
 ) -> BaseModel:
-    from diffusers import (
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+    import diffusers
 
     from sdlora.files.untrusted import check_single_file
 
@@ -200,7 +221,7 @@ def _load_single_file(
             f"model.base: cannot tell which Stable Diffusion family {path} is from its keys; set model.family "
             f"to one of {', '.join(families.FAMILIES)}"
         )
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = getattr(diffusers, families.TABLE[family].pipeline_class)
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as exc:
@@ -213,7 +234,7 @@ def _load_single_file(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
-        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        scheduler=diffusers.DDPMScheduler.from_config(pipe.scheduler.config),
         source=str(path),
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
@@ -264,9 +285,10 @@ def _declare_family(model: BaseModel, family: str) -> None:
         raise ModelLoadError(f"model.family: 'sdxl', but {model.source} has no text_encoder_2 (not an SDXL base)")
     if family != "sdxl" and model.text_encoder_2 is not None:
         raise ModelLoadError(f"model.family: {family!r}, but {model.source} has two text encoders (an SDXL base)")
-    if family == "sd2-v" and model.prediction_type != "v_prediction":
+    target = families.TABLE[family].prediction_type
+    if target == "v_prediction" and model.prediction_type != target:
         # SD2 single files do not say whether they predict v; the user said so.
-        model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type="v_prediction")
+        model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=target)
     model.declared_family = family
 
 

@@ -1,4 +1,6 @@
-"""What differs between Stable Diffusion families, and nothing else: detection, text conditioning, metadata.
+"""What differs between Stable Diffusion families, and nothing else: the family table (`TABLE`: names, what kohya
+and modelspec call each family, target, resolution; every other module reads it), detection, text conditioning,
+and the one noise schedule they share.
 
 - **sd1**: one CLIP-L text encoder, its last hidden state conditions the UNet; epsilon target.
 - **sd2** / **sd2-v**: one OpenCLIP-H text encoder (exact GELU, where OpenAI's CLIP uses quick-GELU), last hidden
@@ -21,7 +23,49 @@ import torch
 
 from sdlora.config import ConfigError
 
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+# ---------------------------------------------------------------------------------------------------------------
+# The family table: the one place that says what each family is called, by sdlora and by other tools.
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the family table: sdlora's name and what other tools call the same base."""
+
+    name: str  # `model.family`, the `sdlora.family` header
+    base_model_version: str  # kohya's `ss_base_model_version`: A1111, ComfyUI and kohya's tools read it
+    architecture: str  # modelspec's `architecture` of a LoRA on this base
+    prediction_type: str  # the family's own target: epsilon, or v for SD2's 768 px models
+    resolution: int  # the side its bases were trained at
+    pipeline_class: str  # the diffusers pipeline that loads it
+
+    @property
+    def sd2(self) -> bool:
+        """kohya's `ss_v2`: an SD2.x base (OpenCLIP text encoder)."""
+        return self.name.startswith("sd2")
+
+
+TABLE: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family("sd1", "sd_v1", "stable-diffusion-v1/lora", "epsilon", 512, "StableDiffusionPipeline"),
+        Family("sd2", "sd_v2", "stable-diffusion-v2-512/lora", "epsilon", 512, "StableDiffusionPipeline"),
+        Family("sd2-v", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v_prediction", 768, "StableDiffusionPipeline"),
+        Family("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "epsilon", 1024,
+               "StableDiffusionXLPipeline"),
+    )
+}
+FAMILIES = tuple(TABLE)
+
+# The training noise schedule every family shares: SD1.5's scheduler config (scaled-linear betas, 1000 steps).
+NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def noise_scheduler(prediction_type: str = "epsilon"):
+    """A DDPM scheduler with the shared schedule, for bases sdlora builds itself (tiny, benchmark, shapes)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False, prediction_type=prediction_type)
 
 
 def detect_family(unet_config, text_encoder_config, prediction_type: str) -> str:
@@ -47,23 +91,14 @@ def family_from_checkpoint_keys(keys: Iterable[str]) -> str | None:
     return "sd2" if sd2 else "sd1" if sd1 else None
 
 
-# Header values that A1111, ComfyUI and kohya's tools read to tell which base an adapter belongs to.
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sd2-v": "stable-diffusion-v2-768-v/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
-
-
 def adapter_metadata(family: str, prediction_type: str, resolution: int) -> dict[str, str]:
     """`ss_base_model_version`, `ss_v2` and `modelspec.*` fields naming the base family (all values strings)."""
+    row = TABLE[family]
     return {
-        "ss_base_model_version": _BASE_VERSION[family],
-        "ss_v2": str(family.startswith("sd2")),
+        "ss_base_model_version": row.base_model_version,
+        "ss_v2": str(row.sd2),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _ARCHITECTURE[family],
+        "modelspec.architecture": row.architecture,
         "modelspec.implementation": "diffusers",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from sdlora.models import families
+from sdlora.models.base import pipeline_from_components
+
 DEFAULT_WORDS = tuple(
     (
         "a an the of on in with and style photo painting drawing sketch picture image "
@@ -115,41 +118,37 @@ def _tiny_vae(spec, **extra):
     )
 
 
-def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
-    """UNet, VAE, text encoder, tokenizer and scheduler with seeded random weights."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+def _tiny_unet(spec, down: tuple[str, ...], up: tuple[str, ...], cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = make_tokenizer(spec.words, spec.max_length, spec.pad_token)
-    torch.manual_seed(seed)
-    latent_size = spec.sample_size // 2 ** (len(spec.vae_channels) - 1)
-    down = ("CrossAttnDownBlock2D",) * (len(spec.unet_channels) - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(spec.unet_channels) - 1)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size,
+    return UNet2DConditionModel(
+        sample_size=spec.sample_size // 2 ** (len(spec.vae_channels) - 1),  # the latent side
         in_channels=spec.latent_channels,
         out_channels=spec.latent_channels,
         block_out_channels=spec.unet_channels,
         layers_per_block=spec.unet_layers_per_block,
         down_block_types=down,
         up_block_types=up,
-        cross_attention_dim=spec.text_hidden,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=spec.attention_head_dim,
         norm_num_groups=min(32, spec.unet_channels[0]),
-        use_linear_projection=spec.use_linear_projection,
+        **extra,
     )
+
+
+def build_tiny_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
+    """UNet, VAE, text encoder, tokenizer and scheduler with seeded random weights."""
+    from transformers import CLIPTextModel
+
+    tokenizer = make_tokenizer(spec.words, spec.max_length, spec.pad_token)
+    torch.manual_seed(seed)
+    down = ("CrossAttnDownBlock2D",) * (len(spec.unet_channels) - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(spec.unet_channels) - 1)
+    unet = _tiny_unet(spec, down, up, spec.text_hidden, use_linear_projection=spec.use_linear_projection)
     vae = _tiny_vae(spec)
     text_encoder = CLIPTextModel(_text_config(spec, tokenizer, spec.text_hidden, spec.text_hidden_act))
     # SD1.5's own scheduler settings, so timesteps, SNR and targets are the real ones.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type=spec.prediction_type,
-    )
+    scheduler = families.noise_scheduler(spec.prediction_type)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
@@ -173,14 +172,8 @@ def _text_config(spec: TinySpec, tokenizer, hidden: int, hidden_act: str, projec
 
 def save_tiny_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     """Build a tiny pipeline and save it in diffusers layout (model_index.json + one folder per component)."""
-    from diffusers import StableDiffusionPipeline
-
     path = Path(path)
-    parts = build_tiny_components(spec, seed)
-    pipe = StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipeline_from_components(**build_tiny_components(spec, seed)).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -192,28 +185,18 @@ SDXL_TIME_EMBED_DIM = 8  # per time id; SDXL's is 256
 
 
 def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> dict:
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = make_tokenizer(spec.words, spec.max_length)
     tokenizer_2 = make_tokenizer(spec.words, spec.max_length, pad_token="!")
     torch.manual_seed(seed)
-    latent_size = spec.sample_size // 2 ** (len(spec.vae_channels) - 1)
     hidden_2 = spec.text_hidden * 2  # bigG is wider than CLIP-L
     # SDXL's layout: no attention at the highest resolution, attention below it.
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(spec.unet_channels) - 1)
     up = ("CrossAttnUpBlock2D",) * (len(spec.unet_channels) - 1) + ("UpBlock2D",)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=spec.latent_channels,
-        out_channels=spec.latent_channels,
-        block_out_channels=spec.unet_channels,
-        layers_per_block=spec.unet_layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=spec.text_hidden + hidden_2,
-        attention_head_dim=spec.attention_head_dim,
-        norm_num_groups=min(32, spec.unet_channels[0]),
+    unet = _tiny_unet(
+        spec, down, up, spec.text_hidden + hidden_2,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
@@ -226,13 +209,7 @@ def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> di
         _text_config(spec, tokenizer_2, hidden_2, "gelu", projection_dim=spec.text_hidden)
     )
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type=spec.prediction_type,
+        **families.NOISE_SCHEDULE, timestep_spacing="leading", prediction_type=spec.prediction_type
     )
     return {
         "unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
@@ -242,11 +219,8 @@ def build_tiny_sdxl_components(spec: TinySpec = TinySpec(), seed: int = 0) -> di
 
 def save_tiny_sdxl_pipeline(path: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
     """A tiny StableDiffusionXLPipeline in diffusers layout (text_encoder_2 / tokenizer_2 folders included)."""
-    from diffusers import StableDiffusionXLPipeline
-
     path = Path(path)
-    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(spec, seed), add_watermarker=False)
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipeline_from_components(**build_tiny_sdxl_components(spec, seed)).save_pretrained(path, safe_serialization=True)
     return path
 
 

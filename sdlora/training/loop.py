@@ -8,7 +8,6 @@ same run.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,21 +24,21 @@ class TrainingParts:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    tokenizer: Any
     noise_scheduler: Any
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     params: list[torch.nn.Parameter]
     generator: torch.Generator
     prediction_type: str
+    # batch -> (encoder_hidden_states, added_cond_kwargs or None), from `families.conditioning_for`; a cached batch
+    # carries the text states and skips the encoders.
+    conditioning: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor] | None]]
     weight_dtype: torch.dtype = torch.float32
     gradient_accumulation: int = 1
     max_grad_norm: float | None = 1.0
     noise_offset: float = 0.0
     snr_gamma: float | None = None
     train_text_encoder: bool = False
-    # batch -> (encoder_hidden_states, added_cond_kwargs | None), from `families`; None: SD1/SD2 prompt states.
-    conditioning: Any = None
     # Test hook: called with the step number; True multiplies that step's loss by inf (numeric-safety tests).
     inject_inf: Callable[[int], bool] | None = None
     # Every (wrapped) model whose LoRA trains, for gradient-sync windows; empty: the unet (and text_encoder if
@@ -59,24 +58,6 @@ def _global_draw(parts: TrainingParts, fn, batch_size: int):
     world, rank = parts.accelerator.num_processes, parts.accelerator.process_index
     full = fn(batch_size * world)
     return full[rank * batch_size : (rank + 1) * batch_size]
-
-
-def encode_prompts(parts: TrainingParts, captions: list[str]) -> torch.Tensor:
-    tokens = parts.tokenizer(
-        captions, padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(parts.accelerator.device)
-    with contextlib.nullcontext() if parts.train_text_encoder else torch.no_grad():
-        return parts.text_encoder(tokens, return_dict=False)[0]
-
-
-def condition(parts: TrainingParts, batch: dict[str, Any]) -> tuple[torch.Tensor, dict | None]:
-    """Text conditioning of a batch. Cached batches carry the text states and skip the encoders."""
-    if parts.conditioning is not None:
-        return parts.conditioning(batch)
-    if "encoder_hidden_states" in batch:
-        return batch["encoder_hidden_states"].to(parts.accelerator.device), None
-    return encode_prompts(parts, batch["captions"]), None
 
 
 def encode_images(parts: TrainingParts, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -110,7 +91,7 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
     else:
         latents = encode_images(parts, batch["pixel_values"])
     latents = latents.to(parts.accelerator.device, dtype=torch.float32)
-    states, added_cond = condition(parts, batch)
+    states, added_cond = parts.conditioning(batch)
     if added_cond is not None:
         added_cond = {key: value.to(parts.weight_dtype) for key, value in added_cond.items()}
     size, device = latents.shape[0], latents.device

@@ -225,7 +225,7 @@ class TrainingRun:
         params = [p for model in self.trained_models.values() for p in model.parameters() if p.requires_grad]
         return TrainingParts(
             accelerator=accelerator, unet=unet, text_encoder=text_encoders[0], vae=base.vae,
-            tokenizer=base.tokenizer, noise_scheduler=base.scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            noise_scheduler=base.scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
             params=params, generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed),
             prediction_type=models.prediction_type, weight_dtype=self.weight_dtype,
             gradient_accumulation=cfg.train.gradient_accumulation, max_grad_norm=cfg.train.max_grad_norm,

@@ -99,12 +99,12 @@ def _ldm_names(unet) -> set[str]:
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     state = unet.state_dict()
-    checkpoint = {"model.diffusion_model." + ldm.to_sgm(k, up_attention_blocks=_up_attention(unet)): v
-                  for k, v in state.items()}
-    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    sgm_state = {"model.diffusion_model." + ldm.to_sgm(k, up_attention_blocks=_up_attention(unet)): v
+                 for k, v in state.items()}
+    converted = convert_ldm_unet_checkpoint(sgm_state, dict(unet.config))
     # diffusers' own converter brings every SGM name back to the module it came from: the SGM table is right.
     assert set(converted) == set(state)
-    return {k.removeprefix("model.diffusion_model.").rsplit(".", 1)[0] for k in checkpoint}
+    return {k.removeprefix("model.diffusion_model.").rsplit(".", 1)[0] for k in sgm_state}
 
 
 def _up_attention(unet) -> frozenset[int]:

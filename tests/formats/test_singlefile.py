@@ -32,6 +32,30 @@ def test_diffusers_own_converter_inverts_ours(base):
         assert torch.equal(vae_back[key].reshape(value.shape), value), key
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_one_unet_key_map_round_trips_every_key_of_the_tiny_bases(family):
+    """Single-file export and kohya's SDXL names use the one diffusers <-> LDM map (`ldm.to_sgm`): every UNet
+    weight of the tiny SD1 and SDXL bases gets its own LDM name and maps back to itself, the exporter writes exactly
+    those names, and diffusers' own converter reads them back to the same weights."""
+    from sdlora.formats import ldm
+    from sdlora.formats.singlefile import UNET_PREFIX, unet_to_ldm
+    from sdlora.models import tiny
+
+    build = tiny.build_tiny_components if family == "sd1" else tiny.build_tiny_sdxl_components
+    unet = build()["unet"]
+    state, layers = unet.state_dict(), unet.config.layers_per_block
+    attention = ldm.up_attention(state)
+    names = {key: ldm.to_sgm(key, up_attention_blocks=attention, layers_per_block=layers) for key in state}
+    assert len(set(names.values())) == len(state)
+    assert {key: ldm.from_sgm(name, layers) for key, name in names.items()} == {key: key for key in state}
+    exported = unet_to_ldm(state, unet.config)
+    assert list(exported) == [UNET_PREFIX + names[key] for key in state]
+    back = convert_ldm_unet_checkpoint(exported, dict(unet.config))
+    assert back.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(back[key], value), key
+
+
 def test_single_file_loads_offline_and_matches_the_folder(base, tiny_base, tmp_path):
     path = save_single_file(base, tmp_path / "tiny.safetensors")
     loaded = load_base_model(str(path), single_file_config=str(tiny_base))

@@ -67,9 +67,11 @@ def test_merged_file_generates_like_the_stack(tiny_base, pair, tmp_path):
         assert torch.equal(from_file.unet.state_dict()[name], value), name
 
 
-def _cell(grid, index, columns, rows, cols):
-    x, y = inference.cell_origin(index, columns, (64, 64), rows, cols)
-    return np.asarray(grid.crop((x, y, x + 64, y + 64)), np.int16)
+def _cell(grid, index, columns, rows):
+    """Cell `index` of a grid of 64 px cells: the labels take the left and top margins, the cells the rest."""
+    left, top = grid.width - columns * 64, grid.height - len(rows) * 64
+    y, x = divmod(index, columns)
+    return np.asarray(grid.crop((left + 64 * x, top + 64 * y, left + 64 * x + 64, top + 64 * y + 64)), np.int16)
 
 
 def test_grid_cells_equal_separate_generate_calls(tiny_base, pair, tmp_path):
@@ -81,8 +83,8 @@ def test_grid_cells_equal_separate_generate_calls(tiny_base, pair, tmp_path):
                            "-o", str(tmp_path / "grid.png")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     grid = Image.open(tmp_path / "grid.png").convert("RGB")
-    rows, cols = ["#1 0", "#1 1"], ["#0 0", "#0 1"]
-    cells = [_cell(grid, i, 2, rows, cols) for i in range(4)]
+    rows = ["#1 0", "#1 1"]
+    cells = [_cell(grid, i, 2, rows) for i in range(4)]
     for index, (wb, wa) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         out = tmp_path / f"cell{index}.png"
         assert cli.main(["generate", *common, "--lora", f"{a}:{wa}", "--lora", f"{b}:{wb}", "-o", str(out)]) == 0

@@ -114,6 +114,18 @@ def test_sd2v_trains_with_v_targets_and_zero_terminal_snr(sd2v_run):
     assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
 
 
+def test_sd2v_adapter_exports_to_kohya_with_its_family(sd2v_run, tmp_path):
+    """The kohya header reads the one family table: an `sd2-v` adapter (once a KeyError, when the header code had
+    its own table spelt `sd2_v`) says v2 and v-parameterization, as kohya's tools expect."""
+    from sdlora import formats
+
+    path = formats.save_kohya(tmp_path / "kohya.safetensors", read_adapter(sd2v_run[1].adapter_path))
+    header = read_adapter(path).metadata
+    assert header["ss_base_model_version"] == "sd_v2_v" and header["ss_v2"] == "True"
+    assert header["ss_v_parameterization"] == "True" and header["modelspec.prediction_type"] == "v"
+    assert header["ss_resolution"] == "(64, 64)" and header["modelspec.implementation"] == "diffusers"
+
+
 def test_sd2v_adapter_loads_in_diffusers_and_matches_sdlora(sd2v_run, tiny_sd2v_base):
     from diffusers import StableDiffusionPipeline
 
