@@ -64,11 +64,12 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from sdlora import hub
+    from sdlora.training.folder import RunFolder
 
     if args.dry_run:
         plan = hub.plan_upload(args.run_dir, args.repo_id)
         print(plan.describe())
-        print(f"--- {hub.card.CARD_NAME} ---")
+        print(f"--- {RunFolder(args.run_dir).card.name} ---")
         print(plan.card_text)
         return 0
     print(f"pushed: {hub.push(args.run_dir, args.repo_id, private=args.private)}")

@@ -22,21 +22,10 @@ from sdlora.config import ConfigError, RunConfig, read_config_file, validate_con
 from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id, public_name
 from sdlora.errors import UserError
 from sdlora.files.atomic import write_text_atomic
+from sdlora.models import families
+from sdlora.training.folder import RunFolder
 
 log = logging.getLogger(__name__)
-
-CARD_NAME = "README.md"
-FAMILY_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sd2-v": "stable-diffusion",
-               "sdxl": "stable-diffusion-xl"}
-# The licenses the bases ship under: SD1.x CreativeML OpenRAIL-M; SD2.x and SDXL CreativeML Open RAIL++-M.
-FAMILY_LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sd2-v": "openrail++", "sdxl": "openrail++"}
-FAMILY_PIPELINES = {
-    "sd1": "StableDiffusionPipeline",
-    "sd2": "StableDiffusionPipeline",
-    "sd2-v": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-}
-
 
 class CardError(UserError, ValueError):
     """A run folder a card cannot be written for; the message names the folder and what is missing."""
@@ -103,11 +92,11 @@ def adapter_files(run_dir: Path) -> list[Path]:
 
 
 def sample_files(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (Path(run_dir) / "samples").glob("*.png") if p.is_file())
+    return sorted(p for p in RunFolder(Path(run_dir)).samples.glob("*.png") if p.is_file())
 
 
 def _load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.yaml"
+    path = RunFolder(run_dir).config
     if not path.is_file():
         raise CardError(f"{run_dir}: no config.yaml; is this a finished sdlora run folder (output.dir)?")
     try:
@@ -117,7 +106,7 @@ def _load_run_config(run_dir: Path) -> RunConfig:
 
 
 def _losses(run_dir: Path) -> list[dict]:
-    path = run_dir / "train_log.jsonl"
+    path = RunFolder(run_dir).step_log
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -164,8 +153,8 @@ def card_data(facts: RunFacts) -> ModelCardData:
         base_model=facts.base_model,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        license=out.license or FAMILY_LICENSES[facts.family],
-        tags=["text-to-image", FAMILY_TAGS[facts.family], "diffusers", "lora", "template:sd-lora", "sdlora"],
+        license=out.license or families.TABLE[facts.family].license,
+        tags=["text-to-image", families.TABLE[facts.family].hub_tag, "diffusers", "lora", "template:sd-lora", "sdlora"],
         instance_prompt=", ".join(out.trigger_words) or None,
         widget=widget or None,
     )
@@ -333,7 +322,8 @@ def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
         title=repo_id.split("/")[-1] if repo_id else out.name,
         base_text=f"`{facts.base_model}`" if facts.base_model else "a Stable Diffusion base",
         trigger_words=words, weight=f"{out.recommended_weight:g}", files=files, samples=facts.samples,
-        sample_caption=sample_caption, pipeline_class=FAMILY_PIPELINES[facts.family], base_id=base_id, repo=repo,
+        sample_caption=sample_caption, pipeline_class=families.TABLE[facts.family].pipeline_class,
+        base_id=base_id, repo=repo,
         primary=facts.primary.name, adapter_name=re.sub(r"\W", "_", out.name), example_prompt=example,
         kohya=kohya.name if kohya else None, kohya_stem=Path(kohya.name).stem if kohya else None,
         settings=_settings(facts),
@@ -342,6 +332,6 @@ def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
 
 def write_card(run_dir: str | Path, repo_id: str | None = None, dataset_size: int | None = None) -> Path:
     """Write README.md into the run folder (atomically) and return its path."""
-    path = Path(run_dir) / CARD_NAME
+    path = RunFolder(Path(run_dir)).card
     write_text_atomic(path, str(build_card(run_dir, repo_id, dataset_size)))
     return path

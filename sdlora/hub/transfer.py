@@ -20,10 +20,10 @@ from sdlora.config import dump_config
 from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id
 from sdlora.errors import UserError
 from sdlora.hub import card
+from sdlora.training.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.yaml"
 PREFERRED_ADAPTER = "pytorch_lora_weights.safetensors"
 
 
@@ -77,7 +77,8 @@ class UploadPlan:
 
     @property
     def texts(self) -> dict[str, str]:
-        return {card.CARD_NAME: self.card_text, CONFIG_NAME: self.config_text}
+        folder = RunFolder(self.run_dir)
+        return {folder.card.name: self.card_text, folder.config.name: self.config_text}
 
     @property
     def paths(self) -> list[str]:

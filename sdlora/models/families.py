@@ -37,6 +37,8 @@ class Family:
     prediction_type: str  # the family's own target: epsilon, or v for SD2's 768 px models
     resolution: int  # the side its bases were trained at
     pipeline_class: str  # the diffusers pipeline that loads it
+    hub_tag: str  # the Hub's tag for models of the family
+    license: str  # the license its bases ship under (SD1.x CreativeML OpenRAIL-M; SD2.x and SDXL Open RAIL++-M)
 
     @property
     def sd2(self) -> bool:
@@ -47,11 +49,14 @@ class Family:
 TABLE: dict[str, Family] = {
     family.name: family
     for family in (
-        Family("sd1", "sd_v1", "stable-diffusion-v1/lora", "epsilon", 512, "StableDiffusionPipeline"),
-        Family("sd2", "sd_v2", "stable-diffusion-v2-512/lora", "epsilon", 512, "StableDiffusionPipeline"),
-        Family("sd2-v", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v_prediction", 768, "StableDiffusionPipeline"),
+        Family("sd1", "sd_v1", "stable-diffusion-v1/lora", "epsilon", 512, "StableDiffusionPipeline",
+               "stable-diffusion", "creativeml-openrail-m"),
+        Family("sd2", "sd_v2", "stable-diffusion-v2-512/lora", "epsilon", 512, "StableDiffusionPipeline",
+               "stable-diffusion", "openrail++"),
+        Family("sd2-v", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v_prediction", 768, "StableDiffusionPipeline",
+               "stable-diffusion", "openrail++"),
         Family("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "epsilon", 1024,
-               "StableDiffusionXLPipeline"),
+               "StableDiffusionXLPipeline", "stable-diffusion-xl", "openrail++"),
     )
 }
 FAMILIES = tuple(TABLE)
