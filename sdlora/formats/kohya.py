@@ -1,4 +1,4 @@
-"""kohya / AUTOMATIC1111 / Forge / ComfyUI LoRA keys, part of the format layer (`sdlora.formats` re-exports it).
+"""kohya / AUTOMATIC1111 / Forge / ComfyUI LoRA keys: the names `formats.adapter` reads and writes kohya files with.
 
 Key = `<prefix>_<module path, dots replaced by _>` + `.lora_down.weight` (peft lora_A), `.lora_up.weight`
 (lora_B) or `.alpha` (0-dim). Loaders split at the first dot, so the name part never holds one. The update is
