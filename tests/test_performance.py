@@ -378,3 +378,18 @@ def test_generation_bench_base_setting_is_the_model_before_adapters():
             assert lora.lora_layers(unet) == []
             assert torch.equal(unet(*sample).sample, before)
         assert torch.equal(unet(*sample).sample, stacked) and not torch.equal(stacked, before)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
+def test_pipeline_decodes_with_a_vae_kept_in_fp32_under_half_precision_weights(arch):
+    """fp16 training keeps the VAE in fp32 (`models.vae_dtype_for`) while the UNet and text encoders are fp16, and
+    samples build their pipeline from those parts: the denoised latents arrive in the UNet's dtype and must still
+    decode. bf16 stands in for fp16 here (a CPU has no fp16 convolutions); the dtype mismatch is the same."""
+    from sdlora import archs, inference
+
+    base = archs.build_random_base(arch, frozen_dtype=torch.bfloat16)
+    assert base.vae.dtype == torch.float32 and base.unet.dtype == torch.bfloat16
+    pipe = inference.build_pipeline(base, dtype=torch.bfloat16)
+    assert pipe.vae.dtype == torch.float32  # kept: an fp16 VAE overflows to black images
+    (image,) = inference.generate(pipe, "a cat", steps=2, height=64, width=64)
+    assert image.size == (64, 64)
