@@ -175,7 +175,7 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdlora-bench-")))
         started = time.perf_counter()
-        data = write_bench_images(workdir / "data", options.resolution)
+        data = write_bench_images(workdir / "data", options.resolution, count=max(2, options.batch))  # one batch
         config = load_config(None, options.overrides(data, workdir / "run"))
         # Built in the dtype `sdlora train` would load this config's base in (bf16 for smaller weight storage).
         # On a GPU the random weights are drawn there (seconds instead of minutes) and moved to the CPU, where a
