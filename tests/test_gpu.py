@@ -31,6 +31,18 @@ needs_bnb = pytest.mark.skipif(not backends.bitsandbytes_available(),
 SAMPLES = ("sample.prompts=[a red circle]", "sample.steps=4")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one process-wide state and refuses a second mixed precision in the same process (as
+    `sdlora train`, one run per process, never asks): these tests switch between fp16 and bf16, so each starts
+    from a clean state. Seen on the first GPU run: every bf16 test after the fp16 ones failed in Accelerator()."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _assert_finite_run(run: TrainingRun, result) -> None:
     assert run.accelerator.device.type == "cuda"
     assert result.losses and all(math.isfinite(loss) for loss in result.losses), result.losses
