@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from sdlora.bench.benchmark import (  # noqa: E402
     TrainBenchOptions,
     run_generation_bench,
@@ -37,10 +39,14 @@ TRAIN_ROWS = [
     ("peak RSS, whole process", "peak_rss_process_gb", "{:.2f} GiB"),
     ("page faults per step", "page_faults_per_step", "{:,.0f}"),
     ("system time per step", "system_s_per_step", "{:.2f} s"),
-    ("peak CUDA memory", "peak_cuda_gb", "{:.2f} GiB"), ("frozen UNet weights", "frozen_unet_gb", "{:.3f} GiB"),
+    ("peak CUDA memory, allocated", "peak_cuda_gb", "{:.2f} GiB"),
+    ("peak CUDA memory, reserved", "peak_cuda_reserved_gb", "{:.2f} GiB"),
+    ("peak device memory used (driver)", "peak_device_used_gb", "{:.2f} GiB"),
+    ("frozen UNet weights", "frozen_unet_gb", "{:.3f} GiB"),
     ("trainable LoRA params", "trainable_params", "{:,}"), ("FLOPs per step", "tflop_per_step", "{:.4g} TFLOP"),
     ("fp32 matmul rate", "matmul_gflops", "{:.1f} GFLOP/s"),
     ("achieved / matmul rate", "achieved_fraction", "{:.1%}"), ("losses finite", "losses_finite", "{}"),
+    ("LoRA weights finite", "params_finite", "{}"),
     ("freed after caching", "freed_after_caching", "{}"),
 ]
 
@@ -57,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16", "auto"])
+    parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16", "auto"],
+                        help="train.mixed_precision; with --generate, the pipeline's dtype")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet")
     parser.add_argument("--weight-storage", default="compute", choices=["compute", "bf16", "fp8"])
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
@@ -89,7 +96,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.generate:
-        result = run_generation_bench(args.arch, args.resolution, args.gen_steps, args.repeats, args.rank)
+        from sdlora.precision import resolve_mixed_precision
+
+        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            resolve_mixed_precision(args.precision)]
+        result = run_generation_bench(args.arch, args.resolution, args.gen_steps, args.repeats, args.rank, dtype)
         rows = [(f"{name} (median, min-max)", "{:.2f} s ({:.2f}-{:.2f})".format(
             result[f"{name}_median_s"], result[f"{name}_min_s"], result[f"{name}_max_s"]))
             for name in ("base", "stacked_unfused", "stacked_fused")]
@@ -98,6 +109,9 @@ def main(argv=None) -> int:
                       result[f"{name}_over_base"], result[f"{name}_over_base_min"], result[f"{name}_over_base_max"],
                       *result[f"{name}_over_base_ci95"]))
                  for name in ("unfused", "fused")]
+        rows += [("dtype", result["dtype"]), ("black images", str(result["black_images"])),
+                 ("peak CUDA memory, allocated", "-" if result["peak_cuda_gb"] is None
+                  else "{:.2f} GiB".format(result["peak_cuda_gb"]))]
     else:
         options = TrainBenchOptions(
             arch=args.arch, resolution=args.resolution, batch=args.batch, rank=args.rank, precision=args.precision,

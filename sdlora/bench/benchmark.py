@@ -10,10 +10,12 @@ matmul rate, measured in the same process.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,6 +89,39 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+class DeviceMemorySampler:
+    """The driver's view of GPU memory: device memory in use (total - free, as nvidia-smi shows it, CUDA context and
+    the caching allocator's reserve included), sampled every few milliseconds in a thread; `peak_gb` is the highest
+    reading. It counts every process on the GPU, so it reads one process's need only on an otherwise idle card."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        free, total = torch.cuda.mem_get_info()
+        self.peak = max(self.peak, total - free)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> DeviceMemorySampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak / GB
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
@@ -144,10 +179,14 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdlora-bench-")))
         started = time.perf_counter()
-        data = write_bench_images(workdir / "data", options.resolution)
+        data = write_bench_images(workdir / "data", options.resolution, count=max(2, options.batch))  # one batch
         config = load_config(None, options.overrides(data, workdir / "run"))
         # Built in the dtype `sdlora train` would load this config's base in (bf16 for smaller weight storage).
-        run = TrainingRun(config, base=lambda dtype: archs.build_random_base(options.arch, frozen_dtype=dtype))
+        # On a GPU the random weights are drawn there (seconds instead of minutes) and moved to the CPU, where a
+        # loaded checkpoint would arrive; the run then places them exactly as `sdlora train` does.
+        init_device = "cuda" if torch.cuda.is_available() else None
+        run = TrainingRun(config, base=lambda dtype: archs.build_random_base(
+            options.arch, frozen_dtype=dtype, init_device=init_device))
         run.build()  # with --cached this also fills the cache and frees the VAE and text encoder, as in a run
         built = time.perf_counter()
         setup_peak = window_peak_rss_gb()  # read before the reset below: building and caching count too
@@ -164,20 +203,23 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
                 loop.fit(run.parts, batches, step, step + 1, clock)
             flops, step = counter.get_total_flops(), step + 1
         device = run.accelerator.device
-        if device.type == "cuda":
+        cuda = device.type == "cuda"
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         window = reset_peak_rss()
+        sampler = DeviceMemorySampler() if cuda else contextlib.nullcontext()
         timed_from = time.perf_counter()
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
         n_before = len(clock.times)
-        loop.fit(run.parts, batches, step, step + options.steps, clock)
+        with sampler:
+            loop.fit(run.parts, batches, step, step + options.steps, clock)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         stamps = [timed_from, *clock.times[n_before:]]
         durations = [b - a for a, b in zip(stamps, stamps[1:])]
         median = statistics.median(durations)
         # Read before matmul_rate, whose large matrices would otherwise count as the training steps' peak.
         steps_peak = window_peak_rss_gb() if window else None
-        rate = matmul_rate(device)
+        rate = matmul_rate(device) if flops is not None else None  # only the FLOP count is compared with it
         result = {
             **asdict(options),
             "device": str(device),
@@ -195,13 +237,18 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
             # Pages the kernel had to hand back to the process, and the kernel time that cost, per timed step.
             "page_faults_per_step": (usage.ru_minflt - usage_before.ru_minflt) / options.steps,
             "system_s_per_step": (usage.ru_stime - usage_before.ru_stime) / options.steps,
-            "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
+            # During the timed steps: what tensors held (allocated), what torch's caching allocator took from the
+            # driver (reserved), and the device memory in use as the driver counts it (context included, sampled).
+            "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if cuda else None,
+            "peak_cuda_reserved_gb": torch.cuda.max_memory_reserved() / GB if cuda else None,
+            "peak_device_used_gb": sampler.peak_gb if cuda else None,
             "frozen_unet_gb": frozen_weight_bytes(run.base.unet) / GB,
             "trainable_params": sum(p.numel() for p in run.parts.params),
             "tflop_per_step": flops / 1e12 if flops is not None else None,
-            "matmul_gflops": rate / 1e9,
+            "matmul_gflops": rate / 1e9 if rate is not None else None,
             "achieved_fraction": (flops / median) / rate if flops is not None else None,
-            "losses_finite": all(loss == loss for loss in clock.losses),
+            "losses_finite": all(math.isfinite(loss) for loss in clock.losses),
+            "params_finite": all(bool(torch.isfinite(p).all()) for p in run.parts.params),
             "freed_after_caching": ", ".join(sorted(run.released)) or None,
         }
     return result
@@ -235,12 +282,15 @@ def _base_modules(model: torch.nn.Module):
         lora.rewrap(unwrapped)
 
 
-def _time_image(pipe, resolution: int, steps: int, seed: int) -> float:
+def _time_image(pipe, resolution: int, steps: int, seed: int, black: list[int] | None = None) -> float:
     start = time.perf_counter()
-    inference.generate(pipe, "a photo of a cat", seed=seed, steps=steps, guidance_scale=7.5,
-                       height=resolution, width=resolution)
+    images = inference.generate(pipe, "a photo of a cat", seed=seed, steps=steps, guidance_scale=7.5,
+                                height=resolution, width=resolution)
     _synchronize()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if black is not None:  # a NaN or overflowed decode comes out as an all-black image
+        black.extend(1 for image in images if image.getextrema() == ((0, 0), (0, 0), (0, 0)))
+    return elapsed
 
 
 GENERATION_SETTINGS = ("base", "stacked_unfused", "stacked_fused")
@@ -257,7 +307,7 @@ def median_interval(values: list[float], confidence: float = 0.95, resamples: in
 
 
 def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int = 20, repeats: int = 3,
-                         rank: int = 4) -> dict[str, Any]:
+                         rank: int = 4, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Base, two stacked adapters unfused, and the same fused, timed in rounds: each round makes one image per
     setting, in an order that rotates from round to round, so a machine that drifts during the run biases no setting.
     The ratios are taken within a round (fused / base of the same round) and their median reported, with a bootstrap
@@ -267,9 +317,13 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
     All three settings run on one pipeline, so they read the same tensors at the same addresses: the base setting
     takes the adapters' wrappers out (the model's own modules and weights, untouched); fused merges the adapters
     into those weights and takes the wrappers out too. Fusing happens between images, untimed, exactly as
-    `sdlora generate --fuse` does it once before its images."""
+    `sdlora generate --fuse` does it once before its images. `dtype`: the pipeline's weights (fp16 or bf16 on GPUs).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = inference.build_pipeline(archs.build_random_base(arch), device=device)
+    init_device = "cuda" if device.type == "cuda" else None
+    # Built in fp32 and cast by build_pipeline, as `build_pipeline(load_base_model(...), device, dtype)` does.
+    pipe = inference.build_pipeline(archs.build_random_base(arch, init_device=init_device), device=device,
+                                    dtype=dtype)
     if device.type == "cpu":
         settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
     stack = inference.AdapterStack(pipe)
@@ -277,20 +331,24 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
         stack.add(f"a{number}", random_adapter(pipe.unet, rank, seed=number))
     stack.set_weights({"a0": (0.8, 0.8), "a1": (0.5, 0.5)})
 
+    black: list[int] = []
+
     def one_image(setting: str, seed: int) -> float:
         if setting == "stacked_unfused":
-            return _time_image(pipe, resolution, steps, seed)
+            return _time_image(pipe, resolution, steps, seed, black)
         if setting == "base":
             with _base_modules(pipe.unet):
-                return _time_image(pipe, resolution, steps, seed)
+                return _time_image(pipe, resolution, steps, seed, black)
         stack.fuse()
         try:
-            return _time_image(pipe, resolution, steps, seed)
+            return _time_image(pipe, resolution, steps, seed, black)
         finally:
             stack.unfuse()
 
     for setting in GENERATION_SETTINGS:  # warm-up: first calls allocate and pick kernels
         one_image(setting, seed=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     timings: dict[str, list[float]] = {setting: [] for setting in GENERATION_SETTINGS}
     for round_index in range(repeats):
         shift = round_index % len(GENERATION_SETTINGS)
@@ -302,7 +360,9 @@ def run_generation_bench(arch: str = "sd15", resolution: int = 512, steps: int =
         for name in GENERATION_SETTINGS[1:]
     }
     return {
-        "arch": arch, "device": str(device), "resolution": resolution, "steps": steps, "repeats": repeats,
+        "arch": arch, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "resolution": resolution,
+        "steps": steps, "repeats": repeats, "black_images": len(black),
+        "peak_cuda_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
         **{f"{name}_median_s": value for name, value in medians.items()},
         **{f"{name}_min_s": min(values) for name, values in timings.items()},
         **{f"{name}_max_s": max(values) for name, values in timings.items()},

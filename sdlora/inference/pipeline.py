@@ -81,8 +81,26 @@ def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch
         raise GenerationSettingError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     pipe = base.pipeline(getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
+    _decode_in_vae_dtype(base.vae)
     # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
     return pipe.to(device) if base.unet.dtype == dtype else pipe.to(device, dtype)
+
+
+def _cast_input_to_own_dtype(module: torch.nn.Module, args: tuple):
+    weight = next(module.parameters(), None)
+    if weight is None or not args or not torch.is_tensor(args[0]) or args[0].dtype == weight.dtype:
+        return None
+    return (args[0].to(weight.dtype), *args[1:])
+
+
+def _decode_in_vae_dtype(vae: torch.nn.Module) -> None:
+    """Let a VAE kept in fp32 decode latents denoised in fp16 or bf16. Training in fp16 keeps the VAE in fp32
+    (`models.vae_dtype_for`: fp16 VAEs overflow to black images) and samples reuse those parts, but diffusers' SD and
+    SDXL pipelines hand the VAE latents in the UNet's dtype (SDXL casts only an fp16 VAE it upcasts itself)."""
+    for part in (getattr(vae, "post_quant_conv", None), getattr(vae, "decoder", None)):
+        if isinstance(part, torch.nn.Module) and not getattr(part, "_sdlora_casts_input", False):
+            part.register_forward_pre_hook(_cast_input_to_own_dtype)
+            part._sdlora_casts_input = True
 
 
 class AdapterStack:

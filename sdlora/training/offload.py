@@ -39,8 +39,25 @@ def _size(module: torch.nn.Module) -> int:
 
 def _release(module: torch.nn.Module, device: torch.device) -> int:
     size = _size(module)
-    module.to(device)
+    if device.type == "meta":
+        _to_meta(module)
+    else:
+        module.to(device)
     return size
+
+
+def _to_meta(module: torch.nn.Module) -> None:
+    """Every parameter and buffer replaced by a meta tensor of its shape and dtype. Not `module.to("meta")`: a
+    bitsandbytes 4-bit weight (an nf4 base's text encoder) returns its own Parameter type from `.to()`, which
+    torch refuses to rewrap for the meta device; replacing the tensors also drops their quantization state."""
+    for part in module.modules():
+        for name, param in list(part._parameters.items()):
+            if param is not None:
+                part._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=META), requires_grad=param.requires_grad)
+        for name, buffer in list(part._buffers.items()):
+            if buffer is not None:
+                part._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=META)
 
 
 def release_cached_encoders(base, device: torch.device, *, latents_cached: bool, text_cached: bool,
@@ -70,6 +87,9 @@ def release_cached_encoders(base, device: torch.device, *, latents_cached: bool,
     if moved:
         log.info("cached inputs: released %s (%.0f MB off %s)", ", ".join(f"{k} -> {v}" for k, v in moved.items()),
                  freed / 2**20, device)
+    if device.type == "cuda":
+        # torch's caching allocator would keep what the encoders and the caching pass held: hand it to the driver.
+        torch.cuda.empty_cache()
     return moved
 
 

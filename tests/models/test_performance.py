@@ -378,3 +378,43 @@ def test_generation_bench_base_setting_is_the_model_before_adapters():
             assert lora.lora_layers(unet) == []
             assert torch.equal(unet(*sample).sample, before)
         assert torch.equal(unet(*sample).sample, stacked) and not torch.equal(stacked, before)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
+def test_pipeline_decodes_with_a_vae_kept_in_fp32_under_half_precision_weights(arch):
+    """fp16 training keeps the VAE in fp32 (`models.vae_dtype_for`) while the UNet and text encoders are fp16, and
+    samples build their pipeline from those parts: the denoised latents arrive in the UNet's dtype and must still
+    decode. bf16 stands in for fp16 here (a CPU has no fp16 convolutions); the dtype mismatch is the same."""
+    from sdlora import archs, inference
+
+    base = archs.build_random_base(arch, frozen_dtype=torch.bfloat16)
+    assert base.vae.dtype == torch.float32 and base.unet.dtype == torch.bfloat16
+    pipe = inference.build_pipeline(base, dtype=torch.bfloat16)
+    assert pipe.vae.dtype == torch.float32  # kept: an fp16 VAE overflows to black images
+    (image,) = inference.generate(pipe, "a cat", steps=2, height=64, width=64)
+    assert image.size == (64, 64)
+
+
+def test_released_encoders_go_to_meta_even_with_their_own_parameter_type():
+    """bitsandbytes' 4-bit weights (an nf4 base's text encoder) return their own Parameter type from `.to()`, and
+    `module.to("meta")` then fails; releasing a cached run's encoders must still free them."""
+    from types import SimpleNamespace
+
+    from sdlora import offload
+
+    class Packed(torch.nn.Parameter):  # what bitsandbytes.nn.Params4bit does in .to()
+        def to(self, *args, **kwargs):
+            return Packed(super().to(*args, **kwargs), requires_grad=False)
+
+    encoder = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    encoder[0].weight = Packed(encoder[0].weight.data, requires_grad=False)
+    probe = torch.nn.Linear(4, 4)
+    probe.weight = Packed(probe.weight.data, requires_grad=False)
+    with pytest.raises(RuntimeError, match="Parameter"):
+        probe.to("meta")  # the failure being avoided
+    base = SimpleNamespace(vae=None, text_encoders={"text_encoder": encoder})
+    moved = offload.release_cached_encoders(base, torch.device("cpu"), latents_cached=False, text_cached=True,
+                                            text_trained=False, samples_wanted=False)
+    assert moved == {"text_encoder": "meta"}
+    assert all(t.is_meta for t in [*encoder.parameters(), *encoder.buffers()])
+    assert encoder[0].weight.shape == (4, 4) and not encoder[0].weight.requires_grad
