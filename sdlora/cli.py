@@ -31,14 +31,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sdlora import inference
-    from sdlora.hostmem import settle_host_memory
     from sdlora.hub import resolve_adapter
-    from sdlora.models import load_base_model
 
     prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
     specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
-    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
-    settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
+    pipe = _generation_pipeline(args)
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
@@ -127,15 +124,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     from sdlora import inference
-    from sdlora.hostmem import settle_host_memory
     from sdlora.inference import grid
-    from sdlora.models import load_base_model
 
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
     columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
     rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
-    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler)
-    settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
+    pipe = _generation_pipeline(args)
     stack = inference.stack_adapters(pipe, specs)
     image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
@@ -144,6 +138,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
     image.save(args.output)
     print(f"grid: {args.output}")
     return 0
+
+
+def _generation_pipeline(args: argparse.Namespace):
+    from sdlora import inference
+    from sdlora.hostmem import settle_host_memory
+    from sdlora.models import load_base_model
+
+    device, dtype = inference.generation_device()
+    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler, device=device, dtype=dtype)
+    if device.type == "cpu":
+        settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
+    return pipe
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:

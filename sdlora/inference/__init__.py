@@ -10,6 +10,7 @@ from sdlora.inference.pipeline import (  # noqa: F401
     LoraNameError,
     build_pipeline,
     generate,
+    generation_device,
     image_grid,
     parse_prompt_loras,
     preview_adapters,

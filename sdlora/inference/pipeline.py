@@ -70,6 +70,14 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def generation_device() -> tuple[torch.device, torch.dtype]:
+    """Where `sdlora generate` and `grid` run: a CUDA GPU when there is one, in bf16 where it has bf16 units (fp16
+    would overflow SD's VAE to black images) and fp32 otherwise; else the CPU in fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.device("cpu"), torch.float32
+
+
 def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) over already-loaded
