@@ -116,7 +116,7 @@ def _build_tiny_sd2v(target: Path) -> None:
 BUILTIN_BASES: dict[str, Callable[[Path], None]] = {"sdlora:tiny": _build_tiny}
 BUILTIN_BASES.update({"sdlora:tiny-sdxl": _build_tiny_sdxl, "sdlora:tiny-sd2-v": _build_tiny_sd2v})
 # Trained bases that ship inside the package (scripts/train_base.py makes them).
-PACKAGED_BASES: dict[str, Path] = {"sdlora:shapes": Path(__file__).parent / "assets" / "shapes"}
+PACKAGED_BASES: dict[str, Path] = {"sdlora:shapes": Path(__file__).parents[1] / "assets" / "shapes"}
 
 
 def cache_root() -> Path:

@@ -54,8 +54,11 @@ def test_captions_name_the_trigger_word_for_the_subject():
     assert random_scene(random.Random(3), style="striped").caption.endswith(", striped style")
 
 
-@pytest.mark.skipif(not (PACKAGED_BASES["sdlora:shapes"] / "model_index.json").is_file(),
-                    reason="sdlora:shapes is not in this checkout (scripts/train_base.py makes it)")
+def test_the_shipped_base_is_where_the_loader_looks():
+    """The package ships it (pyproject's package-data): a checkout or install without it cannot run the demo."""
+    assert (PACKAGED_BASES["sdlora:shapes"] / "model_index.json").is_file()
+
+
 def test_the_shipped_base_loads_by_name_and_draws_the_prompted_colours():
     """fp16 weights on disk load as fp32 by the built-in name; the shape's colour and the background are read back
     from the pictures (docs/demo.md has the measured adherence over many prompts)."""
