@@ -45,6 +45,7 @@ INTERNAL_RAISES: dict[tuple[str, str], str] = {
     ("inference/pipeline.py", "AdapterStack.set_weights"): "API misuse: weights for an adapter never added",
     ("inference/pipeline.py", "AdapterStack.unfuse"): "API misuse: unfuse after a one-shot fuse",
     ("inference/pipeline.py", "AdapterStack._refuse_if_fused"): "API misuse: changing a fused stack",
+    ("models/lora.py", "_inject"): "API misuse: callers number or name adapters uniquely",
     ("training/checkpoint.py", "_jsonable"): "the run stores only JSON-able state",
     ("training/distributed.py", "shard_for_process"): "process indices come from accelerate",
     ("training/loop.py", "fit"): "TrainingParts built inconsistently by the caller",

@@ -3,14 +3,20 @@
 State dicts are keyed by module path relative to the model, peft-style: `<module>.lora_A.weight` ([r, in]) and
 `<module>.lora_B.weight` ([out, r]). Each adapter is applied as W + w * (alpha / r) * B @ A, the arithmetic that
 diffusers, ComfyUI and AUTOMATIC1111 share.
+
+Adapters go in through peft's own functions, the same on a diffusers UNet and a transformers text encoder, not
+through the models' `add_adapter`/`load_adapter` integrations: those wrap the same peft calls but refuse to run
+unless peft is at least the release each integration was written against (transformers 5.24 asks for a peft 0.22
+that does not exist yet), so a bare `pip install` broke every text-encoder LoRA.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -50,7 +56,27 @@ def attach(model: torch.nn.Module, shape: AdapterShape, adapter_name: str = "def
     peft's default init makes B zero, so the adapter starts as the identity and training moves it; "gaussian"
     (diffusers' training scripts) initialises A with a small normal and keeps B zero.
     """
-    model.add_adapter(shape.peft_config(init=init), adapter_name=adapter_name)
+    _inject(model, shape.peft_config(init=init), adapter_name)
+
+
+def _inject(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """What diffusers' and transformers' `add_adapter` do, minus their peft version gate: wrap the target modules,
+    record the config in `model.peft_config`, and make the new adapter the active, trainable one on every layer."""
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise RuntimeError(f"adapter {adapter_name!r} is already attached to this model")
+    # A hub id or local path here would make peft's state-dict export look the base's config.json up (on the hub,
+    # for an id) to see whether the vocabulary grew; LoRA never resizes embeddings. diffusers sets None too.
+    config.base_model_name_or_path = None
+    with warnings.catch_warnings():
+        # Several named adapters on one model is what stacking is; peft warns each time it finds the dict it left.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, model, adapter_name)
+    for layer in lora_layers(model):
+        layer.set_adapter(adapter_name)
+    # The integrations' own methods read this flag (diffusers' set_adapters, transformers' gradient checkpointing,
+    # which then keeps the embeddings' output requiring grad so gradients reach the LoRA layers).
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = True
 
 
 def cast_lora_to_fp32(*models: torch.nn.Module) -> None:
@@ -77,7 +103,7 @@ def load_adapter(
     """Add a named adapter to a model and fill it, failing on any key that does not land (never silently)."""
     advice = "it was made for another base: use the base it was trained on (`sdlora info FILE` names it)"
     try:
-        model.add_adapter(shape.peft_config(init=False), adapter_name=adapter_name)
+        _inject(model, shape.peft_config(init=False), adapter_name)
     except ValueError as exc:  # peft: none of the target modules exist in this model
         delete_adapter(model, adapter_name)
         detail = str(exc).partition(". Please check")[0]  # peft's own advice is about writing a config
