@@ -78,13 +78,12 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 
     from sdlora.config import load_config
     from sdlora.data import preflight
-    from sdlora.models import caption_token_counter
+    from sdlora.models.native import check_dataset
 
     is_folder = args.target.is_dir()
     config = load_config(None if is_folder else args.target, [*([f"data.path={args.target}"] if is_folder else []),
                                                                *args.overrides])
-    report = preflight.check(config.data, config.train.batch_size, config.train.gradient_accumulation,
-                             tokens=caption_token_counter(config.model.base))
+    report = check_dataset(config, bare_folder=is_folder)
     print(json.dumps(report.to_json(), indent=2) if args.json else preflight.format_table(report))
     return 0 if report.usable else 1
 

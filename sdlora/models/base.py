@@ -329,20 +329,3 @@ def set_attention_backend(unet, backend: str, device: torch.device) -> str:
         log.warning("train.attention=xformers: xformers is not usable here (needs it installed and CUDA); using SDPA")
     return "sdpa"
 
-
-def caption_token_counter(base: str):
-    """Exact CLIP token counts for `sdlora dataset check` when the base is a local diffusers folder with a
-    tokenizer; None otherwise (the preflight then estimates)."""
-    from sdlora.data.preflight import TokenCounter
-
-    folder = Path(base) / "tokenizer"
-    if not folder.is_dir():
-        return None
-    try:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read the tokenizer in %s (%s); caption lengths are estimated", folder, exc)
-        return None
-    return TokenCounter(lambda text: len(tokenizer(text).input_ids), tokenizer.model_max_length, "tokenizer")
