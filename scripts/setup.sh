@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Create .venv and install sdlora with the tested versions (CPU torch). Idempotent: a second run is quick.
 # GPU users: skip this and run `pip install -e .` in an environment that already has CUDA torch.
+# pip's own output and progress bars are shown: a first install downloads for a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+pip_install() { .venv/bin/python -m pip install --progress-bar on --disable-pip-version-check -c constraints.txt "$@"; }
+echo "setup.sh [1/3] creating .venv"
 python3 -m venv .venv
 # torch first and pinned: an unpinned torch request would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,quant]"
+echo "setup.sh [2/3] installing torch 2.13.0 (CPU build, the largest download)"
+pip_install torch==2.13.0
+echo "setup.sh [3/3] installing sdlora and its tested dependencies (diffusers, transformers, peft, ...)"
+pip_install -e ".[test,quant]"
+echo "setup.sh: done"

@@ -35,7 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
     specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
-    pipe = _generation_pipeline(args)
+    pipe = _generation_pipeline(args, progress=True)
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
@@ -78,13 +78,12 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 
     from sdlora.config import load_config
     from sdlora.data import preflight
-    from sdlora.models import caption_token_counter
+    from sdlora.models.native import check_dataset
 
     is_folder = args.target.is_dir()
     config = load_config(None if is_folder else args.target, [*([f"data.path={args.target}"] if is_folder else []),
                                                                *args.overrides])
-    report = preflight.check(config.data, config.train.batch_size, config.train.gradient_accumulation,
-                             tokens=caption_token_counter(config.model.base))
+    report = check_dataset(config, bare_folder=is_folder)
     print(json.dumps(report.to_json(), indent=2) if args.json else preflight.format_table(report))
     return 0 if report.usable else 1
 
@@ -133,20 +132,21 @@ def cmd_grid(args: argparse.Namespace) -> int:
     stack = inference.stack_adapters(pipe, specs)
     image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
-                        height=args.height, width=args.width)
+                        height=args.height, width=args.width, progress=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.output)
     print(f"grid: {args.output}")
     return 0
 
 
-def _generation_pipeline(args: argparse.Namespace):
+def _generation_pipeline(args: argparse.Namespace, progress: bool = False):
     from sdlora import inference
     from sdlora.hostmem import settle_host_memory
     from sdlora.models import load_base_model
 
     device, dtype = inference.generation_device()
-    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler, device=device, dtype=dtype)
+    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler, device=device, dtype=dtype,
+                                    progress=progress)
     if device.type == "cpu":
         settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
     return pipe

@@ -39,6 +39,7 @@ class TokenCounter:
     count: Callable[[str], int]
     limit: int
     name: str
+    cut_off: Callable[[str], str] | None = None  # the words of a too-long caption that the text encoder never sees
 
 
 APPROXIMATE = TokenCounter(approximate_token_count, CLIP_TOKEN_LIMIT, "approximate")
@@ -67,6 +68,8 @@ class PreflightReport:
     steps_per_epoch: float
     token_counter: str
     settings_files: list[str] = field(default_factory=list)
+    token_limit: int = CLIP_TOKEN_LIMIT
+    resolution_note: str = ""  # where `resolution` came from, when the caller knows more than the config says
 
     @property
     def usable(self) -> int:
@@ -85,6 +88,7 @@ class PreflightReport:
             "buckets": self.bucket_histogram(), "tag_frequency": self.tag_frequency,
             "items_per_epoch": self.items_per_epoch, "batches_per_epoch": self.batches_per_epoch,
             "steps_per_epoch": self.steps_per_epoch, "token_counter": self.token_counter,
+            "token_limit": self.token_limit, "resolution_note": self.resolution_note,
             "settings_files": self.settings_files,
         }
 
@@ -104,9 +108,11 @@ def _inspect(path: Path, background: tuple[int, int, int]) -> tuple[str, tuple[i
 
 def check(
     data: DataSection, batch_size: int = 1, gradient_accumulation: int = 1, num_replicas: int = 1,
-    tokens: TokenCounter | None = None, workers: int = 4,
+    tokens: TokenCounter | None = None, workers: int = 4, resolution_note: str = "",
 ) -> PreflightReport:
-    """Decode and hash every image of every source; sort them into usable, skipped and warned-about."""
+    """Decode and hash every image of every source; sort them into usable, skipped and warned-about. `tokens`
+    counts caption tokens as the base's tokenizer does (default: estimated against CLIP's 77); `resolution_note`
+    says where `data.resolution` came from, for the report."""
     scan = scan_sources(data.resolved_sources())
     if data.cache_text_embeddings:
         for record in scan.records:
@@ -164,8 +170,9 @@ def check(
         full = build_caption(record.caption, fixed, random.Random(0))
         length = tokens.count(full)
         if length > tokens.limit:
+            lost = f"{_clip(tokens.cut_off(full))!r} is cut off" if tokens.cut_off else "the end is cut off"
             warnings.append(Finding(where, "caption_long", f"{length} tokens, over the text encoder's limit of "
-                                    f"{tokens.limit}: the end is cut off"))
+                                    f"{tokens.limit}: {lost}"))
         tags.setdefault(record.source, Counter()).update(split_tags(record.caption))
         records.append(replace(record, size=result, content_hash=digest))
         buckets.append(bucket)
@@ -183,8 +190,13 @@ def check(
         bucketing=bucket_cfg.enabled, found=len(scan.records), records=records, buckets=buckets, skipped=skipped,
         warnings=warnings, tag_frequency={k: dict(v.most_common()) for k, v in tags.items()}, items_per_epoch=items,
         batches_per_epoch=batches, steps_per_epoch=batches / gradient_accumulation, token_counter=tokens.name,
-        settings_files=[str(p) for p in scan.settings_files],
+        settings_files=[str(p) for p in scan.settings_files], token_limit=tokens.limit,
+        resolution_note=resolution_note,
     )
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
 
 
 def log_summary(report: PreflightReport) -> None:
@@ -255,6 +267,12 @@ def _capped(findings: list[Finding], roots: list[str], per_kind: int) -> list[tu
     return rows
 
 
+def _counter_words(name: str) -> str:
+    if name == "tokenizer":
+        return "the base's own tokenizer"
+    return f"the {name} counter (no tokenizer of the base is available locally)"
+
+
 def format_table(report: PreflightReport, top_tags: int = 10, per_kind: int = 8) -> str:
     """The human-readable report: totals, skipped files, warnings, buckets, tags, epoch size."""
     roots = report.sources
@@ -262,8 +280,10 @@ def format_table(report: PreflightReport, top_tags: int = 10, per_kind: int = 8)
         f"dataset check: {', '.join(roots)}",
         f"  images found {report.found}, usable {report.usable}, skipped {len(report.skipped)}"
         f" ({', '.join(f'{k} {v}' for k, v in sorted(Counter(f.kind for f in report.skipped).items())) or 'none'})",
-        f"  resolution {report.resolution}, bucketing {'on' if report.bucketing else 'off'}; caption tokens counted "
-        f"with the {report.token_counter} counter",
+        f"  resolution {report.resolution}"
+        + (f" ({report.resolution_note})" if report.resolution_note else "")
+        + f", bucketing {'on' if report.bucketing else 'off'}",
+        f"  caption tokens counted with {_counter_words(report.token_counter)}, limit {report.token_limit}",
     ]
     if report.settings_files:
         lines.append(f"  folder settings: {', '.join(_short(p, roots) for p in report.settings_files)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from sdlora import inference
 from sdlora.inference.pipeline import GenerationSettingError
@@ -74,14 +75,14 @@ def plan(columns: Axis, rows: Axis | None, prompt: str, seed: int, specs: list[i
 
 
 def render(pipe, stack: inference.AdapterStack, specs: list[inference.AdapterSpec], columns: Axis,
-           rows: Axis | None, prompt: str, seed: int, **generate_kwargs) -> Image.Image:
-    """A labelled grid; a weight axis sets an adapter's UNet and text-encoder weights both to the value."""
-    cells = plan(columns, rows, prompt, seed, specs)
+           rows: Axis | None, prompt: str, seed: int, progress: bool = False, **generate_kwargs) -> Image.Image:
+    """A labelled grid; a weight axis sets an adapter's UNet and text-encoder weights both to the value.
+    `progress` shows one bar over the cells on stderr (`sdlora grid`: a large grid takes minutes on a CPU)."""
+    cells = [cell for line in plan(columns, rows, prompt, seed, specs) for cell in line]
     images = []
-    for line in cells:
-        for cell in line:
-            stack.set_weights({name: cell.weights[index] for index, name in enumerate(stack.names)})
-            images += inference.generate(pipe, cell.prompt, seed=cell.seed, **generate_kwargs)
+    for cell in tqdm(cells, desc="grid", unit="cell", disable=not progress):
+        stack.set_weights({name: cell.weights[index] for index, name in enumerate(stack.names)})
+        images += inference.generate(pipe, cell.prompt, seed=cell.seed, **generate_kwargs)
     row_labels = [rows.label(v) for v in rows.values] if rows else None
     return inference.image_grid(images, columns=len(columns.values), row_labels=row_labels,
                                 column_labels=[columns.label(v) for v in columns.values])

@@ -79,16 +79,18 @@ def generation_device() -> tuple[torch.device, torch.dtype]:
 
 
 def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32):
+                   dtype: torch.dtype = torch.float32, progress: bool = False):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) over already-loaded
     components (no second copy of the weights). It leaves the process's memory policy alone: commands that
-    generate on a CPU call `hostmem.settle_host_memory` themselves."""
+    generate on a CPU call `hostmem.settle_host_memory` themselves. `progress` shows diffusers' bar over the
+    denoising steps on stderr (`sdlora generate`); off, it stays quiet (previews under the training bar, grids
+    with their own bar over cells)."""
     import diffusers
 
     if scheduler not in SCHEDULERS:
         raise GenerationSettingError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     pipe = base.pipeline(getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=not progress, desc="denoising", unit="step")
     _decode_in_vae_dtype(base.vae)
     # Cast only when needed: diffusers warns on every .to(dtype), even a no-op one.
     return pipe.to(device) if base.unet.dtype == dtype else pipe.to(device, dtype)

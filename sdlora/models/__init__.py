@@ -10,7 +10,6 @@ from sdlora.models.base import (  # noqa: F401
     BaseModel,
     ModelLoadError,
     cache_root,
-    caption_token_counter,
     freeze,
     load_base_model,
     place,
@@ -19,3 +18,4 @@ from sdlora.models.base import (  # noqa: F401
     single_file_family,
     vae_dtype_for,
 )
+from sdlora.models.native import NativeResolution, caption_token_counter, native_resolution  # noqa: F401, E402

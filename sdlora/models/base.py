@@ -156,28 +156,32 @@ def resolve_builtin(name: str) -> Path:
 def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, torch_dtype,
                         frozen_dtype=None) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common = {"revision": revision} if revision else {}
     weights = dict(common, variant=variant) if variant else dict(common)
     frozen_dtype = frozen_dtype or torch_dtype  # the UNet and text encoders; the VAE keeps torch_dtype
-    sdxl = {}
+    parts: dict[str, Callable[[], Any]] = {
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", dtype=frozen_dtype, **weights
+        ),
+        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **weights),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=frozen_dtype, **weights
+        ),
+        "scheduler": lambda: DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+    }
     if _has_component(source, "text_encoder_2", common):
-        sdxl = {
-            "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common),
-            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2", dtype=frozen_dtype, **weights
-            ),
-        }
-    return BaseModel(
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=frozen_dtype, **weights),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **weights),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=frozen_dtype, **weights),
-        scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
-        source=source,
-        **sdxl,
-    )
+        parts["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common)
+        parts["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", dtype=frozen_dtype, **weights
+        )
+    # A full-size base takes tens of seconds to read from disk on a CPU: a bar over its parts on stderr, shown
+    # only once loading has taken a few seconds (`delay`), so the tiny bases and the tests stay quiet.
+    bar = tqdm(parts.items(), desc=f"loading base {Path(source).name}", unit="part", delay=3)
+    return BaseModel(source=source, **{name: load() for name, load in bar})
 
 
 def _has_component(source: str, name: str, common: dict) -> bool:
@@ -329,20 +333,3 @@ def set_attention_backend(unet, backend: str, device: torch.device) -> str:
         log.warning("train.attention=xformers: xformers is not usable here (needs it installed and CUDA); using SDPA")
     return "sdpa"
 
-
-def caption_token_counter(base: str):
-    """Exact CLIP token counts for `sdlora dataset check` when the base is a local diffusers folder with a
-    tokenizer; None otherwise (the preflight then estimates)."""
-    from sdlora.data.preflight import TokenCounter
-
-    folder = Path(base) / "tokenizer"
-    if not folder.is_dir():
-        return None
-    try:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read the tokenizer in %s (%s); caption lengths are estimated", folder, exc)
-        return None
-    return TokenCounter(lambda text: len(tokenizer(text).input_ids), tokenizer.model_max_length, "tokenizer")

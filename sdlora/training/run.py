@@ -174,7 +174,7 @@ class TrainingRun:
         cfg = self.config
         self.report = preflight.check(
             cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation, self.accelerator.num_processes,
-            tokens=caption_token_counter(cfg.model.base),
+            tokens=caption_token_counter(cfg.model),
         )
         preflight.require_usable(self.report, cfg.train.batch_size, self.accelerator.num_processes)
         preflight.log_summary(self.report)

@@ -26,7 +26,7 @@ def test_the_cli_builds_its_pipeline_where_generation_device_says(monkeypatch, t
 
     seen = {}
 
-    def recording_build(base, scheduler="ddim", device="cpu", dtype=torch.float32):
+    def recording_build(base, scheduler="ddim", device="cpu", dtype=torch.float32, progress=False):
         seen.update(device=device, dtype=dtype)
         raise SystemExit(0)  # the pipeline itself is not needed
 
