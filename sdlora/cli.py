@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from pathlib import Path
+
+import sdlora
 
 log = logging.getLogger("sdlora")
 
@@ -23,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_by:
         from sdlora.training.interrupt import EXIT_STOPPED
 
-        again = shlex.join(["sdlora", "train", str(args.config), *args.overrides, "--resume", "latest"])
+        again = sdlora.command_line("train", str(args.config), *args.overrides, "--resume", "latest")
         print(f"stopped by {result.stopped_by} at step {result.final_step}, checkpoint written; resume with:\n  {again}")
         return EXIT_STOPPED
     return 0

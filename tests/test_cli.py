@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from PIL import Image
 
@@ -68,3 +72,56 @@ def test_missing_dataset_is_reported_before_loading_a_model(tmp_path):
     done = _sdlora("train", str(config))
     assert done.returncode == 2
     assert "data.path" in done.stderr and "missing does not exist" in done.stderr
+
+
+def _without_the_environment() -> dict[str, str]:
+    """The environment of a shell where the README's `.venv` was made but never activated."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    return {**os.environ, "PATH": path}
+
+
+def test_the_resume_command_a_ctrl_c_prints_runs_as_printed(tiny_base, style_dataset, tmp_path):
+    # The README's set-up makes .venv; its console script is run by path, `sdlora` itself is not on the PATH.
+    script = Path(sys.executable).with_name("sdlora")
+    assert script.is_file(), f"{script}: the console script `pip install -e .` writes is missing"
+    env = _without_the_environment()
+    assert subprocess.run("command -v sdlora", shell=True, env=env, capture_output=True).returncode != 0
+    (tmp_path / "run.yaml").write_text(
+        f"model: {{base: {tiny_base}}}\ndata: {{path: {style_dataset}, resolution: 64}}\n"
+        "train: {steps: 12, batch_size: 2, checkpoint_every: 0}\n"
+    )
+    log = tmp_path / "my run" / "train_log.jsonl"
+    proc = subprocess.Popen([str(script), "train", "run.yaml", "output.dir=my run", "train.learning_rate=2e-3"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 600
+    while not (log.is_file() and log.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, checkpoint, print the resume command
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, stdout
+    lines = stdout.splitlines()
+    resume = next(after for line, after in zip(lines, lines[1:]) if "resume with" in line).strip()
+
+    done = subprocess.run(resume, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"{resume}\n{done.stderr}"
+    assert "resumed from" in done.stderr
+    assert len(log.read_text().splitlines()) == 12
+
+
+def test_a_printed_command_names_the_program_that_runs(monkeypatch, tmp_path):
+    from sdlora import command_line
+
+    monkeypatch.setattr(sys, "argv", [str(Path(__file__))])  # not the console script: `python -m sdlora`
+    assert command_line("train", "a b.yaml") == f"{sys.executable} -m sdlora train 'a b.yaml'"
+    script = tmp_path / "venv bin" / "sdlora"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert command_line("info", "x") == f"'{script}' info x"  # not activated: the script by its path
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert command_line("info", "x") == "sdlora info x"  # activated: the name the shell finds
