@@ -368,18 +368,21 @@ class RunConfig(_Section):
 # Loading
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+def validate_config(
+    data: dict[str, Any], source: str = "config", overrides: tuple[str, ...] | list[str] = ()
+) -> RunConfig:
+    """Validate a run config; errors name the `source` of each value, or the override among `overrides` that set it."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(explain(exc, source, RunConfig)) from None
+        raise ConfigError(explain(exc, source, RunConfig, overrides)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a run config. Relative data/output paths stay relative to the working folder."""
     data = read_config_file(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
-    return validate_config(data, source=str(path) if path is not None else "overrides")
+    data = apply_overrides(data, overrides, RunConfig)
+    return validate_config(data, source=str(path) if path is not None else "overrides", overrides=overrides)
 
 
 def dump_config(config: RunConfig, public: bool = False) -> str:
