@@ -125,3 +125,55 @@ def test_a_printed_command_names_the_program_that_runs(monkeypatch, tmp_path):
     assert command_line("info", "x") == f"'{script}' info x"  # not activated: the script by its path
     monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
     assert command_line("info", "x") == "sdlora info x"  # activated: the name the shell finds
+
+
+def test_help_shows_defaults_version_and_what_each_argument_is(capsys):
+    import pytest
+
+    import sdlora
+    from sdlora.cli import build_parser, main
+    from sdlora.config import SampleSection
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"sdlora {sdlora.__version__}"
+    parser = build_parser()
+    helps = {}
+    for command in ("generate", "grid", "convert", "info"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "(default: sdlora:tiny)" in helps["generate"] and "(default: 25)" in helps["generate"]
+    assert "(default: sdlora.png)" in helps["generate"] and "(default: grid.png)" in helps["grid"]
+    # One default for guidance, the schema's (what a run's samples use unless a config says otherwise).
+    assert f"(default: {SampleSection().guidance_scale}, as a run's sample.guidance_scale" in helps["generate"]
+    assert "input adapter file" in helps["convert"] and "output file to write" in helps["convert"]
+    assert "file adapter file" in helps["info"]
+
+
+def test_train_without_arguments_asks_only_for_the_config(capsys):
+    import pytest
+
+    from sdlora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train"])
+    err = capsys.readouterr().err
+    assert "required: config" in err and "overrides" not in err.splitlines()[-1]
+    assert "[overrides ...]" in err  # the usage line shows them as optional
+
+
+def test_a_grid_over_prompts_needs_no_prompt(capsys):
+    from sdlora.cli import build_parser, main
+    from sdlora.inference import grid
+
+    args = build_parser().parse_args(["grid", "--x", "weight:0", "--x-values", "0,1", "--y", "prompt",
+                                      "--y-values", "a red circle|a blue square", "--lora", "a.safetensors"])
+    columns, rows = grid.axis_from_text(args.x, args.x_values, "--x", 1), grid.axis_from_text(args.y, args.y_values,
+                                                                                              "--y", 1)
+    assert args.prompt is None and grid.prompt_of_cells(args.prompt, columns, rows) == ""
+    assert [cell.prompt for row in grid.plan(columns, rows, "", 0, []) for cell in row] == [
+        "a red circle", "a red circle", "a blue square", "a blue square"]
+    # Without a prompt axis it is still needed, and said so in one line before any model loads.
+    assert main(["grid", "--x-values", "0,1", "--lora", "a.safetensors"]) == 2
+    assert "--prompt: give the prompt, or put prompts on an axis" in capsys.readouterr().err
