@@ -26,6 +26,12 @@ from sdlora.config.files import ConfigError, apply_overrides, explain, read_conf
 from sdlora.config.names import check_repo_id, public_config
 
 
+# The rule the schema can check without the base: diffusers' Stable Diffusion pipelines (samples, `generate`) refuse
+# sizes that are not multiples of 8. The base's own VAE factor (8 for SD, 4 for sdlora:shapes) is checked once the
+# base is loaded, by `models.prepare.check_resolution`.
+_SIZES_IN_EIGHTS = "Stable Diffusion pipelines take image sizes in steps of 8"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -114,7 +120,7 @@ class BucketSection(_Section):
     @classmethod
     def _step_multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+            raise ValueError(f"must be a multiple of 8 ({_SIZES_IN_EIGHTS}), got {value}")
         return value
 
 
@@ -138,7 +144,7 @@ class DataSection(_Section):
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+            raise ValueError(f"must be a multiple of 8 ({_SIZES_IN_EIGHTS}), got {value}")
         return value
 
     @field_validator("caption_extension")
