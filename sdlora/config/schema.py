@@ -26,9 +26,6 @@ from sdlora.config.files import ConfigError, apply_overrides, explain, read_conf
 from sdlora.config.names import check_repo_id, public_config
 
 
-# The rule the schema can check without the base: diffusers' Stable Diffusion pipelines (samples, `generate`) refuse
-# sizes that are not multiples of 8. The base's own VAE factor (8 for SD, 4 for sdlora:shapes) is checked once the
-# base is loaded, by `models.prepare.check_resolution`.
 _SIZES_IN_EIGHTS = "Stable Diffusion pipelines take image sizes in steps of 8"
 
 
@@ -374,9 +371,7 @@ class RunConfig(_Section):
 # Loading
 
 
-def validate_config(
-    data: dict[str, Any], source: str = "config", overrides: tuple[str, ...] | list[str] = ()
-) -> RunConfig:
+def validate_config(data: dict[str, Any], source: str = "config", overrides: tuple[str, ...] = ()) -> RunConfig:
     """Validate a run config; errors name the `source` of each value, or the override among `overrides` that set it."""
     try:
         return RunConfig.model_validate(data)
