@@ -75,7 +75,7 @@ def apply_overrides(
             raise ConfigError(f"override {_quoted(override)}: cannot parse the value: {_one_line(exc)}; "
                               f"quote it for YAML, e.g. '{key.strip()}=\"…\"'") from None
         if root is not None and _holds_text_items(_field_annotation(root, parts)) and _is_scalar(value):
-            value = [value if isinstance(value, str) else raw.strip()]
+            value = [value if isinstance(value, str) else raw.strip()] if raw.strip() else []
         node[parts[-1]] = value
     return data
 
@@ -110,13 +110,14 @@ def _holds_text_items(annotation) -> bool:
 
 
 def _from_override(where: tuple, message: str, overrides: tuple[str, ...]) -> str | None:
-    """The override a validation error comes from: the last one that sets the field (or a section around it), or
-    for an error between fields (loc is the top level), the last one whose field the message names."""
+    """The override a validation error comes from: the last one that sets the field (or a section inside it), or for
+    an error between fields (of a section, or the top level), the last one whose field the message names."""
     path = [str(p) for p in where if not isinstance(p, int)]
     for override in reversed(overrides):
-        key = override.partition("=")[0].strip()
-        parts = key.split(".")
-        if (path and (path[: len(parts)] == parts or parts[: len(path)] == path)) or (not path and key in message):
+        parts = override.partition("=")[0].strip().split(".")
+        if path[: len(parts)] == parts and path:
+            return override
+        if parts[: len(path)] == path and ".".join(parts) in message:
             return override
     return None
 

@@ -109,3 +109,7 @@ def test_an_error_in_the_file_still_names_the_file(tmp_path):
     path.write_text("train:\n  steps: many\n")
     with pytest.raises(ConfigError, match=rf"^{path}: train.steps: "):
         load_config(path, ["train.learning_rate=1e-3", "sample.prompts=a red circle"])
+
+
+def test_an_empty_override_of_a_text_list_empties_it():
+    assert load_config(CONFIGS[0].parent / "demo-style.yaml", ["sample.prompts="]).sample.prompts == ()
