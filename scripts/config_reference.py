@@ -37,8 +37,12 @@ This page is generated from the config schema's field descriptions. After changi
 A run is one YAML or TOML file with the sections below; every field is optional and has the default shown. Unknown
 keys are refused with a "did you mean", and an invalid value is refused with the field's name and what it accepts.
 Override any field on the command line: `sdlora train configs/demo-cpu.yaml train.steps=500 lora.rank=8`.
+A value is read as YAML; a list is written in brackets and quoted for the shell,
+`'sample.prompts=[a red circle, a blue square]'`, and a plain value for a list of text is its one item
+(`sample.prompts=a red circle`). An error caused by an override names the override.
 Complete examples: [`configs/demo-cpu.yaml`](../configs/demo-cpu.yaml),
-[`configs/sd15-gpu.yaml`](../configs/sd15-gpu.yaml), [`configs/sdxl-gpu.yaml`](../configs/sdxl-gpu.yaml).
+[`configs/cpu-own-images.yaml`](../configs/cpu-own-images.yaml), [`configs/sd15-gpu.yaml`](../configs/sd15-gpu.yaml),
+[`configs/sdxl-gpu.yaml`](../configs/sdxl-gpu.yaml).
 Defaults are written as YAML (JSON-style) values.
 """
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 from pathlib import Path
+
+import sdlora
 
 log = logging.getLogger("sdlora")
 
@@ -23,7 +24,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_by:
         from sdlora.training.interrupt import EXIT_STOPPED
 
-        again = shlex.join(["sdlora", "train", str(args.config), *args.overrides, "--resume", "latest"])
+        again = sdlora.command_line("train", str(args.config), *args.overrides, "--resume", "latest")
         print(f"stopped by {result.stopped_by} at step {result.final_step}, checkpoint written; resume with:\n  {again}")
         return EXIT_STOPPED
     return 0
@@ -128,9 +129,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
     columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
     rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
+    prompt = grid.prompt_of_cells(args.prompt, columns, rows)
     pipe = _generation_pipeline(args)
     stack = inference.stack_adapters(pipe, specs)
-    image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
+    image = grid.render(pipe, stack, specs, columns, rows, prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                         height=args.height, width=args.width, progress=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -152,36 +154,45 @@ def _generation_pipeline(args: argparse.Namespace, progress: bool = False):
     return pipe
 
 
-def _generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default="sdlora:tiny", help="base model: hub id, folder, .safetensors or sdlora:NAME")
+def _generation_args(parser: argparse.ArgumentParser, prompt_help: str, prompt_required: bool = True) -> None:
+    from sdlora.config import SampleSection
+
+    parser.add_argument("--base", default="sdlora:tiny",
+                        help="base model: hub id, folder, .safetensors or sdlora:NAME (default: %(default)s)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
                         help="adapter with weight (and text-encoder weight); repeat to stack")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--scheduler", default="ddim", help="ddim, euler, euler_a, dpm++, ddpm")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
+    parser.add_argument("--prompt", required=prompt_required, help=prompt_help)
+    parser.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--guidance-scale", type=float, default=SampleSection.model_fields["guidance_scale"].default,
+                        help="classifier-free guidance (default: %(default)s, as a run's sample.guidance_scale; "
+                        "the demo configs use 5.0 for the small sdlora:shapes base)")
+    parser.add_argument("--scheduler", default="ddim",
+                        help="ddim, euler, euler_a, dpm++ or ddpm (default: %(default)s)")
+    parser.add_argument("--height", type=int, help="image height in pixels (default: the base's own size)")
+    parser.add_argument("--width", type=int, help="image width in pixels (default: the base's own size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train, stack and share Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {sdlora.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a LoRA from a config file")
     train.add_argument("config", type=Path, help="run config (.yaml or .toml)")
-    train.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=500")
+    train.add_argument("overrides", nargs="*", default=[],  # a default makes a `*` positional optional in argparse
+                       help="optional section.field=value, e.g. train.steps=500 or 'sample.prompts=[a, b]'")
     train.add_argument("--resume", help="'latest' or a checkpoint folder (runs/x/checkpoints/step-000100)")
     train.set_defaults(func=cmd_train)
 
     gen = commands.add_parser("generate", help="generate images with stacked adapters")
-    _generation_args(gen)
-    gen.add_argument("--num-images", type=int, default=1)
+    _generation_args(gen, "the prompt; <lora:NAME:W> tags need --lora-dir")
+    gen.add_argument("--num-images", type=int, default=1, help="images from consecutive seeds, saved as one row "
+                     "(default: %(default)s)")
     gen.add_argument("--fuse", action="store_true", help="fuse adapters into the base weights (faster)")
-    gen.add_argument("-o", "--output", type=Path, default=Path("sdlora.png"))
+    gen.add_argument("-o", "--output", type=Path, default=Path("sdlora.png"), help="image file (default: %(default)s)")
     gen.add_argument("--lora-dir", type=Path, help="folder that <lora:name:w> tags in the prompt are looked up in")
     gen.set_defaults(func=cmd_generate)
 
@@ -205,33 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_dataset_check)
 
     convert = commands.add_parser("convert", help="convert an adapter between diffusers and kohya/A1111/ComfyUI")
-    convert.add_argument("input", type=Path)
-    convert.add_argument("output", type=Path)
-    convert.add_argument("--to", choices=("kohya", "diffusers"), required=True)
-    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="tensor dtype of the output file")
+    convert.add_argument("input", type=Path, help="adapter file (.safetensors), in either layout")
+    convert.add_argument("output", type=Path, help="file to write")
+    convert.add_argument("--to", choices=("kohya", "diffusers"), required=True,
+                         help="layout of the output: kohya (A1111 / ComfyUI) or diffusers")
+    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                         help="tensor dtype of the output file (default: the input's)")
     convert.set_defaults(func=cmd_convert)
 
     info = commands.add_parser("info", help="show an adapter's format, rank, alpha and metadata")
-    info.add_argument("file", type=Path)
+    info.add_argument("file", type=Path, help="adapter file (.safetensors) in any layout sdlora reads")
     info.set_defaults(func=cmd_info)
 
     merge = commands.add_parser("merge", help="merge weighted adapters into one (or into a base model)")
     merge.add_argument("adapters", nargs="+", metavar="FILE:W", help="adapters with their weights")
     merge.add_argument("-o", "--output", type=Path, required=True, help="adapter file, or folder with --into-base")
     merge.add_argument("--rank", type=int, help="re-rank the merge to this rank by truncated SVD (default: exact)")
-    merge.add_argument("--to", choices=("diffusers", "kohya"), default="diffusers")
+    merge.add_argument("--to", choices=("diffusers", "kohya"), default="diffusers",
+                       help="layout of the merged adapter (default: %(default)s)")
     merge.add_argument("--into-base", metavar="BASE",
                        help="bake into this base: -o FOLDER writes diffusers layout, -o FILE.safetensors one "
                        "A1111 / ComfyUI single file (SD1.x bases)")
     merge.set_defaults(func=cmd_merge)
 
     grid = commands.add_parser("grid", help="labelled grid over adapter weights, prompts or seeds")
-    _generation_args(grid)
-    grid.add_argument("--x", default="weight:0", help="column axis: weight:N (adapter N), prompt or seed")
+    _generation_args(grid, "prompt of every cell; optional when an axis is prompt", prompt_required=False)
+    grid.add_argument("--x", default="weight:0",
+                      help="column axis: weight:N (adapter N), prompt or seed (default: %(default)s)")
     grid.add_argument("--x-values", required=True, help="0,0.5,1 or 0:1:0.25; prompts split at |")
     grid.add_argument("--y", help="row axis (optional), as --x")
-    grid.add_argument("--y-values", default="")
-    grid.add_argument("-o", "--output", type=Path, default=Path("grid.png"))
+    grid.add_argument("--y-values", default="", help="values of the row axis, as --x-values")
+    grid.add_argument("-o", "--output", type=Path, default=Path("grid.png"), help="image file (default: %(default)s)")
     grid.set_defaults(func=cmd_grid)
     return parser
 

@@ -62,3 +62,48 @@ def test_relative_links_point_to_files_that_exist(page):
         elif anchor and destination.suffix == ".md" and anchor not in _anchors(destination):
             broken.append(f"{target} (no heading with that anchor)")
     assert not broken, f"{page.relative_to(ROOT)} links to: {broken}"
+
+
+def _readme_command(start: str) -> str:
+    """The README's one-line command that begins with `start` (as a user copies it)."""
+    lines = [line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith(start)]
+    assert len(lines) == 1, f"README.md should give `{start} ...` once, found {lines}"
+    return lines[0]
+
+
+def test_readme_activates_the_environment_before_bare_sdlora_commands():
+    text = README.read_text(encoding="utf-8")
+    assert "source .venv/bin/activate" in text
+    first_bare = min(text.index(line) for line in text.splitlines() if line.startswith("sdlora "))
+    assert text.index("source .venv/bin/activate") < first_bare
+
+
+def test_readme_cpu_quick_start_trains_on_the_users_own_folder(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from sdlora.config import load_config
+
+    command = shlex.split(_readme_command("sdlora train configs/cpu-own-images.yaml "))
+    config = load_config(ROOT / command[2], command[3:])
+    assert config.model.base == "sdlora:shapes" and config.data.resolution == 64  # the base's own size
+    assert "data.path=/path/to/my/images" in command
+    assert _readme_command("sdlora train configs/sd15-gpu.yaml ").split()[3:] == command[3:]  # same shape
+
+    # The user's own images: different sizes, one with alpha, one caption missing (the default caption is used).
+    images = tmp_path / "my images"
+    images.mkdir()
+    for index, (size, mode) in enumerate([((96, 80), "RGB"), ((64, 64), "RGBA"), ((200, 120), "RGB")]):
+        Image.new(mode, size, (40 * index, 90, 200, 128)[: len(mode)]).save(images / f"{index}.png")
+        if index:
+            (images / f"{index}.txt").write_text("a blue square on a white background, my style")
+    argv = [a.replace("/path/to/my/images", str(images)).replace("runs/my-style", str(tmp_path / "run"))
+            for a in command[1:]]
+    done = subprocess.run([sys.executable, "-m", "sdlora", *argv, "train.steps=2", "train.lr_warmup_steps=0",
+                           "train.batch_size=2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "my_style.safetensors").is_file()

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 import tomllib
 import yaml
@@ -49,35 +50,99 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `section.field=value` overrides; values are parsed as YAML (so `5`, `1e-4`, `true`, `[a, b]` work)."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...], root: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """Apply `section.field=value` overrides; values are parsed as YAML (so `5`, `1e-4`, `true`, `[a, b]` work).
+
+    A list is written in brackets (`'sample.prompts=[a red circle, a blue square]'`); with `root`, a plain value
+    for a list-of-text field is that list's one item (`sample.prompts=a red circle`), which is what a user means."""
     data = json.loads(json.dumps(data, default=str))
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {override!r}: expected section.field=value, e.g. train.steps=200")
+            raise ConfigError(f"override {_quoted(override)}: expected section.field=value, e.g. train.steps=200")
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a section")
+                raise ConfigError(f"override {_quoted(override)}: {part} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {_quoted(override)}: cannot parse the value: {_one_line(exc)}; "
+                              f"quote it for YAML, e.g. '{key.strip()}=\"…\"'") from None
+        if root is not None and _holds_text_items(_field_annotation(root, parts)) and _is_scalar(value):
+            value = [value if isinstance(value, str) else raw.strip()] if raw.strip() else []
+        node[parts[-1]] = value
     return data
 
 
-def explain(exc: ValidationError, source: str, root: type[BaseModel]) -> str:
-    """A pydantic error as lines that name the source, the field and, for unknown keys, the allowed ones."""
+def _quoted(override: str) -> str:
+    """An override as the user would type it again in a shell."""
+    return shlex.quote(override)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is not None and not isinstance(value, (list, dict))
+
+
+def _field_annotation(root: type[BaseModel], parts: list[str]):
+    """The type annotation of the field a dotted override names; None for an unknown name (the schema refuses it)."""
+    model: type[BaseModel] | None = root
+    annotation = None
+    for part in parts:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        model = _model_in(annotation)
+    return annotation
+
+
+def _holds_text_items(annotation) -> bool:
+    """A list or tuple of strings (`tuple[str, ...]`), or an optional one."""
+    if get_origin(annotation) in (list, tuple):
+        return all(arg is str or arg is Ellipsis for arg in get_args(annotation))
+    return any(_holds_text_items(arg) for arg in get_args(annotation) if arg is not type(None))
+
+
+def _from_override(where: tuple, message: str, overrides: tuple[str, ...]) -> str | None:
+    """The override a validation error comes from: the last one that sets the field (or a section inside it), or for
+    an error between fields (of a section, or the top level), the last one whose field the message names."""
+    path = [str(p) for p in where if not isinstance(p, int)]
+    for override in reversed(overrides):
+        parts = override.partition("=")[0].strip().split(".")
+        if path[: len(parts)] == parts and path:
+            return override
+        if parts[: len(path)] == path and ".".join(parts) in message:
+            return override
+    return None
+
+
+def explain(
+    exc: ValidationError, source: str, root: type[BaseModel], overrides: tuple[str, ...] | list[str] = ()
+) -> str:
+    """A pydantic error as lines that name where the value came from (the file, or the command line's override),
+    the field and, for unknown keys, the allowed ones."""
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        override = _from_override(err["loc"], err["msg"], tuple(overrides))
+        origin = f"override {_quoted(override)}" if override else source
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{where}'{_suggest(err['loc'], root)}")
-        else:
-            got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {where}: {err['msg']}{shown}")
+            lines.append(f"{origin}: unknown key '{where}'{_suggest(err['loc'], root)}")
+            continue
+        got = err.get("input")
+        # A validator's own message already says what it got ("..., got 60"); pydantic's generic ones do not.
+        shown = "" if isinstance(got, dict) or "got " in err["msg"] else f" (got {got!r})"
+        hint = ""
+        if override and err["type"] in ("tuple_type", "list_type"):
+            key, _, raw = override.partition("=")
+            hint = f"; write a list in brackets, quoted for the shell: '{key.strip()}=[{raw.strip()}, …]'"
+        lines.append(f"{origin}: {where}: {err['msg']}{shown}{hint}")
     return "\n".join(lines)
 
 

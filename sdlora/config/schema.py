@@ -26,6 +26,9 @@ from sdlora.config.files import ConfigError, apply_overrides, explain, read_conf
 from sdlora.config.names import check_repo_id, public_config
 
 
+_SIZES_IN_EIGHTS = "Stable Diffusion pipelines take image sizes in steps of 8"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -114,7 +117,7 @@ class BucketSection(_Section):
     @classmethod
     def _step_multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+            raise ValueError(f"must be a multiple of 8 ({_SIZES_IN_EIGHTS}), got {value}")
         return value
 
 
@@ -138,7 +141,7 @@ class DataSection(_Section):
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+            raise ValueError(f"must be a multiple of 8 ({_SIZES_IN_EIGHTS}), got {value}")
         return value
 
     @field_validator("caption_extension")
@@ -368,18 +371,19 @@ class RunConfig(_Section):
 # Loading
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+def validate_config(data: dict[str, Any], source: str = "config", overrides: tuple[str, ...] = ()) -> RunConfig:
+    """Validate a run config; errors name the `source` of each value, or the override among `overrides` that set it."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(explain(exc, source, RunConfig)) from None
+        raise ConfigError(explain(exc, source, RunConfig, overrides)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a run config. Relative data/output paths stay relative to the working folder."""
     data = read_config_file(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
-    return validate_config(data, source=str(path) if path is not None else "overrides")
+    data = apply_overrides(data, overrides, RunConfig)
+    return validate_config(data, source=str(path) if path is not None else "overrides", overrides=overrides)
 
 
 def dump_config(config: RunConfig, public: bool = False) -> str:

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import sdlora
 from sdlora.config import dump_config
 from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id
 from sdlora.errors import UserError
@@ -217,8 +218,8 @@ class CheckpointPusher:
         self._thread.join(timeout)
         done = not self._thread.is_alive()
         if not done:
-            log.warning("hub: uploads still running after %.0f s; run `sdlora push %s %s` to finish",
-                        timeout, self.run_dir, self.repo_id)
+            log.warning("hub: uploads still running after %.0f s; run `%s` to finish",
+                        timeout, sdlora.command_line("push", str(self.run_dir), self.repo_id))
         return done
 
 

@@ -53,6 +53,15 @@ def parse_values(text: str, option: str = "values") -> tuple[float, ...]:
     return tuple(numbers)
 
 
+def prompt_of_cells(prompt: str | None, columns: Axis, rows: Axis | None) -> str:
+    """The prompt of the cells no prompt axis sets: `--prompt`, which only a grid with a prompt axis can go without."""
+    if prompt is not None:
+        return prompt
+    if "prompt" in (columns.kind, rows.kind if rows else None):
+        return ""  # every cell takes its prompt from the axis
+    raise GenerationSettingError("--prompt: give the prompt, or put prompts on an axis: --x prompt --x-values 'a|b'")
+
+
 def plan(columns: Axis, rows: Axis | None, prompt: str, seed: int, specs: list[inference.AdapterSpec]) -> list[list[Cell]]:
     """The cells, row by row; adapters not on an axis keep the weight their spec gives them."""
     grid = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.config import ConfigError, LoraSection, RunConfig
+from sdlora.config import ConfigError, DataSection, LoraSection, RunConfig
 from sdlora.models import families, lora
 from sdlora.models.base import BaseModel, place, set_attention_backend
 from sdlora.models.precision import store_frozen_weights
@@ -31,9 +31,24 @@ def adapter_shape(section: LoraSection, targets: tuple[str, ...]) -> lora.Adapte
     return lora.AdapterShape(section.rank, section.effective_alpha, targets, section.dropout)
 
 
+def check_resolution(base: BaseModel, data: DataSection) -> None:
+    """The training sizes against the factor this base's VAE downsamples by (2 per encoder block after the first:
+    8 for Stable Diffusion, 4 for sdlora:shapes); the schema checked only the rule every base shares."""
+    factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+    sizes = {"data.resolution": data.resolution}
+    if data.bucketing.enabled:
+        sizes["data.bucketing.step"] = data.bucketing.step
+    for name, value in sizes.items():
+        if value % factor:
+            near = [size for size in (value // factor * factor, (value // factor + 1) * factor) if size]
+            raise ConfigError(f"{name}: {base.source}'s VAE downsamples images by {factor}, so {name} must be a "
+                              f"multiple of {factor}, got {value}; use {' or '.join(map(str, near))}")
+
+
 def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.device,
                          weight_dtype: torch.dtype) -> TrainableModels:
     train, lora_cfg = config.train, config.lora
+    check_resolution(base, config.data)
     quantize_frozen({"unet": base.unet, **base.text_encoders}, config.model.quantize, device, weight_dtype)
     prediction_type = train.prediction_type or base.prediction_type
     if prediction_type not in PREDICTION_TYPES:

@@ -81,3 +81,35 @@ def test_a_misspelt_key_inside_a_source_suggests_the_source_fields():
     message = str(info.value)
     assert "data.sources.0.repeat" in message and "did you mean 'repeats'?" in message
     assert "Allowed here: path" in message and "cache_latents" not in message
+
+
+def test_a_plain_value_for_a_text_list_override_is_its_one_item():
+    config = load_config(CONFIGS[0].parent / "demo-style.yaml", ["sample.prompts=a red circle"])
+    assert config.sample.prompts == ("a red circle",)
+    assert load_config(None, ["output.trigger_words=sks"]).output.trigger_words == ("sks",)
+    assert load_config(None, ["sample.prompts=[a red circle, a blue square]"]).sample.prompts == (
+        "a red circle", "a blue square")
+
+
+def test_an_error_from_an_override_names_the_override_not_the_file():
+    path = CONFIGS[0].parent / "demo-style.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.background=255"])
+    message = str(err.value)
+    assert message.startswith("override data.background=255: data.background:") and str(path) not in message
+    assert "'data.background=[255, …]'" in message  # the syntax to use
+    with pytest.raises(ConfigError, match=r"^override train.steps=2: .*must be below train.steps \(2\)"):
+        load_config(path, ["train.steps=2"])  # an error between fields names the override it involves
+    with pytest.raises(ConfigError, match=r"^override 'train.steps=a lot': train.steps: .*\(got 'a lot'\)$"):
+        load_config(path, ["train.steps=a lot"])
+
+
+def test_an_error_in_the_file_still_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: train.steps: "):
+        load_config(path, ["train.learning_rate=1e-3", "sample.prompts=a red circle"])
+
+
+def test_an_empty_override_of_a_text_list_empties_it():
+    assert load_config(CONFIGS[0].parent / "demo-style.yaml", ["sample.prompts="]).sample.prompts == ()
