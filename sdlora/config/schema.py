@@ -25,7 +25,6 @@ from pydantic import (
 from sdlora.config.files import ConfigError, apply_overrides, explain, read_config_file  # noqa: F401
 from sdlora.config.names import check_repo_id, public_config
 
-
 _SIZES_IN_EIGHTS = "Stable Diffusion pipelines take image sizes in steps of 8"
 
 

@@ -199,14 +199,15 @@ def _clip(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 3].rstrip() + "..."
 
 
-def log_summary(report: PreflightReport) -> None:
-    """What a training run prints about its data: every skipped file by name, and how many warnings there are."""
+def log_summary(report: PreflightReport, check_command: str = "sdlora dataset check") -> None:
+    """What a training run prints about its data: every skipped file by name, and how many warnings there are.
+    `check_command`: the `sdlora dataset check` that lists them, spelt so that it runs as printed."""
     for finding in report.skipped:
         log.warning("skipping %s (%s): %s", finding.path, finding.kind, finding.detail)
     kinds = Counter(f.kind for f in report.warnings)
     if kinds:
-        log.warning("dataset warnings: %s (run `sdlora dataset check` for the list)",
-                    ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        log.warning("dataset warnings: %s (run `%s` for the list)",
+                    ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())), check_command)
     missing = [f.path for f in report.warnings if f.kind == "caption_missing"]
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -216,7 +217,8 @@ def log_summary(report: PreflightReport) -> None:
              f", buckets {report.bucket_histogram()}" if report.bucketing else "")
 
 
-def require_usable(report: PreflightReport, batch_size: int, num_replicas: int = 1) -> None:
+def require_usable(report: PreflightReport, batch_size: int, num_replicas: int = 1,
+                   check_command: str = "sdlora dataset check") -> None:
     """Stop before any model loads when there is nothing (or too little) to train on."""
     where = report.sources[0] if len(report.sources) == 1 else f"{len(report.sources)} sources"
     if not report.found:
@@ -226,7 +228,7 @@ def require_usable(report: PreflightReport, batch_size: int, num_replicas: int =
         first = report.skipped[0]
         raise DatasetError(
             f"data.path: none of the {report.found} image(s) in {where} can be used; first problem: "
-            f"{first.path}: {first.detail}; run `sdlora dataset check` to see them all"
+            f"{first.path}: {first.detail}; run `{check_command}` to see them all"
         )
     if not report.bucketing and report.items_per_epoch < batch_size * num_replicas:
         raise DatasetError(

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sdlora import formats
+from sdlora import command_line, formats
 from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, cache, preflight
 from sdlora.data.loader import training_loader
@@ -176,8 +176,13 @@ class TrainingRun:
             cfg.data, cfg.train.batch_size, cfg.train.gradient_accumulation, self.accelerator.num_processes,
             tokens=caption_token_counter(cfg.model),
         )
-        preflight.require_usable(self.report, cfg.train.batch_size, self.accelerator.num_processes)
-        preflight.log_summary(self.report)
+        # The check a user can paste: this run's folder, base and resolution, spelt to run as printed (a run over
+        # several sources is checked with its own config file, whose path the run does not know).
+        check = (command_line("dataset", "check", str(cfg.data.path), f"model.base={cfg.model.base}",
+                              f"data.resolution={cfg.data.resolution}")
+                 if not cfg.data.sources else "sdlora dataset check YOUR_CONFIG.yaml")
+        preflight.require_usable(self.report, cfg.train.batch_size, self.accelerator.num_processes, check)
+        preflight.log_summary(self.report, check)
         self.records = self.report.records
         return CaptionedImageDataset(
             self.records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed,
