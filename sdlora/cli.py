@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from sdlora.models.backends import quiet_missing_torchvision
+
+    quiet_missing_torchvision()  # process-wide: one transformers message about a backend sdlora never uses
     # Errors a user can fix (bad config, missing folder, unreadable file) end with one clear line, no traceback.
     from sdlora.errors import USER_ERRORS
 

@@ -68,3 +68,39 @@ def test_missing_dataset_is_reported_before_loading_a_model(tmp_path):
     done = _sdlora("train", str(config))
     assert done.returncode == 2
     assert "data.path" in done.stderr and "missing does not exist" in done.stderr
+
+
+def _third_party_noise(stderr: str) -> list[str]:
+    """Lines of stderr that are a library's warning rather than sdlora's own report (issue 18, item 7)."""
+    markers = ("Warning:", "warnings.warn", "[transformers]", "[diffusers]", "site-packages", "Make sure to know")
+    return [line for line in stderr.splitlines()
+            if any(marker in line for marker in markers)
+            or (line.startswith("WARNING ") and not line.startswith("WARNING sdlora"))]
+
+
+def test_stacked_generate_and_a_short_training_print_no_third_party_warning(tiny_base, style_dataset, tmp_path):
+    """peft's "Already found a `peft_config` attribute" on every stacked adapter and transformers' two torchvision
+    lines once concerned no user; a stacked generate and a training that previews a second adapter print neither."""
+    from adapter_factory import make_adapter
+
+    from sdlora.formats import save_diffusers
+    from sdlora.models import load_base_model
+
+    unet = load_base_model(str(tiny_base)).unet
+    first, second = (save_diffusers(tmp_path / f"{name}.safetensors", make_adapter(unet, rank=2, seed=seed))
+                     for seed, name in enumerate(("dots", "subject")))
+    done = _sdlora("generate", "--base", str(tiny_base), "--lora", f"{first}:0.8", "--lora", f"{second}:1.0",
+                   "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64",
+                   "-o", str(tmp_path / "gen.png"))
+    assert done.returncode == 0, done.stderr
+    assert not _third_party_noise(done.stderr), done.stderr
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  base: {tiny_base}\ndata:\n  path: {style_dataset}\n  resolution: 64\n"
+        f"train:\n  steps: 2\n  batch_size: 2\noutput:\n  dir: {tmp_path / 'out'}\n"
+        f"sample:\n  prompts: [a red circle]\n  steps: 2\n  adapters: ['{first}:0.5']\n"
+    )
+    done = _sdlora("train", str(config))
+    assert done.returncode == 0, done.stderr
+    assert not _third_party_noise(done.stderr), done.stderr

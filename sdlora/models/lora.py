@@ -7,6 +7,7 @@ diffusers, ComfyUI and AUTOMATIC1111 share.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +51,16 @@ def attach(model: torch.nn.Module, shape: AdapterShape, adapter_name: str = "def
     peft's default init makes B zero, so the adapter starts as the identity and training moves it; "gaussian"
     (diffusers' training scripts) initialises A with a small normal and keeps B zero.
     """
-    model.add_adapter(shape.peft_config(init=init), adapter_name=adapter_name)
+    _add_adapter(model, shape.peft_config(init=init), adapter_name)
+
+
+def _add_adapter(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """`model.add_adapter`, without peft's "Already found a `peft_config` attribute ... Make sure to know what you are
+    doing!": peft warns on every adapter after the first, and several named adapters on one model is what stacking
+    and sample previews do on purpose. peft has no argument that says so, hence the filter, on that message only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        model.add_adapter(config, adapter_name=adapter_name)
 
 
 def cast_lora_to_fp32(*models: torch.nn.Module) -> None:
@@ -77,7 +87,7 @@ def load_adapter(
     """Add a named adapter to a model and fill it, failing on any key that does not land (never silently)."""
     advice = "it was made for another base: use the base it was trained on (`sdlora info FILE` names it)"
     try:
-        model.add_adapter(shape.peft_config(init=False), adapter_name=adapter_name)
+        _add_adapter(model, shape.peft_config(init=False), adapter_name)
     except ValueError as exc:  # peft: none of the target modules exist in this model
         delete_adapter(model, adapter_name)
         detail = str(exc).partition(". Please check")[0]  # peft's own advice is about writing a config
