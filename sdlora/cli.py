@@ -35,7 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
     specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
-    pipe = _generation_pipeline(args)
+    pipe = _generation_pipeline(args, inference.choose_base(args.base, specs, resolve=resolve_adapter))
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
@@ -129,7 +129,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     specs = [inference.AdapterSpec.parse(text) for text in args.lora]
     columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
     rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
-    pipe = _generation_pipeline(args)
+    pipe = _generation_pipeline(args, inference.choose_base(args.base, specs))
     stack = inference.stack_adapters(pipe, specs)
     image = grid.render(pipe, stack, specs, columns, rows, args.prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
@@ -140,20 +140,22 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_pipeline(args: argparse.Namespace):
+def _generation_pipeline(args: argparse.Namespace, base):
     from sdlora import inference
     from sdlora.hostmem import settle_host_memory
     from sdlora.models import load_base_model
 
+    print(base.describe())
     device, dtype = inference.generation_device()
-    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler, device=device, dtype=dtype)
+    pipe = inference.build_pipeline(load_base_model(base.source), scheduler=args.scheduler, device=device, dtype=dtype)
     if device.type == "cpu":
         settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
     return pipe
 
 
 def _generation_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default="sdlora:tiny", help="base model: hub id, folder, .safetensors or sdlora:NAME")
+    parser.add_argument("--base", help="base model: hub id, folder, .safetensors or sdlora:NAME (default: the base "
+                        "the adapters record, else sdlora:tiny)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
                         help="adapter with weight (and text-encoder weight); repeat to stack")
     parser.add_argument("--prompt", required=True)

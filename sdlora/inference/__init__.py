@@ -18,3 +18,4 @@ from sdlora.inference.pipeline import (  # noqa: F401
     resolve_in_folder,
     stack_adapters,
 )
+from sdlora.inference.base_choice import BaseChoice, BaseChoiceError, choose_base  # noqa: F401
