@@ -110,7 +110,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.inference import merge
 
     specs = [inference.AdapterSpec.parse(text) for text in args.adapters]
-    merged = merge.merge_adapters([(formats.read_adapter(s.source), s.unet_weight) for s in specs], args.rank)
+    merged = merge.merge_files(specs, args.rank)
     if args.into_base:
         from sdlora.models import load_base_model
 

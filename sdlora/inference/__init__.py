@@ -11,7 +11,6 @@ from sdlora.inference.pipeline import (  # noqa: F401
     build_pipeline,
     generate,
     generation_device,
-    image_grid,
     parse_prompt_loras,
     preview_adapters,
     prompt_specs,
@@ -19,3 +18,4 @@ from sdlora.inference.pipeline import (  # noqa: F401
     stack_adapters,
 )
 from sdlora.inference.base_choice import BaseChoice, BaseChoiceError, choose_base  # noqa: F401
+from sdlora.inference.grid import GridLayout, grid_layout, image_grid  # noqa: F401
