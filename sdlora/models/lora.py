@@ -77,7 +77,9 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors, keyed `<module>.lora_A.weight` / `.lora_B.weight`, detached copies on CPU."""
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # sdlora never targets embeddings, so there is no resized vocabulary to save: peft's "auto" would look for the
+    # base's config.json (on the Hub when not local) and warn when it cannot find it.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
