@@ -151,9 +151,14 @@ def set_trainable(model: torch.nn.Module, adapter_name: str) -> None:
 
 
 def delete_adapter(model: torch.nn.Module, adapter_name: str) -> None:
-    for layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
+    """Remove a named adapter. sdlora's callers then set the active adapters themselves (or drop the model), so
+    peft's "Adapter X was active which is now deleted. Setting active adapter to Y." (its own interim fallback)
+    concerns no user and is filtered, that message only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted", category=UserWarning)
+        for layer in lora_layers(model):
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
     config = getattr(model, "peft_config", None)
     if isinstance(config, dict):
         config.pop(adapter_name, None)
