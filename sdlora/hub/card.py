@@ -294,10 +294,9 @@ def _settings(facts: RunFacts) -> list[tuple[str, str]]:
     if cfg.train.noise_offset:
         rows.append(("noise offset", f"{cfg.train.noise_offset:g}"))
     if facts.final_loss is not None:
-        steps = facts.loss_steps
-        over = f"all {steps} logged steps" if steps < LOSS_WINDOW else f"the last {steps} steps"
-        rows.append((f"final loss (mean of {over})" if steps != 1 else "final loss (the last step)",
-                     f"{facts.final_loss:.4f}"))
+        # as many steps as were averaged: a short run has fewer than LOSS_WINDOW, skipped (non-finite) steps none
+        over = f"mean of the last {facts.loss_steps} logged steps" if facts.loss_steps != 1 else "the last logged step"
+        rows.append((f"final loss ({over})", f"{facts.final_loss:.4f}"))
     return rows
 
 

@@ -88,8 +88,7 @@ def render(pipe, stack: inference.AdapterStack, specs: list[inference.AdapterSpe
     names = [spec.name for spec in specs]
     row_labels = [rows.label(v, names)[:24] for v in rows.values] if rows else None
     return image_grid(images, columns=len(columns.values), row_labels=row_labels,
-                                column_labels=[columns.label(v, names) for v in columns.values])
-
+                      column_labels=[columns.label(v, names) for v in columns.values])
 
 
 def axis_from_text(kind: str, values: str, option: str = "--x", adapters: int | None = None) -> Axis:
@@ -120,7 +119,8 @@ LABEL_LINES = 3  # a column label wraps to at most this many lines; a longer one
 
 @dataclass(frozen=True)
 class GridLayout:
-    """Where `image_grid` puts things: the margins, each cell's top-left corner, each label line's top-left corner."""
+    """Where `image_grid` puts things: the grid's size, each cell's top-left corner, and each label line with its
+    top-left corner (labels sit in the left and top margins, sized to them)."""
 
     size: tuple[int, int]
     cells: list[tuple[int, int]]

@@ -48,7 +48,7 @@ def test_example_prompt_holds_the_trigger_word_once(local_base_run, capsys):
 def test_final_loss_says_how_many_steps_it_averaged(local_base_run, capsys):
     assert main(["card", str(local_base_run)]) == 0
     text = (local_base_run / "README.md").read_text()
-    assert "| final loss (mean of all 15 logged steps) |" in text and "last 20" not in text
+    assert "| final loss (mean of the last 15 logged steps) |" in text and "last 20" not in text
 
 
 def _facts(base: str) -> RunFacts:
