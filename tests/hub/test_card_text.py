@@ -21,7 +21,8 @@ def local_base_run(tiny_base, style_dataset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card-text")
     train(load_config(None, [
         f"model.base={tiny_base}", f"data.path={style_dataset}", "data.resolution=64", "train.steps=15",
-        "train.batch_size=1", f"output.dir={root / 'run'}", "output.name=my_dots", "output.trigger_words=[dotted style]",
+        "train.batch_size=1", f"output.dir={root / 'run'}", "output.name=my_dots",
+        "output.trigger_words=[dotted style]",
         'sample.prompts=["dotted style, a red circle on a blue background"]', "sample.steps=1",
     ]))
     return root / "run"

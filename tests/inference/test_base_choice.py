@@ -68,7 +68,8 @@ def test_adapters_that_disagree_are_refused_in_one_line(shapes_pair, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("sdlora: error: the adapters were trained on different bases")
-    assert "my_dots.safetensors on sdlora:shapes" in err and "other.safetensors on runwayml/stable-diffusion-v1-5" in err
+    assert "my_dots.safetensors on sdlora:shapes" in err
+    assert "other.safetensors on runwayml/stable-diffusion-v1-5" in err
     assert "--base" in err
 
 
