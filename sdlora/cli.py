@@ -36,7 +36,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
     specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
-    pipe = _generation_pipeline(args, progress=True)
+    pipe = _generation_pipeline(args, inference.choose_base(args.base, specs, resolve=resolve_adapter),
+                                progress=True)
     stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
     if args.fuse:
         stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
@@ -110,7 +111,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.inference import merge
 
     specs = [inference.AdapterSpec.parse(text) for text in args.adapters]
-    merged = merge.merge_adapters([(formats.read_adapter(s.source), s.unet_weight) for s in specs], args.rank)
+    merged = merge.merge_files(specs, args.rank)
     if args.into_base:
         from sdlora.models import load_base_model
 
@@ -130,7 +131,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
     rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
     prompt = grid.prompt_of_cells(args.prompt, columns, rows)
-    pipe = _generation_pipeline(args)
+    pipe = _generation_pipeline(args, inference.choose_base(args.base, specs))
     stack = inference.stack_adapters(pipe, specs)
     image = grid.render(pipe, stack, specs, columns, rows, prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
@@ -141,14 +142,15 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generation_pipeline(args: argparse.Namespace, progress: bool = False):
+def _generation_pipeline(args: argparse.Namespace, base, progress: bool = False):
     from sdlora import inference
     from sdlora.hostmem import settle_host_memory
     from sdlora.models import load_base_model
 
+    print(base.describe())
     device, dtype = inference.generation_device()
-    pipe = inference.build_pipeline(load_base_model(args.base), scheduler=args.scheduler, device=device, dtype=dtype,
-                                    progress=progress)
+    pipe = inference.build_pipeline(load_base_model(base.source), scheduler=args.scheduler, device=device,
+                                    dtype=dtype, progress=progress)
     if device.type == "cpu":
         settle_host_memory(retain=True)  # process-wide: CPU denoising steps stop page-faulting their memory back
     return pipe
@@ -157,8 +159,8 @@ def _generation_pipeline(args: argparse.Namespace, progress: bool = False):
 def _generation_args(parser: argparse.ArgumentParser, prompt_help: str, prompt_required: bool = True) -> None:
     from sdlora.config import SampleSection
 
-    parser.add_argument("--base", default="sdlora:tiny",
-                        help="base model: hub id, folder, .safetensors or sdlora:NAME (default: %(default)s)")
+    parser.add_argument("--base", help="base model: hub id, folder, .safetensors or sdlora:NAME (default: the base "
+                        "the adapters record, else sdlora:tiny)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
                         help="adapter with weight (and text-encoder weight); repeat to stack")
     parser.add_argument("--prompt", required=prompt_required, help=prompt_help)
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from sdlora.models.backends import quiet_missing_torchvision
+
+    quiet_missing_torchvision()  # process-wide: one transformers message about a backend sdlora never uses
     # Errors a user can fix (bad config, missing folder, unreadable file) end with one clear line, no traceback.
     from sdlora.errors import USER_ERRORS
 

@@ -143,7 +143,8 @@ def test_help_shows_defaults_version_and_what_each_argument_is(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--help"])
         helps[command] = " ".join(capsys.readouterr().out.split())
-    assert "(default: sdlora:tiny)" in helps["generate"] and "(default: 25)" in helps["generate"]
+    assert "(default: the base the adapters record, else sdlora:tiny)" in helps["generate"]
+    assert "(default: 25)" in helps["generate"]
     assert "(default: sdlora.png)" in helps["generate"] and "(default: grid.png)" in helps["grid"]
     # One default for guidance, the schema's (what a run's samples use unless a config says otherwise).
     assert f"(default: {SampleSection().guidance_scale}, as a run's sample.guidance_scale" in helps["generate"]
@@ -177,3 +178,39 @@ def test_a_grid_over_prompts_needs_no_prompt(capsys):
     # Without a prompt axis it is still needed, and said so in one line before any model loads.
     assert main(["grid", "--x-values", "0,1", "--lora", "a.safetensors"]) == 2
     assert "--prompt: give the prompt, or put prompts on an axis" in capsys.readouterr().err
+
+
+def _third_party_noise(stderr: str) -> list[str]:
+    """Lines of stderr that are a library's warning rather than sdlora's own report (issue 18, item 7)."""
+    markers = ("Warning:", "warnings.warn", "[transformers]", "[diffusers]", "site-packages", "Make sure to know")
+    return [line for line in stderr.splitlines()
+            if any(marker in line for marker in markers)
+            or (line.startswith("WARNING ") and not line.startswith("WARNING sdlora"))]
+
+
+def test_stacked_generate_and_a_short_training_print_no_third_party_warning(tiny_base, style_dataset, tmp_path):
+    """peft's "Already found a `peft_config` attribute" on every stacked adapter and transformers' two torchvision
+    lines once concerned no user; a stacked generate and a training that previews a second adapter print neither."""
+    from adapter_factory import make_adapter
+
+    from sdlora.formats import save_diffusers
+    from sdlora.models import load_base_model
+
+    unet = load_base_model(str(tiny_base)).unet
+    first, second = (save_diffusers(tmp_path / f"{name}.safetensors", make_adapter(unet, rank=2, seed=seed))
+                     for seed, name in enumerate(("dots", "subject")))
+    done = _sdlora("generate", "--base", str(tiny_base), "--lora", f"{first}:0.8", "--lora", f"{second}:1.0",
+                   "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64",
+                   "-o", str(tmp_path / "gen.png"))
+    assert done.returncode == 0, done.stderr
+    assert not _third_party_noise(done.stderr), done.stderr
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  base: {tiny_base}\ndata:\n  path: {style_dataset}\n  resolution: 64\n"
+        f"train:\n  steps: 2\n  batch_size: 2\noutput:\n  dir: {tmp_path / 'out'}\n"
+        f"sample:\n  prompts: [a red circle]\n  steps: 2\n  adapters: ['{first}:0.5']\n"
+    )
+    done = _sdlora("train", str(config))
+    assert done.returncode == 0, done.stderr
+    assert not _third_party_noise(done.stderr), done.stderr

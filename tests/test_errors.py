@@ -309,6 +309,14 @@ def test_single_file_error_base_the_ldm_layout_cannot_hold(capsys, tmp_path, tin
     assert not out.exists()
 
 
+def test_base_choice_error_adapters_that_disagree_about_their_base(capsys, tmp_path):
+    """No --base: the adapters' recorded bases decide, and two different ones are refused before any model loads."""
+    one = _safetensors(tmp_path / "one.safetensors", _lora("unet.a"), {"sdlora.base_model": "sdlora:shapes"})
+    two = _safetensors(tmp_path / "two.safetensors", _lora("unet.a"), {"sdlora.base_model": "alice/base"})
+    line = run_cli(capsys, "generate", "--prompt", "x", "--lora", one, "--lora", two)
+    assert "different bases" in line and "one.safetensors on sdlora:shapes" in line and "--base" in line
+
+
 def test_card_error_not_a_run_folder(capsys, tmp_path):
     line = run_cli(capsys, "card", tmp_path)
     assert f"{tmp_path}: no config.yaml" in line
@@ -336,7 +344,7 @@ TRIGGERED_AT_CLI = {
     "sdlora.inference.pipeline.LoraNameError", "sdlora.inference.pipeline.GenerationSettingError",
     "sdlora.models.lora.AdapterMismatchError", "sdlora.formats.ldm.LayoutError",
     "sdlora.formats.singlefile.SingleFileError", "sdlora.hub.card.CardError", "sdlora.hub.transfer.HubError",
-    "sdlora.files.atomic.DiskFullError",
+    "sdlora.files.atomic.DiskFullError", "sdlora.inference.base_choice.BaseChoiceError",
 }
 COVERED_ELSEWHERE = {
     "sdlora.config.names.RepoIdError": "config/test_repo_ids.py; at the CLI it arrives as ConfigError / HubError / "

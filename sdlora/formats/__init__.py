@@ -14,6 +14,7 @@ from sdlora.formats.adapter import (  # noqa: F401
     from_diffusers_state_dict,
     from_kohya_state_dict,
     read_adapter,
+    read_metadata,
     read_safetensors,
     save_adapter,
     save_diffusers,

@@ -180,6 +180,21 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's header metadata (`sdlora.base_model`, `ss_*`, ...), its tensors left unread."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: adapter file not found")
+    try:
+        validate_safetensors(path)
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file: {exc}") from None
+
+
 def _unmatched_message(unmatched: list[str]) -> str:
     shown = sorted(unmatched)[:20]
     more = f" (and {len(unmatched) - len(shown)} more)" if len(unmatched) > len(shown) else ""

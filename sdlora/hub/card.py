@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from sdlora import formats
 from sdlora.config import ConfigError, RunConfig, read_config_file, validate_config
-from sdlora.config.names import RepoIdError, check_repo_id, is_repo_id, public_name
+from sdlora.config.names import BUILTIN_PREFIX, RepoIdError, check_repo_id, is_repo_id, public_name
 from sdlora.errors import UserError
 from sdlora.files.atomic import write_text_atomic
 from sdlora.models import families
@@ -48,6 +48,14 @@ class RunFacts:
     dataset_size: int | None
     final_loss: float | None
     steps_done: int | None
+    loss_steps: int = 0  # how many logged steps final_loss is the mean of
+
+    @property
+    def base_kind(self) -> str:
+        """'hub' (a hub id, or output.base_model_id), 'builtin' (sdlora:NAME) or 'local' (a folder or file name)."""
+        if self.base_model:
+            return "hub"
+        return "builtin" if self.base_name.startswith(BUILTIN_PREFIX) else "local"
 
     @property
     def primary(self) -> AdapterInfo:
@@ -121,6 +129,9 @@ def _count_images(config: RunConfig) -> int | None:
         return None  # the dataset is not on this machine; the card says "not recorded"
 
 
+LOSS_WINDOW = 20  # the card's final loss: the mean of the last this-many logged steps (fewer in a shorter run)
+
+
 def gather(run_dir: str | Path, dataset_size: int | None = None) -> RunFacts:
     run_dir = Path(run_dir)
     config = _load_run_config(run_dir)
@@ -132,13 +143,13 @@ def gather(run_dir: str | Path, dataset_size: int | None = None) -> RunFacts:
         raise CardError(f"{run_dir}: no adapter (.safetensors) in the run folder; train first")
     log_rows = _losses(run_dir)
     # Skipped (non-finite) steps are logged with loss null.
-    tail = [row["loss"] for row in log_rows[-20:] if row.get("loss") is not None]
+    tail = [row["loss"] for row in log_rows[-LOSS_WINDOW:] if row.get("loss") is not None]
     return RunFacts(
         config=config, adapters=adapters,
         samples=[p.relative_to(run_dir).as_posix() for p in sample_files(run_dir)],
         dataset_size=dataset_size if dataset_size is not None else _count_images(config),
         final_loss=sum(tail) / len(tail) if tail else None,
-        steps_done=log_rows[-1]["step"] if log_rows else None,
+        steps_done=log_rows[-1]["step"] if log_rows else None, loss_steps=len(tail),
     )
 
 
@@ -195,14 +206,19 @@ Recommended weight: **{{ weight }}** (0 = off, 1 = as trained).
 ![samples]({{ samples[-1] }})
 {% endif %}
 ## Use it
-
+{% if base_note %}
+{{ base_note }}
+{% endif %}
 ### diffusers
 
 ```python
 import torch
 from diffusers import {{ pipeline_class }}
+{%- if base_import %}
+{{ base_import }}
+{%- endif %}
 
-pipe = {{ pipeline_class }}.from_pretrained("{{ base_id }}", torch_dtype=torch.float16).to("cuda")
+pipe = {{ pipeline_class }}.from_pretrained({{ base_python }}, torch_dtype=torch.float16).to("cuda")
 pipe.load_lora_weights("{{ repo }}", weight_name="{{ primary }}", adapter_name="{{ adapter_name }}")
 pipe.set_adapters(["{{ adapter_name }}"], adapter_weights=[{{ weight }}])
 image = pipe("{{ example_prompt }}").images[0]
@@ -244,7 +260,7 @@ kohya-format copy with sdlora, put it in `models/Lora/` and prompt `<lora:NAME:{
 ### sdlora
 
 ```bash
-sdlora generate --base {{ base_id }} --lora {{ repo }}:{{ primary }}:{{ weight }} --prompt "{{ example_prompt }}"
+sdlora generate --base {{ base_cli }} --lora {{ repo }}:{{ primary }}:{{ weight }} --prompt "{{ example_prompt }}"
 ```
 
 ## Training
@@ -278,7 +294,9 @@ def _settings(facts: RunFacts) -> list[tuple[str, str]]:
     if cfg.train.noise_offset:
         rows.append(("noise offset", f"{cfg.train.noise_offset:g}"))
     if facts.final_loss is not None:
-        rows.append(("final loss (mean of last 20 steps)", f"{facts.final_loss:.4f}"))
+        # as many steps as were averaged: a short run has fewer than LOSS_WINDOW, skipped (non-finite) steps none
+        over = f"mean of the last {facts.loss_steps} logged steps" if facts.loss_steps != 1 else "the last logged step"
+        rows.append((f"final loss ({over})", f"{facts.final_loss:.4f}"))
     return rows
 
 
@@ -303,13 +321,13 @@ def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
     words = ", ".join(f"`{w}`" for w in out.trigger_words)
     repo = repo_id or "USER/REPO"
     kohya = facts.kohya
-    base_id = facts.base_model or "BASE_MODEL_ID"
+    base = _base_reference(facts)
     files = [
         {"name": a.name, "format": a.format,
          "where": "diffusers, sdlora" if a.format == "diffusers" else "ComfyUI, AUTOMATIC1111, Forge, kohya, sdlora"}
         for a in facts.adapters
     ]
-    example = ", ".join([*out.trigger_words, prompts[0]] if prompts else [*out.trigger_words, "a photo"])
+    example = example_prompt(out.trigger_words, prompts[0] if prompts else "a photo")
     sample_caption = (
         f"Step {facts.samples[-1].rsplit('-', 1)[-1].removesuffix('.png').lstrip('0') or '0'}, seed "
         f"{facts.config.sample.seed}, {facts.config.sample.steps} steps, one column per prompt: "
@@ -323,11 +341,46 @@ def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
         base_text=f"`{facts.base_model}`" if facts.base_model else "a Stable Diffusion base",
         trigger_words=words, weight=f"{out.recommended_weight:g}", files=files, samples=facts.samples,
         sample_caption=sample_caption, pipeline_class=families.TABLE[facts.family].pipeline_class,
-        base_id=base_id, repo=repo,
+        base_note=base.note, base_import=base.python_import, base_python=base.python, base_cli=base.cli, repo=repo,
         primary=facts.primary.name, adapter_name=re.sub(r"\W", "_", out.name), example_prompt=example,
         kohya=kohya.name if kohya else None, kohya_stem=Path(kohya.name).stem if kohya else None,
         settings=_settings(facts),
     )
+
+
+def example_prompt(trigger_words, prompt: str) -> str:
+    """`prompt` with the trigger words it lacks put in front: a sample prompt that already holds one is kept as is."""
+    missing = [w for w in trigger_words if w.lower() not in prompt.lower()]
+    return ", ".join([*missing, prompt])
+
+
+@dataclass(frozen=True)
+class BaseReference:
+    """How the card's snippets name the base: Python argument (and import), CLI value, and a note to the reader."""
+
+    python: str
+    cli: str
+    note: str = ""
+    python_import: str = ""
+
+
+def _base_reference(facts: RunFacts) -> BaseReference:
+    """A hub id as it is; a built-in base through sdlora, which ships it; a local base as a path the reader fills
+    in, with a note saying so (its path stays on the trainer's machine)."""
+    name = facts.base_name
+    if facts.base_kind == "hub":
+        return BaseReference(f'"{facts.base_model}"', facts.base_model)
+    if facts.base_kind == "builtin":
+        return BaseReference(
+            f'str(resolve_builtin("{name}"))', name, python_import="from sdlora.models import resolve_builtin",
+            note=f"The base is `{name}`, built into sdlora (`pip install sdlora`): sdlora commands take the name as "
+                 "it is, and `resolve_builtin` gives diffusers its folder.")
+    placeholder = f"PATH/TO/{name}"
+    return BaseReference(
+        f'"{placeholder}"', placeholder,
+        note=f"**Replace `{placeholder}` below** with the base this adapter was trained on: `{name}`, a local folder "
+             "or file on the trainer's machine, not a Hub model (the trainer can name its Hub id with "
+             "`output.base_model_id`).")
 
 
 def write_card(run_dir: str | Path, repo_id: str | None = None, dataset_size: int | None = None) -> Path:

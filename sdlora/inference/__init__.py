@@ -2,6 +2,8 @@
 
 The package's public names are re-exported here."""
 
+from sdlora.inference.base_choice import BaseChoice, BaseChoiceError, choose_base  # noqa: F401
+from sdlora.inference.grid import GridLayout, grid_layout, image_grid  # noqa: F401
 from sdlora.inference.pipeline import (  # noqa: F401
     SCHEDULERS,
     AdapterSpec,
@@ -11,7 +13,6 @@ from sdlora.inference.pipeline import (  # noqa: F401
     build_pipeline,
     generate,
     generation_device,
-    image_grid,
     parse_prompt_loras,
     preview_adapters,
     prompt_specs,

@@ -1,14 +1,15 @@
 """Labelled image grids over adapter weights, prompts or seeds: how people pick the weight of a LoRA.
 
 Each cell is rendered by `inference.generate` with the stack's weights set for that cell, so a cell has the same
-pixels as a separate `sdlora generate` call with those settings; `inference.image_grid` pastes cells unscaled.
+pixels as a separate `sdlora generate` call with those settings; `image_grid` pastes cells unscaled, with labels
+laid out so that none overlaps another (it also lays out the sample grids of a training run).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from sdlora import inference
@@ -23,10 +24,12 @@ class Axis:
     values: tuple
     adapter: int = 0
 
-    def label(self, value) -> str:
+    def label(self, value, names: list[str] | None = None) -> str:
+        """A weight reads `NAME WEIGHT` (`names`: what each adapter is called, in --lora order), else the value."""
         if self.kind == "weight":
-            return f"#{self.adapter} {float(value):g}"
-        return str(value)[:24]
+            name = names[self.adapter] if names and self.adapter < len(names) else f"adapter {self.adapter}"
+            return f"{name} {float(value):g}"
+        return str(value)
 
 
 @dataclass
@@ -92,9 +95,10 @@ def render(pipe, stack: inference.AdapterStack, specs: list[inference.AdapterSpe
     for cell in tqdm(cells, desc="grid", unit="cell", disable=not progress):
         stack.set_weights({name: cell.weights[index] for index, name in enumerate(stack.names)})
         images += inference.generate(pipe, cell.prompt, seed=cell.seed, **generate_kwargs)
-    row_labels = [rows.label(v) for v in rows.values] if rows else None
-    return inference.image_grid(images, columns=len(columns.values), row_labels=row_labels,
-                                column_labels=[columns.label(v) for v in columns.values])
+    names = [spec.name for spec in specs]
+    row_labels = [rows.label(v, names)[:24] for v in rows.values] if rows else None
+    return image_grid(images, columns=len(columns.values), row_labels=row_labels,
+                      column_labels=[columns.label(v, names) for v in columns.values])
 
 
 def axis_from_text(kind: str, values: str, option: str = "--x", adapters: int | None = None) -> Axis:
@@ -118,3 +122,68 @@ def axis_from_text(kind: str, values: str, option: str = "--x", adapters: int | 
     if kind == "seed":
         return Axis("seed", tuple(int(v) for v in parse_values(values, where)))
     raise GenerationSettingError(f"{option} {kind!r}: use weight:N, prompt or seed")
+
+
+LABEL_LINES = 3  # a column label wraps to at most this many lines; a longer one ends in "..."
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where `image_grid` puts things: the grid's size, each cell's top-left corner, and each label line with its
+    top-left corner (labels sit in the left and top margins, sized to them)."""
+
+    size: tuple[int, int]
+    cells: list[tuple[int, int]]
+    labels: list[tuple[tuple[int, int], str]]
+
+
+def _wrap(text: str, font, width: float, max_lines: int = LABEL_LINES) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken at spaces (inside a word only when it alone is wider)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        while len(word) > 1 and font.getlength(word) > width:
+            cut = max(1, sum(1 for end in range(1, len(word)) if font.getlength(word[:end]) <= width))
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines = [*lines[:max_lines - 1], last.rstrip() + "..."]
+    return lines
+
+
+def grid_layout(count: int, columns: int, cell: tuple[int, int], font, row_labels: list[str] | None = None,
+                column_labels: list[str] | None = None) -> GridLayout:
+    """Margins sized to the labels: column labels wrap to their cell's width (so neighbours never overlap) under
+    one another; row labels sit left of their row, the margin as wide as the widest."""
+    width, height = cell
+    line_height = font.getbbox("Agjy|")[3] + 2
+    wrapped = [_wrap(label, font, width - 4) for label in column_labels or []]
+    left = 8 + max((int(font.getlength(label)) for label in row_labels or []), default=-8)
+    top = 4 + line_height * max((len(lines) for lines in wrapped), default=0) if column_labels else 0
+    rows = (count + columns - 1) // columns
+    cells = [(left + (n % columns) * width, top + (n // columns) * height) for n in range(count)]
+    labels = [((left + column * width + 2, 2 + number * line_height), line)
+              for column, lines in enumerate(wrapped) for number, line in enumerate(lines)]
+    labels += [((2, top + row * height + (height - line_height) // 2), label)
+               for row, label in enumerate(row_labels or [])]
+    return GridLayout((left + columns * width, top + rows * height), cells, labels)
+
+
+def image_grid(images: list[Image.Image], columns: int, row_labels: list[str] | None = None,
+               column_labels: list[str] | None = None) -> Image.Image:
+    """A labelled grid; cells are pasted unscaled so each cell's pixels equal the image's."""
+    font = ImageFont.load_default()
+    layout = grid_layout(len(images), columns, images[0].size, font, row_labels, column_labels)
+    grid = Image.new("RGB", layout.size, "white")
+    for image, corner in zip(images, layout.cells):
+        grid.paste(image, corner)
+    draw = ImageDraw.Draw(grid)
+    for corner, text in layout.labels:
+        draw.text(corner, text, fill="black", font=font)
+    return grid

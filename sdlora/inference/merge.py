@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import AdapterFile, AdapterFormatError
+from sdlora.formats import AdapterFile, AdapterFormatError, read_adapter
+from sdlora.inference.pipeline import AdapterSpec
 from sdlora.models.lora import AdapterShape
 
 
@@ -57,8 +58,18 @@ def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     return new_a, new_b
 
 
-def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = None) -> AdapterFile:
-    """One adapter equal to the weighted stack of `items`; exact, or re-ranked to `rank` by truncated SVD."""
+def merge_files(specs: list[AdapterSpec], rank: int | None = None) -> AdapterFile:
+    """`merge_adapters` over adapter files at their specs' UNet weights, each recorded by its file's name."""
+    return merge_adapters([(read_adapter(spec.source), spec.unet_weight) for spec in specs], rank,
+                          names=[spec.name for spec in specs])
+
+
+def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = None,
+                   names: list[str] | None = None) -> AdapterFile:
+    """One adapter equal to the weighted stack of `items`; exact, or re-ranked to `rank` by truncated SVD.
+
+    `sdlora.merged_from` records each source as NAME:WEIGHT: `names` (e.g. the files' stems), else the title in
+    the source's own header, else its place in the list."""
     if not items:
         raise AdapterFormatError("merge: give at least one adapter")
     components = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(c in a.components for a, _ in items)]
@@ -82,7 +93,8 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
         tensors[component] = state
     first = items[0][0].metadata
     metadata = {k: v for k, v in first.items() if k in ("sdlora.family", "sdlora.base_model", "sdlora.prediction_type")}
-    metadata["sdlora.merged_from"] = ", ".join(f"{a.metadata.get('modelspec.title', '?')}:{w}" for a, w in items)
+    names = names or [a.metadata.get("modelspec.title") or f"adapter {n}" for n, (a, _) in enumerate(items)]
+    metadata["sdlora.merged_from"] = ", ".join(f"{name}:{w:g}" for name, (_, w) in zip(names, items))
     return AdapterFile(tensors=tensors, shapes=shapes, metadata=metadata)
 
 

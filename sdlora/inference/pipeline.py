@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from sdlora import formats, rng
 from sdlora.errors import UserError
@@ -44,6 +44,12 @@ class AdapterSpec:
     @property
     def te_weight(self) -> float:
         return self.unet_weight if self.text_encoder_weight is None else self.text_encoder_weight
+
+    @property
+    def name(self) -> str:
+        """What grids and merges call the adapter: its file's stem (`runs/dots/my_dots.safetensors` -> `my_dots`); a
+        hub reference by its file or repo name (`alice/dots:v2.safetensors` -> `v2`, `alice/dots` -> `dots`)."""
+        return re.split(r"[\\/:]", self.source.rstrip("/\\"))[-1].removesuffix(".safetensors") or self.source
 
     @classmethod
     def parse(cls, text: str, option: str = "--lora") -> AdapterSpec:
@@ -330,23 +336,3 @@ def generate(pipe, prompt: str, *, seed: int = 0, steps: int = 20, guidance_scal
             )
             images.extend(out.images)
     return images
-
-
-def image_grid(images: list[Image.Image], columns: int, row_labels: list[str] | None = None,
-               column_labels: list[str] | None = None) -> Image.Image:
-    """A labelled grid; cells are pasted unscaled so each cell's pixels equal the image's."""
-    width, height = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    font = ImageFont.load_default()
-    left = 8 + max((int(font.getlength(label)) for label in row_labels or []), default=-8)
-    top = 16 if column_labels else 0
-    grid = Image.new("RGB", (left + columns * width, top + rows * height), "white")
-    draw = ImageDraw.Draw(grid)
-    for number, image in enumerate(images):
-        row, column = divmod(number, columns)
-        grid.paste(image, (left + column * width, top + row * height))
-    for column, label in enumerate(column_labels or []):
-        draw.text((left + column * width + 2, 2), label, fill="black", font=font)
-    for row, label in enumerate(row_labels or []):
-        draw.text((2, top + row * height + height // 2 - 6), label, fill="black", font=font)
-    return grid

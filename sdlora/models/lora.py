@@ -93,7 +93,9 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors, keyed `<module>.lora_A.weight` / `.lora_B.weight`, detached copies on CPU."""
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # sdlora never targets embeddings, so there is no resized vocabulary to save: peft's "auto" would look for the
+    # base's config.json (on the Hub when not local) and warn when it cannot find it.
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
@@ -165,9 +167,14 @@ def set_trainable(model: torch.nn.Module, adapter_name: str) -> None:
 
 
 def delete_adapter(model: torch.nn.Module, adapter_name: str) -> None:
-    for layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
+    """Remove a named adapter. sdlora's callers then set the active adapters themselves (or drop the model), so
+    peft's "Adapter X was active which is now deleted. Setting active adapter to Y." (its own interim fallback)
+    concerns no user and is filtered, that message only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted", category=UserWarning)
+        for layer in lora_layers(model):
+            if adapter_name in layer.lora_A:
+                layer.delete_adapter(adapter_name)
     config = getattr(model, "peft_config", None)
     if isinstance(config, dict):
         config.pop(adapter_name, None)

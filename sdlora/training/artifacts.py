@@ -79,7 +79,7 @@ class SampleRenderer:
                         negative_prompt=sample.negative_prompt, height=self.resolution, width=self.resolution,
                     )
         self.unet.train()
-        grid = inference.image_grid(images, columns=len(images), column_labels=[p[:24] for p in sample.prompts])
+        grid = inference.image_grid(images, columns=len(images), column_labels=list(sample.prompts))
         path = self.folder.sample_grid(step)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)

@@ -125,7 +125,8 @@ def lora_tensors(accelerator, model: torch.nn.Module, adapter_name: str = "defau
     """The adapter's tensors (peft keys), unwrapped from DDP / FSDP / DeepSpeed. Call on every process."""
     inner = accelerator.unwrap_model(model)
     full = _full_state(accelerator, model)
-    state = get_peft_model_state_dict(inner, state_dict=full, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(inner, state_dict=full, adapter_name=adapter_name,
+                                      save_embedding_layers=False)  # as models.lora.lora_state_dict
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 

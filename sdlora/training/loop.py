@@ -9,6 +9,7 @@ same run.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -133,6 +134,16 @@ def _step_is_finite(parts: TrainingParts, step_loss: float) -> bool:
     return not bad
 
 
+def _advance_schedule(parts: TrainingParts) -> None:
+    """One scheduler step per training step, the optimizer's skipped or not: the LR follows the step count, so a
+    run resumed at step N has the LR of step N. torch warns when this happens before any optimizer step (a first
+    step that was non-finite); here that is intended, so that message only is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                category=UserWarning)
+        parts.lr_scheduler.step()
+
+
 def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int, total_steps: int, hooks: Hooks,
         progress=None) -> list[float]:
     """Run optimizer steps start_step+1 .. total_steps; returns each step's mean micro-batch loss."""
@@ -164,7 +175,7 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
             parts.optimizer.step()
         if not finite:
             step_loss = float("nan")
-        parts.lr_scheduler.step()
+        _advance_schedule(parts)
         parts.optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
         lr = parts.lr_scheduler.get_last_lr()[0]

@@ -146,7 +146,7 @@ def test_card_names_a_local_base_by_its_folder_name_only(tmp_path):
     assert str(tmp_path) not in text and "/models/" not in text
     assert "| base model | `my-base` (sd1) |" in text
     assert card.data.base_model is None  # a folder name is not a hub id: the Hub would refuse it
-    assert 'from_pretrained("BASE_MODEL_ID"' in text and "a Stable Diffusion base" in text
+    assert 'from_pretrained("PATH/TO/my-base"' in text and "a Stable Diffusion base" in text
 
     # With output.base_model_id the card links the hub id, and the settings table still shows only the name.
     card = card_for(_facts(base, base_model_id="stable-diffusion-v1-5/stable-diffusion-v1-5"), REPO)

@@ -131,3 +131,18 @@ def test_merge_of_different_coverage_keeps_one_alpha(tiny_base):
     assert shape.rank_pattern[q] == 6
     torch.testing.assert_close(merge.delta(merged, "unet", q), merge.delta(a, "unet", q) + 0.5 * merge.delta(b, "unet", q))
     torch.testing.assert_close(merge.delta(merged, "unet", k), 0.5 * merge.delta(b, "unet", k))
+
+
+def test_info_names_the_sources_of_a_merge(pair, tmp_path, capsys):
+    """`merge a:0.8 b:1.0` then `info`: the sources read `a:0.8, b:1`, not `?:0.8, ?:1.0` (issue 18, item 8)."""
+    a, b = pair
+    merged = tmp_path / "merged.safetensors"
+    assert cli.main(["merge", f"{a}:0.8", f"{b}:1.0", "-o", str(merged)]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", str(merged)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["metadata"]["sdlora.merged_from"] == "a:0.8, b:1"
+    # Merged in the library without names, a source is called by its header's title, else by its place.
+    titled = formats.read_adapter(b)
+    assert merge.merge_adapters([(formats.read_adapter(a), 0.5), (titled, 1.0)]).metadata["sdlora.merged_from"] \
+        == f"adapter 0:0.5, {titled.metadata['modelspec.title']}:1"
