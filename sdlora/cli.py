@@ -147,7 +147,7 @@ def _generation_pipeline(args: argparse.Namespace, base, progress: bool = False)
     from sdlora.hostmem import settle_host_memory
     from sdlora.models import load_base_model
 
-    print(base.describe())
+    print(base.describe(), file=sys.stderr)  # stdout holds only the result lines scripts read
     device, dtype = inference.generation_device()
     pipe = inference.build_pipeline(load_base_model(base.source), scheduler=args.scheduler, device=device,
                                     dtype=dtype, progress=progress)

@@ -35,7 +35,8 @@ def test_stacked_generate_without_base_uses_the_recorded_base(shapes_pair, tmp_p
                      "--steps", "1", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "base: sdlora:shapes (recorded by my_dots.safetensors, demo_subject.safetensors)" in captured.out
+    # On stderr, with the progress: stdout holds only the `image: ...` line scripts read.
+    assert "base: sdlora:shapes (recorded by my_dots.safetensors, demo_subject.safetensors)" in captured.err
     assert Image.open(out).size == (64, 64)  # the shipped base's own resolution
 
 
@@ -45,7 +46,7 @@ def test_grid_without_base_uses_the_recorded_base(shapes_pair, tmp_path, capsys)
                      "-o", str(tmp_path / "grid.png")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "base: sdlora:shapes (recorded by my_dots.safetensors)" in captured.out
+    assert "base: sdlora:shapes (recorded by my_dots.safetensors)" in captured.err
 
 
 def test_explicit_base_wins_and_says_so(tiny_base, tmp_path, capsys):
@@ -53,7 +54,7 @@ def test_explicit_base_wins_and_says_so(tiny_base, tmp_path, capsys):
     code = cli.main(["generate", "--base", str(tiny_base), "--lora", str(fits_tiny), "--prompt", "x", "--steps", "1",
                      "--height", "64", "--width", "64", "-o", str(tmp_path / "x.png")])
     assert code == 0
-    assert f"base: {tiny_base} (--base)" in capsys.readouterr().out
+    assert f"base: {tiny_base} (--base)" in capsys.readouterr().err
 
 
 def test_adapters_that_disagree_are_refused_in_one_line(shapes_pair, tmp_path, capsys):
