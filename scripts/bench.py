@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.generate:
-        from sdlora.precision import resolve_mixed_precision
+        from sdlora.models.precision import resolve_mixed_precision
 
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             resolve_mixed_precision(args.precision)]

@@ -44,18 +44,34 @@ def _own_images(folder: Path) -> Path:
 
 
 class Shell:
-    """Runs the CLI the way the README's user does: from the checkout, a fresh process each time, with a PATH
-    that does not hold `sdlora` (the README's set-up makes .venv without activating it)."""
+    """Runs the CLI as the user would, each command on its own, and keeps every command sdlora printed for the user
+    to run. Steps run in this process (`cli.main`, output captured at the file descriptors, so the log lines are
+    seen too): a process per step would spend most of this test importing torch. The printed commands then run in
+    a real shell whose PATH does not hold `sdlora` (the README's set-up makes .venv without activating it)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, capfd):
+        self.capfd = capfd
         self.env = dict(os.environ, PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
                                                          if not (Path(p) / "sdlora").exists()))
-        self.env["SDLORA_CACHE"] = os.environ.get("SDLORA_CACHE", str(tmp / "cache"))
         self.printed: list[str] = []
 
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "sdlora", *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=900)
+    def run(self, *args: str, own_process: bool = False) -> subprocess.CompletedProcess:
+        """`own_process`: a step whose log lines matter (pytest keeps log records of in-process steps to itself)."""
+        from sdlora.cli import main
+
+        if own_process:
+            done = subprocess.run([sys.executable, "-m", "sdlora", *args], cwd=ROOT, env=self.env,
+                                  capture_output=True, text=True, timeout=900)
+        else:
+            self.capfd.readouterr()
+            cwd = os.getcwd()
+            os.chdir(ROOT)  # the README's commands run from the checkout (configs/, datasets/)
+            try:
+                code = main(list(args))
+            finally:
+                os.chdir(cwd)
+            captured = self.capfd.readouterr()
+            done = subprocess.CompletedProcess(args, code, captured.out, captured.err)
         assert done.returncode == 0, f"sdlora {shlex.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
         # A card printed by `push --dry-run` holds snippets for after the upload (they name the Hub repo), not
         # commands for this machine: they are the card's business, tested with the card.
@@ -66,8 +82,8 @@ class Shell:
         return done
 
 
-def test_first_hour_from_own_images_to_a_shared_adapter(tmp_path):
-    shell = Shell(tmp_path)
+def test_first_hour_from_own_images_to_a_shared_adapter(tmp_path, capfd):
+    shell = Shell(capfd)
     images = _own_images(tmp_path / "my images")
     run_dir, subject_dir = tmp_path / "my-style", tmp_path / "subject"
 
@@ -76,7 +92,7 @@ def test_first_hour_from_own_images_to_a_shared_adapter(tmp_path):
     shell.run("dataset", "check", config, f"data.path={images}")
 
     argv = [a.replace("/path/to/my/images", str(images)).replace("runs/my-style", str(run_dir)) for a in train[1:]]
-    trained = shell.run(*argv, *SHORT)
+    trained = shell.run(*argv, *SHORT, own_process=True)
     style = run_dir / "my_style.safetensors"
     assert f"adapter: {style}" in trained.stdout
     assert "caption_missing" in trained.stderr  # the image without a caption is reported, with a command to list it

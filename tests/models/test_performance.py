@@ -385,7 +385,8 @@ def test_pipeline_decodes_with_a_vae_kept_in_fp32_under_half_precision_weights(a
     """fp16 training keeps the VAE in fp32 (`models.vae_dtype_for`) while the UNet and text encoders are fp16, and
     samples build their pipeline from those parts: the denoised latents arrive in the UNet's dtype and must still
     decode. bf16 stands in for fp16 here (a CPU has no fp16 convolutions); the dtype mismatch is the same."""
-    from sdlora import archs, inference
+    from sdlora import inference
+    from sdlora.bench import archs
 
     base = archs.build_random_base(arch, frozen_dtype=torch.bfloat16)
     assert base.vae.dtype == torch.float32 and base.unet.dtype == torch.bfloat16
@@ -400,7 +401,7 @@ def test_released_encoders_go_to_meta_even_with_their_own_parameter_type():
     `module.to("meta")` then fails; releasing a cached run's encoders must still free them."""
     from types import SimpleNamespace
 
-    from sdlora import offload
+    from sdlora.training import offload
 
     class Packed(torch.nn.Parameter):  # what bitsandbytes.nn.Params4bit does in .to()
         def to(self, *args, **kwargs):
