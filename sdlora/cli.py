@@ -14,9 +14,10 @@ log = logging.getLogger("sdlora")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdlora.config import load_config
+
+    config = load_config(args.config, args.overrides)  # before torch is imported: a bad config fails in a second
     from sdlora.workflow import train
 
-    config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
     print(f"adapter: {result.adapter_path}")
     for sample in result.samples:
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from sdlora.models.backends import quiet_missing_torchvision
+    from sdlora import quiet_missing_torchvision
 
     quiet_missing_torchvision()  # process-wide: one transformers message about a backend sdlora never uses
     # Errors a user can fix (bad config, missing folder, unreadable file) end with one clear line, no traceback.

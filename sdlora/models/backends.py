@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 
 import torch
 
@@ -59,21 +58,3 @@ def quanto_available() -> bool:
     except Exception:
         return False
     return True
-
-
-class _TorchvisionFallbackFilter(logging.Filter):
-    """Drops transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ...Pil" lines.
-
-    diffusers' SD pipeline and IP-Adapter modules import `CLIPImageProcessor` and `SiglipImageProcessor` when they
-    load, and transformers 5 warns once for each when torchvision (an optional backend sdlora does not need) is
-    absent. sdlora never uses an image processor (no safety checker, no IP-Adapter), so the lines concern no user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed); falling back to" not in record.getMessage()
-
-
-def quiet_missing_torchvision() -> None:
-    """Process-wide, and only for that one message on the one transformers logger that prints it; idempotent."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _TorchvisionFallbackFilter) for f in logger.filters):
-        logger.addFilter(_TorchvisionFallbackFilter())
