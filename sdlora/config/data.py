@@ -1,0 +1,125 @@
+"""The `data:` section: the image folders, how captions become text, crops, buckets and caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sdlora.config.section import SIZES_IN_EIGHTS, Section
+
+
+class CaptionSection(Section):
+    """How a caption is turned into the training text; deterministic for a (seed, epoch, item)."""
+
+    prefix: str = Field("", description="Text put before every caption (a trigger word); never shuffled or dropped.")
+    suffix: str = Field("", description="Text put after every caption; never shuffled or dropped.")
+    from_filename: bool = Field(False, description="Images without a caption file use their file name as caption.")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags every time an image is used.")
+    keep_tokens: int = Field(0, ge=0, description="Leading tags that stay in place when shuffling or dropping tags.")
+    dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability that a caption is replaced by '' (unconditional).")
+    tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Probability that each (non-kept) tag is dropped.")
+
+    @property
+    def varies(self) -> bool:
+        """True when the same image gets different text in different epochs (so text cannot be cached)."""
+        return self.shuffle_tags or self.dropout > 0 or self.tag_dropout > 0
+
+    def varying_fields(self) -> list[str]:
+        return [n for n, on in (("shuffle_tags", self.shuffle_tags), ("dropout", self.dropout > 0),
+                                ("tag_dropout", self.tag_dropout > 0)) if on]
+
+
+class SourceSection(Section):
+    """One image folder of a multi-source run. Fields set here win over the folder's dataset.toml / .yaml."""
+
+    path: Path = Field(..., description="Image folder (searched recursively).")
+    repeats: int = Field(1, ge=1, description="Times each image is used per epoch (kohya '10_name' folders set it too).")
+    loss_weight: float = Field(1.0, gt=0, description="Multiplies the loss of this source's images.")
+    caption_extension: str = Field(".txt", description="Sidecar caption extension ('.caption' is also read).")
+    default_caption: str = Field("", description="Caption for images that have none.")
+    captions: CaptionSection = CaptionSection()
+
+
+class FolderSettings(Section):
+    """An optional `dataset.toml` / `dataset.yaml` inside an image folder: settings for the images below it."""
+
+    repeats: int | None = Field(None, ge=1)
+    loss_weight: float | None = Field(None, gt=0)
+    caption_extension: str | None = None
+    default_caption: str | None = None
+    captions: CaptionSection | None = None
+
+
+class BucketSection(Section):
+    enabled: bool = Field(False, description="Aspect-ratio bucketing: batches of same-shaped, uncropped-ish images.")
+    step: int = Field(64, ge=8, description="Bucket sides are multiples of this (pixels; a multiple of 8).")
+    min_side: int | None = Field(None, ge=8, description="Smallest bucket side. Default: resolution // 2.")
+    max_side: int | None = Field(None, ge=8, description="Largest bucket side. Default: resolution * 2.")
+    max_aspect: float = Field(4.0, ge=1.0, description="Largest long/short side ratio of a bucket.")
+    upscale: bool = Field(False, description="Upscale images smaller than their bucket (default: use a smaller bucket).")
+
+    @field_validator("step")
+    @classmethod
+    def _step_multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 ({SIZES_IN_EIGHTS}), got {value}")
+        return value
+
+
+class DataSection(Section):
+    path: Path = Field(Path("datasets/demo-style"), description="Folder of images with captions (searched recursively).")
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (square crop of this side).")
+    crop: Literal["center", "random"] = Field("center", description="How images are cropped to the resolution.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random (skip for asymmetric subjects).")
+    caption_extension: str = Field(".txt", description="Extension of the sidecar caption file next to each image.")
+    default_caption: str = Field("", description="Caption used for images that have none (a warning names them).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    captions: CaptionSection = Field(CaptionSection(), description="Caption options for `path` (and defaults for sources).")
+    sources: tuple[SourceSection, ...] = Field((), description="Several image folders; when set, `path` is not used.")
+    bucketing: BucketSection = BucketSection()
+    background: tuple[int, int, int] = Field((255, 255, 255), description="RGB colour transparent images are put on.")
+    cache_latents: bool = Field(False, description="Encode every image once with the VAE and train from the cache.")
+    cache_text_embeddings: bool = Field(False, description="Encode every caption once and train from the cache.")
+    cache_dir: Path | None = Field(None, description="Cache folder (shared across runs). Default: output.dir/cache.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 ({SIZES_IN_EIGHTS}), got {value}")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if not value.startswith("."):
+            raise ValueError(f"must start with a dot, e.g. '.txt', got {value!r}")
+        return value
+
+    def resolved_sources(self) -> tuple[SourceSection, ...]:
+        """`sources`, or the single `path` folder with the data-level caption settings."""
+        if self.sources:
+            return self.sources
+        return (SourceSection(path=self.path, caption_extension=self.caption_extension,
+                              default_caption=self.default_caption, captions=self.captions),)
+
+    @model_validator(mode="after")
+    def _cacheable(self) -> DataSection:
+        if self.cache_latents and self.crop == "random":
+            raise ValueError(
+                "data.cache_latents cannot be combined with data.crop=random (a cached latent has one fixed crop): "
+                "drop data.cache_latents or set data.crop=center"
+            )
+        if self.cache_text_embeddings:
+            named = [("data.captions", self.captions)] if not self.sources else []
+            named += [(f"data.sources[{i}].captions", s.captions) for i, s in enumerate(self.sources)]
+            for where, captions in named:
+                if captions.varies:
+                    option = f"{where}.{captions.varying_fields()[0]}"
+                    raise ValueError(
+                        f"data.cache_text_embeddings cannot be combined with {option} (cached text is fixed, "
+                        f"{option} changes it every epoch): drop one of data.cache_text_embeddings or {option}"
+                    )
+        return self
