@@ -16,6 +16,8 @@
 #
 # QUICK=1 runs the same list on the tiny layouts at 64 px in seconds: a dry run of this script on a CPU (the
 # CUDA-only rows then fail with their own message, which is the point of the dry run: every path is exercised).
+# ONLY (an extended regex) runs just the measurements whose names match it, e.g. ONLY='pytest-gpu|cli-' (a second,
+# short lease that fills in what the first one missed).
 # PYTHON picks the interpreter (default python3). Results are for one process at a time on an otherwise idle GPU:
 # the driver's memory reading counts every process on the card.
 set -u
@@ -23,6 +25,7 @@ OUT=${OUT:-gpu-check}
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-900}
 QUICK=${QUICK:-0}
+ONLY=${ONLY:-.}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 DEADLINE=$((SECONDS + BUDGET_S))
@@ -63,6 +66,7 @@ EOF
 # run_item NAME TIMEOUT_S COMMAND...: run one measurement in its own process; record it in results.jsonl.
 run_item() {
     local name=$1 limit=$2; shift 2
+    [[ "$name" =~ $ONLY ]] || return 0
     local left=$((DEADLINE - SECONDS))
     if [ "$left" -lt 20 ]; then
         echo "=== $name: not started, ${left}s of the budget left"
@@ -98,16 +102,32 @@ EOF
 }
 
 # 1. The GPU tests (skipped, not failed, without CUDA).
-echo "=== pytest -m gpu"
-start=$SECONDS
-timeout -k 10 180 $PYTHON -m pytest -m gpu -q -p no:cacheprovider tests/training/test_gpu.py tests/models/test_performance.py \
-    2>&1 | tee "$OUT/pytest.txt" | tail -n 60
-printf '{"name": "pytest-gpu", "rc": %d, "wall_s": %d}\n' "${PIPESTATUS[0]}" $((SECONDS - start)) >>"$RESULTS"
+if [[ pytest-gpu =~ $ONLY ]]; then
+    echo "=== pytest -m gpu"
+    start=$SECONDS
+    timeout -k 10 180 $PYTHON -m pytest -m gpu -q -p no:cacheprovider tests/training/test_gpu.py \
+        tests/models/test_performance.py 2>&1 | tee "$OUT/pytest.txt" | tail -n 60
+    printf '{"name": "pytest-gpu", "rc": %d, "wall_s": %d}\n' "${PIPESTATUS[0]}" $((SECONDS - start)) >>"$RESULTS"
+fi
+
+# 2. The CLI as a user runs it: train the demo's style LoRA on the shipped base in bf16 and fp16 (with its sample
+# prompts), generate with the adapter on the GPU, then the whole offline demo. cli-images then checks every image
+# written for black or flat output.
+DEMO_STEPS=$([ "$QUICK" = 1 ] && echo 25 || echo 300)
+for precision in bf16 fp16; do
+    run_item cli-train-$precision 120 $PYTHON -m sdlora train configs/demo-style.yaml train.mixed_precision=$precision \
+        train.steps=$DEMO_STEPS output.dir="$OUT/cli-$precision"
+done
+run_item cli-generate 60 $PYTHON -m sdlora generate --base sdlora:shapes \
+    --lora "$OUT/cli-bf16/demo_style.safetensors:0.8" --prompt "a red circle on a blue background, striped style" \
+    --steps 25 --guidance-scale 5.0 --num-images 4 -o "$OUT/cli-generate.png"
+run_item demo-gpu 240 $PYTHON scripts/demo.py --out "$OUT/demo" $([ "$QUICK" = 1 ] && echo --steps 25)
+run_item cli-images 30 $PYTHON scripts/image_check.py "$OUT"
 
 B=($PYTHON scripts/bench.py --rank 16 --json "${STEPS[@]}")
 SAVE=(--checkpointing --cached --optimizer adamw8bit)
 
-# 2. Batch 1: (a) bf16, (c) every saver + nf4, (b) every saver, (a) fp16 -- SD1.5 at 512 px, SDXL at 1024 px.
+# 3. Batch 1: (a) bf16, (c) every saver + nf4, (b) every saver, (a) fp16 -- SD1.5 at 512 px, SDXL at 1024 px.
 run_item sd15-bf16-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision bf16
 run_item sdxl-bf16-b1 90 "${B[@]}" "${SDXL[@]}" --batch 1 --precision bf16
 run_item sd15-nf4-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision bf16 "${SAVE[@]}" --quantize nf4
@@ -116,13 +136,15 @@ run_item sd15-fp16-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision fp16
 run_item sdxl-fp16-b1 90 "${B[@]}" "${SDXL[@]}" --batch 1 --precision fp16
 run_item sd15-savers-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision bf16 "${SAVE[@]}"
 run_item sdxl-savers-b1 90 "${B[@]}" "${SDXL[@]}" --batch 1 --precision bf16 "${SAVE[@]}"
+run_item sd15-fp16-nf4-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision fp16 "${SAVE[@]}" --quantize nf4
+run_item sdxl-fp16-nf4-b1 120 "${B[@]}" "${SDXL[@]}" --batch 1 --precision fp16 "${SAVE[@]}" --quantize nf4
 
-# 3. Generation: base vs two stacked rank-16 adapters, unfused and fused, fp16 pipeline.
+# 4. Generation: base vs two stacked rank-16 adapters, unfused and fused, fp16 pipeline.
 G=($PYTHON scripts/bench.py --generate --rank 16 --precision fp16 --json "${GEN[@]}")
 run_item gen-sd15-fp16 60 "${G[@]}" "${SD15[@]}"
 run_item gen-sdxl-fp16 90 "${G[@]}" "${SDXL[@]}"
 
-# 4. Batch 4.
+# 5. Batch 4.
 run_item sd15-bf16-b4 60 "${B[@]}" "${SD15[@]}" --batch 4 --precision bf16
 run_item sdxl-bf16-b4 90 "${B[@]}" "${SDXL[@]}" --batch 4 --precision bf16
 run_item sd15-nf4-b4 60 "${B[@]}" "${SD15[@]}" --batch 4 --precision bf16 "${SAVE[@]}" --quantize nf4
