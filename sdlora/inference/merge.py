@@ -124,7 +124,7 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
             if rank is not None and rank < a.shape[0]:
                 a, b = _rerank(a, b, rank, f"{component}.{module}")
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterFormatError(f"merge: layer {component}.{module} overflows to inf at these weights "
+                raise AdapterFormatError(f"merge: layer {component}.{module} is not finite after merging at these weights "
                                          f"({', '.join(f'{w:g}' for _, w in items)}); use smaller weights")
             state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
             ranks[module] = int(a.shape[0])

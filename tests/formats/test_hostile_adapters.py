@@ -206,3 +206,88 @@ def test_sample_adapters_of_a_run_go_through_the_same_checks(files, tiny_base):
             with inference.preview_adapters(pipe, [inference.AdapterSpec(str(files[name][0]))]):
                 pass
     assert not any("preview" in n for n in inference.pipeline.lora.adapter_names(pipe.unet))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 17, cases 4 to 6 one by one: what each command used to do, and the line it gives now
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    code, _, stderr, caught = _run(capsys, [str(a) for a in argv])
+    assert code == 2 and "Traceback" not in stderr and not caught, stderr
+    (line,) = [x for x in stderr.splitlines() if x.strip() and not x.startswith("base: ") and "Loading" not in x]
+    return line
+
+
+def test_info_cuts_long_metadata_values(files, tmp_path, capsys):
+    """It printed 13.6 MB of kohya tag counts to the terminal."""
+    good = files["folder"][0] / "pytorch_lora_weights.safetensors"
+    adapter = formats.read_adapter(good)
+    adapter.metadata["ss_tag_frequency"] = json.dumps({"set": {f"tag{i}": i for i in range(200_000)}})
+    big = formats.save_diffusers(tmp_path / "big.safetensors", adapter)
+    code, stdout, _, _ = _run(capsys, ["info", str(big)])
+    cut = len(adapter.metadata["ss_tag_frequency"]) - formats.adapter.INFO_VALUE_CHARS
+    assert code == 0 and len(stdout) < 5000
+    assert f"[{cut} more characters cut; sdlora info --full shows all]" in json.loads(stdout)["metadata"][
+        "ss_tag_frequency"]
+    code, stdout, _, _ = _run(capsys, ["info", str(big), "--full"])
+    assert json.loads(stdout)["metadata"]["ss_tag_frequency"] == adapter.metadata["ss_tag_frequency"]
+
+
+def test_convert_and_merge_targets(files, tmp_path, capsys):
+    """convert to a folder was an IsADirectoryError traceback; to x.pt it wrote a file sdlora then refused to read."""
+    good = files["folder"][0] / "pytorch_lora_weights.safetensors"
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    assert "is a folder; give a file name" in _refused(capsys, ["convert", good, folder, "--to", "kohya"])
+    for name in ("x.pt", "x.ckpt", "x"):
+        line = _refused(capsys, ["convert", good, tmp_path / name, "--to", "diffusers"])
+        assert f"{tmp_path / name}: adapters are written only as .safetensors" in line
+        line = _refused(capsys, ["merge", f"{good}:1", "-o", tmp_path / name])
+        assert "only as .safetensors" in line and "x.safetensors" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_folder_with_several_adapters_lists_them(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"")
+    line = _refused(capsys, ["info", tmp_path])
+    assert "is a folder, not an adapter file; it holds 2 .safetensors files (a.safetensors, b.safetensors)" in line
+
+
+def test_merging_adapters_for_different_bases_is_one_line(files, tmp_path, capsys):
+    """A torch.cat RuntimeError before; now the layer, both files and both shapes (or both families)."""
+    good = files["folder"][0] / "pytorch_lora_weights.safetensors"
+    line = _refused(capsys, ["merge", f"{good}:1", f"{files['wrong_dims'][0]}:1", "-o", tmp_path / "m.safetensors"])
+    assert f"layer unet.{MODULE} differs: {good} has lora_A [4, 32]" in line
+    assert f"{files['wrong_dims'][0]} has lora_A [4, 48], lora_B [48, 4]" in line
+    line = _refused(capsys, ["merge", f"{good}:1", f"{files['sdxl_on_sd1'][0]}:1", "-o", tmp_path / "m.safetensors"])
+    assert "was made for sd1 (sdlora.family=sd1) but" in line and "for sdxl (its text_encoder_2 layers)" in line
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_merge_rank_never_dies_in_linalg(files, tmp_path, capsys, monkeypatch):
+    """`merge --rank 2` died in _LinAlgError on a NaN file (now refused on reading); the SVD itself is guarded."""
+    good = files["folder"][0] / "pytorch_lora_weights.safetensors"
+
+    def diverges(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", diverges)
+    line = _refused(capsys, ["merge", f"{good}:0.5", f"{good}:0.5", "--rank", "2", "-o", tmp_path / "m.safetensors"])
+    assert "merge --rank 2: layer unet." in line and "the SVD did not converge" in line
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_nothing_non_finite_is_ever_written(files, tmp_path, capsys):
+    """Finite input can still overflow: a cast to fp16 (max 65504), or a weight of 1e39 in a merge."""
+    adapter = formats.read_adapter(files["folder"][0] / "pytorch_lora_weights.safetensors")
+    adapter.tensors["unet"][f"{MODULE}.lora_A.weight"][0, 0] = 1e6
+    large = formats.save_diffusers(tmp_path / "large.safetensors", adapter)
+    line = _refused(capsys, ["convert", large, tmp_path / "half.safetensors", "--to", "diffusers", "--dtype", "fp16"])
+    assert "not written: 1 tensor(s) would hold inf or NaN after the cast to float16" in line
+    line = _refused(capsys, ["merge", f"{large}:1e39", "-o", tmp_path / "m.safetensors"])
+    assert "is not finite after merging at these weights (1e+39)" in line
+    assert "--lora 'x.safetensors:inf': weights must be finite" in _refused(
+        capsys, ["generate", "--prompt", "x", "--lora", "x.safetensors:inf"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large.safetensors"]
