@@ -37,9 +37,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt, prompt_specs = inference.prompt_specs(args.prompt, args.lora_dir)
     specs = [inference.AdapterSpec.parse(text) for text in args.lora] + prompt_specs
+    adapters = inference.read_adapters(specs, resolve=resolve_adapter)  # a damaged file fails before the base loads
     pipe = _generation_pipeline(args, inference.choose_base(args.base, specs, resolve=resolve_adapter),
                                 progress=True)
-    stack = inference.stack_adapters(pipe, specs, resolve=resolve_adapter)
+    stack = inference.stack_adapters(pipe, adapters)
     if args.fuse:
         stack.fuse(reversible=False)  # one shot: no copy of the original weights kept for an unfuse
     images = inference.generate(
@@ -103,7 +104,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from sdlora import formats
 
-    print(json.dumps(formats.describe(args.file), indent=2))
+    print(json.dumps(formats.describe(args.file, full=args.full), indent=2))
     return 0
 
 
@@ -112,14 +113,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.inference import merge
 
     specs = [inference.AdapterSpec.parse(text) for text in args.adapters]
-    merged = merge.merge_files(specs, args.rank)
+    if not args.into_base:
+        formats.check_target(args.output, "-o")
+    adapters = inference.read_adapters(specs)  # a damaged file fails before the base loads
     if args.into_base:
         from sdlora.models import load_base_model
 
         base = load_base_model(args.into_base)
+        merged = merge.merge_files(adapters, args.rank, base=base)
         merge.bake_into({"unet": base.unet, **base.text_encoders}, merged)
         print(f"base with the adapter baked in: {merge.save_base(base, args.output)}")
         return 0
+    merged = merge.merge_files(adapters, args.rank)
     print(f"merged adapter: {formats.save_adapter(args.output, merged, args.to)}")
     return 0
 
@@ -132,8 +137,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
     columns = grid.axis_from_text(args.x, args.x_values, "--x", len(specs))
     rows = grid.axis_from_text(args.y, args.y_values, "--y", len(specs)) if args.y else None
     prompt = grid.prompt_of_cells(args.prompt, columns, rows)
+    adapters = inference.read_adapters(specs)  # a damaged file fails before the base loads
     pipe = _generation_pipeline(args, inference.choose_base(args.base, specs))
-    stack = inference.stack_adapters(pipe, specs)
+    stack = inference.stack_adapters(pipe, adapters)
     image = grid.render(pipe, stack, specs, columns, rows, prompt, args.seed, steps=args.steps,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                         height=args.height, width=args.width, progress=True)
@@ -229,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="show an adapter's format, rank, alpha and metadata")
     info.add_argument("file", type=Path, help="adapter file (.safetensors) in any layout sdlora reads")
+    info.add_argument("--full", action="store_true", help="print long metadata values whole (default: cut at "
+                      "300 characters, saying how many were cut)")
     info.set_defaults(func=cmd_info)
 
     merge = commands.add_parser("merge", help="merge weighted adapters into one (or into a base model)")

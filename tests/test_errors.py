@@ -283,7 +283,9 @@ def test_adapter_mismatch_error_same_names_other_sizes(capsys, tmp_path, tiny_ba
     module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     wide = _safetensors(tmp_path / "wide.safetensors", _lora(module, width=999))
     line = run_cli(capsys, "generate", "--base", tiny_base, "--prompt", "x", "--lora", wide)
-    assert f"--lora {wide}" in line and "size mismatch" in line
+    # checked before peft loads anything: the layer and both shapes, not peft's "size mismatch" traceback
+    assert f"--lora {wide}: layer {module} does not fit the base" in line
+    assert "lora_A [2, 999], lora_B [999, 2]" in line and "needs lora_A [2, 32], lora_B [32, 2]" in line
 
 
 def test_layout_error_sdxl_adapter_with_an_unknown_unet_module(capsys, tmp_path):
@@ -366,7 +368,7 @@ def test_every_user_error_is_triggered_at_the_cli_or_covered_by_a_named_test():
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     from sdlora import formats
 
-    def broken(path):
+    def broken(path, full=False):
         raise RuntimeError("a bug in sdlora")
 
     monkeypatch.setattr(formats, "describe", broken)

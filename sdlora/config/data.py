@@ -52,11 +52,18 @@ class FolderSettings(Section):
     captions: CaptionSection | None = None
 
 
+# The largest training side accepted. SD1.x trains at 512, SD2 at 768, SDXL at 1024; 4096 is four times SDXL's side,
+# 16x its memory per image. A larger value is a typo (1000000000 passed and died later in a MemoryError).
+MAX_RESOLUTION = 4096
+
+
 class BucketSection(Section):
     enabled: bool = Field(False, description="Aspect-ratio bucketing: batches of same-shaped, uncropped-ish images.")
     step: int = Field(64, ge=8, description="Bucket sides are multiples of this (pixels; a multiple of 8).")
-    min_side: int | None = Field(None, ge=8, description="Smallest bucket side. Default: resolution // 2.")
-    max_side: int | None = Field(None, ge=8, description="Largest bucket side. Default: resolution * 2.")
+    min_side: int | None = Field(None, ge=8, le=2 * MAX_RESOLUTION,
+                                 description="Smallest bucket side. Default: resolution // 2.")
+    max_side: int | None = Field(None, ge=8, le=2 * MAX_RESOLUTION,
+                                 description="Largest bucket side. Default: resolution * 2.")
     max_aspect: float = Field(4.0, ge=1.0, description="Largest long/short side ratio of a bucket.")
     upscale: bool = Field(False, description="Upscale images smaller than their bucket (default: use a smaller bucket).")
 
@@ -70,7 +77,8 @@ class BucketSection(Section):
 
 class DataSection(Section):
     path: Path = Field(Path("datasets/demo-style"), description="Folder of images with captions (searched recursively).")
-    resolution: int = Field(512, ge=8, description="Training resolution in pixels (square crop of this side).")
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (square crop of this side); at "
+                            f"most {MAX_RESOLUTION}.")
     crop: Literal["center", "random"] = Field("center", description="How images are cropped to the resolution.")
     random_flip: bool = Field(False, description="Flip images horizontally at random (skip for asymmetric subjects).")
     caption_extension: str = Field(".txt", description="Extension of the sidecar caption file next to each image.")
@@ -87,6 +95,9 @@ class DataSection(Section):
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
+        if value > MAX_RESOLUTION:
+            raise ValueError(f"must be at most {MAX_RESOLUTION} pixels per side, got {value}: SD1.x trains at 512, "
+                             "SDXL at 1024, and memory grows with the square of the side")
         if value % 8:
             raise ValueError(f"must be a multiple of 8 ({SIZES_IN_EIGHTS}), got {value}")
         return value

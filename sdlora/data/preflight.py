@@ -70,6 +70,14 @@ class PreflightReport:
     settings_files: list[str] = field(default_factory=list)
     token_limit: int = CLIP_TOKEN_LIMIT
     resolution_note: str = ""  # where `resolution` came from, when the caller knows more than the config says
+    unsupported: int = 0  # files that are not images (also in `skipped`, and in `files_found`)
+    batch_memory: int = 0  # bytes of RAM the data pipeline needs at least (see `batch_memory_bytes`)
+    batch_memory_why: str = ""
+
+    @property
+    def files_found(self) -> int:
+        """Every file looked at: usable + skipped, images or not."""
+        return self.found + self.unsupported
 
     @property
     def usable(self) -> int:
@@ -82,7 +90,8 @@ class PreflightReport:
     def to_json(self) -> dict:
         return {
             "sources": self.sources, "resolution": self.resolution, "bucketing": self.bucketing,
-            "images_found": self.found, "images_usable": self.usable,
+            "files_found": self.files_found, "images_found": self.found, "images_usable": self.usable,
+            "batch_memory_bytes": self.batch_memory,
             "usable": [str(r.path) for r in self.records],
             "skipped": [f.__dict__ for f in self.skipped], "warnings": [f.__dict__ for f in self.warnings],
             "buckets": self.bucket_histogram(), "tag_frequency": self.tag_frequency,
@@ -91,6 +100,27 @@ class PreflightReport:
             "token_limit": self.token_limit, "resolution_note": self.resolution_note,
             "settings_files": self.settings_files,
         }
+
+
+def batch_memory_bytes(batch_size: int, side_pixels: int, largest_source_pixels: int, num_workers: int) -> tuple[int, str]:
+    """A lower bound on the RAM the data pipeline holds, and how it was counted: each image of a batch as decoded
+    uint8 RGB and as a float32 tensor (3 x 5 bytes a pixel), for every batch in flight (the one training and
+    torch's DataLoader default of 2 prefetched per worker), plus the largest source image decoded once per worker.
+    The model's own memory comes on top; this is what a resolution or batch size that can never fit runs into."""
+    in_flight = 1 + 2 * num_workers
+    total = in_flight * batch_size * side_pixels * 15 + max(1, num_workers) * largest_source_pixels * 3
+    return total, f"{in_flight} batch(es) of {batch_size} image(s) of {side_pixels} pixels in flight"
+
+
+def available_ram() -> int | None:
+    """Bytes the kernel says a process can still get without swapping (Linux MemAvailable), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _inspect(path: Path, background: tuple[int, int, int]) -> tuple[str, tuple[int, int] | ImageLoadError]:
@@ -185,7 +215,11 @@ def check(
         batches = sum(math.ceil(n / global_batch) for n in per_bucket.values())
     else:
         batches = items // global_batch
+    side = max((h * w for h, w in buckets), default=data.resolution ** 2)
+    largest_source = max((r.size[0] * r.size[1] for r in records), default=0)
+    memory, memory_why = batch_memory_bytes(batch_size, side, largest_source, data.num_workers)
     return PreflightReport(
+        unsupported=len(scan.unsupported), batch_memory=memory, batch_memory_why=memory_why,
         sources=[str(s.path) for s in data.resolved_sources()], resolution=data.resolution,
         bucketing=bucket_cfg.enabled, found=len(scan.records), records=records, buckets=buckets, skipped=skipped,
         warnings=warnings, tag_frequency={k: dict(v.most_common()) for k, v in tags.items()}, items_per_epoch=items,
@@ -230,6 +264,12 @@ def require_usable(report: PreflightReport, batch_size: int, num_replicas: int =
             f"data.path: none of the {report.found} image(s) in {where} can be used; first problem: "
             f"{first.path}: {first.detail}; run `{check_command}` to see them all"
         )
+    available = available_ram()
+    if available is not None and report.batch_memory > available:
+        raise DatasetError(
+            f"data.resolution {report.resolution} with train.batch_size {batch_size}: the data alone needs at least "
+            f"{report.batch_memory / 2**30:.1f} GiB of RAM ({report.batch_memory_why}), and {available / 2**30:.1f} "
+            "GiB is available; lower data.resolution, train.batch_size or data.num_workers")
     if not report.bucketing and report.items_per_epoch < batch_size * num_replicas:
         raise DatasetError(
             f"train.batch_size: {report.items_per_epoch} usable image(s) (with repeats) cannot fill one batch of "
@@ -275,17 +315,27 @@ def _counter_words(name: str) -> str:
     return f"the {name} counter (no tokenizer of the base is available locally)"
 
 
+def _over(needed: int) -> str:
+    available = available_ram()
+    if available is None or needed <= available:
+        return ""
+    return f", more than the {available / 2**30:.1f} GiB available: training will refuse it"
+
+
 def format_table(report: PreflightReport, top_tags: int = 10, per_kind: int = 8) -> str:
     """The human-readable report: totals, skipped files, warnings, buckets, tags, epoch size."""
     roots = report.sources
     lines = [
         f"dataset check: {', '.join(roots)}",
-        f"  images found {report.found}, usable {report.usable}, skipped {len(report.skipped)}"
+        f"  files found {report.files_found} ({report.found} image(s), {report.unsupported} other), "
+        f"usable {report.usable}, skipped {len(report.skipped)}"
         f" ({', '.join(f'{k} {v}' for k, v in sorted(Counter(f.kind for f in report.skipped).items())) or 'none'})",
         f"  resolution {report.resolution}"
         + (f" ({report.resolution_note})" if report.resolution_note else "")
         + f", bucketing {'on' if report.bucketing else 'off'}",
         f"  caption tokens counted with {_counter_words(report.token_counter)}, limit {report.token_limit}",
+        f"  memory: the data needs at least {report.batch_memory / 2**20:.1f} MiB of RAM ({report.batch_memory_why})"
+        + _over(report.batch_memory),
     ]
     if report.settings_files:
         lines.append(f"  folder settings: {', '.join(_short(p, roots) for p in report.settings_files)}")

@@ -40,6 +40,9 @@ def validate_safetensors(path: str | Path, max_header_bytes: int = MAX_HEADER_BY
     """Return the parsed header of `path` after checking it against the file; raise `UnsafeFileError` if it lies."""
     path = Path(path)
     size = path.stat().st_size
+    if size == 0:
+        raise UnsafeFileError(f"{path}: empty file (0 bytes), e.g. an interrupted download or copy; get it again")
+    sniff_pickle(path)
     if size < 8:
         raise UnsafeFileError(f"{path}: truncated: {size} bytes, shorter than the 8-byte header length")
     with open(path, "rb") as handle:
@@ -111,6 +114,27 @@ def _check_tensors(path: Path, entries: dict, data_bytes: int) -> None:
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# torch.save writes a zip archive (since torch 1.6) or, before that and in many .ckpt files, a bare pickle stream,
+# which opens with the PROTO opcode and a protocol number. Read as safetensors, either is a "header" of ~10^17 bytes.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def sniff_pickle(path: str | Path) -> None:
+    """Refuse a PyTorch pickle (whatever its name) with a message that says what it is and how to convert it."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(_ZIP_MAGIC):
+        kind = "a zip archive, as torch.save writes"
+    elif len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        kind = "a pickle stream"
+    else:
+        return
+    raise UnsafeFileError(
+        f"{path} looks like a PyTorch pickle file ({kind}), not safetensors; pickles can run code when loaded, so sdlora "
+        "does not open it. Convert it once in an isolated environment: python -c \"import torch, safetensors.torch "
+        f"as st; st.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"")
 
 
 def check_single_file(path: str | Path, allow_pickle: bool) -> None:

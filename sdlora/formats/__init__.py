@@ -8,6 +8,7 @@ from sdlora.formats.adapter import (  # noqa: F401
     DTYPES,
     AdapterFile,
     AdapterFormatError,
+    check_target,
     convert,
     describe,
     detect_format,

@@ -25,7 +25,7 @@ import torch
 from sdlora import __version__
 from sdlora.errors import UserError
 from sdlora.files.atomic import save_safetensors_atomic
-from sdlora.files.untrusted import validate_safetensors
+from sdlora.files.untrusted import UnsafeFileError, sniff_pickle, validate_safetensors
 from sdlora.models.lora import AdapterShape
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -102,6 +102,7 @@ def save_diffusers(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | 
     tensors = to_diffusers_state_dict(adapter)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    _refuse_non_finite(Path(path), tensors, dtype)
     metadata = shareable({str(k): str(v) for k, v in adapter.metadata.items()})
     metadata.update(
         {
@@ -162,19 +163,34 @@ def from_diffusers_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[s
 # Reading any file
 
 
+def _open_checks(path: Path) -> None:
+    """What a path must be before its header is read: an existing, non-empty .safetensors file, not a folder and
+    not a pickle (the header checks in `files.untrusted` say whether it is whole and honest)."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
+        hint = (f"pass the adapter file inside it: {path / inside[0]}" if len(inside) == 1
+                else f"it holds {len(inside)} .safetensors files ({', '.join(inside[:5])}): pass one of them"
+                if inside else "it holds no .safetensors file: pass the adapter file itself")
+        raise AdapterFormatError(f"{path} is a folder, not an adapter file; {hint}")
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: adapter file not found")
+    sniff_pickle(path)
+    if path.suffix != ".safetensors":
+        raise AdapterFormatError(f"{path}: sdlora reads adapters only from .safetensors files")
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: adapter file not found")
-    if path.suffix != ".safetensors":
-        raise AdapterFormatError(f"{path}: sdlora reads adapters only from .safetensors files")
+    _open_checks(path)
     try:
         validate_safetensors(path)
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except UnsafeFileError as exc:
+        raise AdapterFormatError(str(exc)) from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"{path}: not a readable safetensors file: {exc}") from None
     return tensors, metadata
@@ -185,12 +201,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: adapter file not found")
+    _open_checks(path)
     try:
         validate_safetensors(path)
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
+    except UnsafeFileError as exc:
+        raise AdapterFormatError(str(exc)) from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"{path}: not a readable safetensors file: {exc}") from None
 
@@ -230,13 +247,18 @@ def from_kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 def read_adapter(path: str | Path) -> AdapterFile:
     """Read a LoRA file in any supported layout into an `AdapterFile`; unknown keys are an error, listed."""
+    from sdlora.formats.validate import check_read
+
     tensors, metadata = read_safetensors(path)
     try:
         if detect_format(tensors) == "kohya":
-            return from_kohya_state_dict(tensors, metadata)
-        return from_diffusers_state_dict(tensors, metadata)
+            adapter = from_kohya_state_dict(tensors, metadata)
+        else:
+            adapter = from_diffusers_state_dict(tensors, metadata)
     except AdapterFormatError as exc:
         raise AdapterFormatError(f"{path}: {exc}") from None
+    check_read(path, adapter)  # finite, A and B paired and of one rank: every command reads through here
+    return adapter
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,6 +282,7 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
                           "keep it in diffusers layout (--to diffusers; in a run, output.kohya=false)") from None
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    _refuse_non_finite(Path(path), tensors, dtype)
     main = shapes.get("unet") or next(iter(shapes.values()))
     header = meta.shareable({k: v for k, v in adapter.metadata.items()
                              if k.startswith(("sdlora.", "ss_", "modelspec."))})
@@ -270,7 +293,29 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     return Path(path)
 
 
+def check_target(path: str | Path, option: str = "output") -> Path:
+    """Where an adapter may be written: a `.safetensors` file name that is not a folder. Checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterFormatError(f"{option} {path} is a folder; give a file name, e.g. {path / 'adapter.safetensors'}")
+    if path.suffix != ".safetensors":
+        raise AdapterFormatError(
+            f"{option} {path}: adapters are written only as .safetensors (sdlora, A1111 and ComfyUI read a "
+            f"{path.suffix or 'suffix-less'} file as a pickle, or not at all); name it {path.stem}.safetensors")
+    return path
+
+
+def _refuse_non_finite(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+    """Never write a NaN/inf tensor: reading refuses them, and a cast to fp16 overflows values above 65504."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        why = f" after the cast to {str(dtype).removeprefix('torch.')} (values beyond its range)" if dtype else ""
+        raise AdapterFormatError(f"{path}: not written: {len(bad)} tensor(s) would hold inf or NaN{why}, e.g. "
+                                 f"{bad[0]}; keep the input's dtype or use --dtype bf16 / fp32")
+
+
 def save_adapter(path: str | Path, adapter: AdapterFile, to: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
+    check_target(path)
     if to == "kohya":
         return save_kohya(path, adapter, dtype)
     if to == "diffusers":
@@ -285,13 +330,19 @@ def convert(source: str | Path, target: str | Path, to: str, dtype: str | None =
     """Read any supported file and write it in `to` layout, optionally cast to fp16 / bf16 / fp32."""
     if dtype is not None and dtype not in DTYPES:
         raise AdapterFormatError(f"--dtype: unknown {dtype!r}; choose fp16, bf16 or fp32")
+    check_target(target, "convert: output")
     adapter = read_adapter(source)
     return save_adapter(target, adapter, to, DTYPES[dtype] if dtype else None)
 
 
-def describe(path: str | Path) -> dict:
-    """What `sdlora info` prints: layout, components with rank / alpha / module count, and the header summary."""
+INFO_VALUE_CHARS = 300  # a metadata value longer than this is cut in `sdlora info` (kohya's tag counts run to MBs)
+
+
+def describe(path: str | Path, full: bool = False) -> dict:
+    """What `sdlora info` prints: layout, the family it was made for (and why sdlora thinks so), components with
+    rank / alpha / module count, and the header summary, each value cut at INFO_VALUE_CHARS unless `full`."""
     from sdlora.formats import metadata as meta
+    from sdlora.formats.validate import adapter_family
 
     adapter = read_adapter(path)
     components = {
@@ -299,5 +350,18 @@ def describe(path: str | Path) -> dict:
             "dtype": str(next(iter(adapter.tensors[c].values())).dtype).removeprefix("torch.")}
         for c, s in adapter.shapes.items()
     }
-    return {"file": str(path), "format": adapter.format, "components": components,
-            "metadata": meta.summary(adapter.metadata)}
+    found = adapter_family(adapter)
+    family = {"name": found[0], "from": found[1]} if found else {"name": "unknown", "from": "no header field or "
+                                                                                          "key layout says"}
+    summary = meta.summary(adapter.metadata)
+    if not full:
+        summary = {k: _cut(v) for k, v in summary.items()}
+    return {"file": str(path), "format": adapter.format, "family": family, "components": components,
+            "metadata": summary}
+
+
+def _cut(value: str) -> str:
+    if len(value) <= INFO_VALUE_CHARS:
+        return value
+    return (f"{value[:INFO_VALUE_CHARS]}... [{len(value) - INFO_VALUE_CHARS} more characters cut; "
+            "sdlora info --full shows all]")

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from sdlora.formats import AdapterFile, AdapterFormatError, read_adapter
-from sdlora.inference.pipeline import AdapterSpec
-from sdlora.models.lora import AdapterShape
+from sdlora.formats.validate import adapter_family, check_fits
+from sdlora.inference.pipeline import AdapterSpec, ReadAdapter
+from sdlora.models.lora import AdapterMismatchError, AdapterShape
 
 
 def _modules(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -43,12 +44,17 @@ def _uniform_alpha(state: dict[str, torch.Tensor], ranks: dict[str, int]) -> Ada
                         rank_pattern={m: r for m, r in ranks.items() if r != rank})
 
 
-def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors of B @ A (Eckart-Young), via QR of both factors and an SVD of an r x r core."""
     a_flat, b_flat = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    q_b, r_b = torch.linalg.qr(b_flat.double())
-    q_a, r_a = torch.linalg.qr(a_flat.double().T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    try:
+        # Reading refuses non-finite files, so this only guards products that overflow even in float64.
+        q_b, r_b = torch.linalg.qr(b_flat.double())
+        q_a, r_a = torch.linalg.qr(a_flat.double().T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    except torch.linalg.LinAlgError:
+        raise AdapterFormatError(f"merge --rank {rank}: layer {where}: the SVD did not converge (values too large to "
+                                 "decompose); merge without --rank, or lower the weights") from None
     k = min(rank, s.numel())
     root = s[:k].sqrt()
     new_b = (q_b @ u[:, :k]) * root
@@ -58,35 +64,68 @@ def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     return new_a, new_b
 
 
-def merge_files(specs: list[AdapterSpec], rank: int | None = None) -> AdapterFile:
-    """`merge_adapters` over adapter files at their specs' UNet weights, each recorded by its file's name."""
-    return merge_adapters([(read_adapter(spec.source), spec.unet_weight) for spec in specs], rank,
-                          names=[spec.name for spec in specs])
+def merge_files(specs: list[AdapterSpec] | list[ReadAdapter], rank: int | None = None, base=None) -> AdapterFile:
+    """`merge_adapters` over adapter files (or already read ones) at their specs' UNet weights, each recorded by
+    its file's name. With `base` (a loaded BaseModel, for `--into-base`) each file is first checked to fit it."""
+    read = [s if isinstance(s, ReadAdapter) else ReadAdapter(s, s.source, read_adapter(s.source)) for s in specs]
+    if base is not None:
+        models = {"unet": base.unet, **base.text_encoders}
+        for item in read:
+            check_fits(item.path, item.adapter, models, base.family)
+    return merge_adapters([(item.adapter, item.spec.unet_weight) for item in read], rank,
+                          names=[item.spec.name for item in read], sources=[item.path for item in read])
+
+
+def _same_family(items: list[tuple[AdapterFile, float]], sources: list[str]) -> None:
+    known = [(source, found) for (adapter, _), source in zip(items, sources) if (found := adapter_family(adapter))]
+    for source, (family, why) in known[1:]:
+        first, (first_family, first_why) = known[0]
+        if not (family == first_family or "sd1/sd2" in (family, first_family)
+                and {family, first_family} - {"sd1/sd2"} <= {"sd1", "sd2"}):
+            raise AdapterMismatchError(f"merge: {first} was made for {first_family} ({first_why}) but {source} for "
+                                       f"{family} ({why}); merge adapters made for the same base")
+
+
+def _same_shapes(component: str, module: str, pieces: list[tuple[torch.Tensor, torch.Tensor, str]]) -> None:
+    """Adapters for one base agree on each layer's in and out sizes; ranks may differ (they are concatenated)."""
+    a0, b0, first = pieces[0]
+    for a, b, source in pieces[1:]:
+        if a.shape[1:] != a0.shape[1:] or b.shape[0] != b0.shape[0] or b.shape[2:] != b0.shape[2:]:
+            raise AdapterMismatchError(
+                f"merge: layer {component}.{module} differs: {first} has lora_A {list(a0.shape)}, lora_B "
+                f"{list(b0.shape)} but {source} has lora_A {list(a.shape)}, lora_B {list(b.shape)}; they were made "
+                "for different bases")
 
 
 def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = None,
-                   names: list[str] | None = None) -> AdapterFile:
+                   names: list[str] | None = None, sources: list[str] | None = None) -> AdapterFile:
     """One adapter equal to the weighted stack of `items`; exact, or re-ranked to `rank` by truncated SVD.
 
     `sdlora.merged_from` records each source as NAME:WEIGHT: `names` (e.g. the files' stems), else the title in
-    the source's own header, else its place in the list."""
+    the source's own header, else its place in the list. `sources` name the items in errors (default: numbers)."""
     if not items:
         raise AdapterFormatError("merge: give at least one adapter")
+    sources = sources or [f"adapter {n}" for n in range(len(items))]
+    _same_family(items, sources)
     components = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(c in a.components for a, _ in items)]
     tensors, shapes = {}, {}
     for component in components:
-        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for adapter, weight in items:
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
+        for (adapter, weight), source in zip(items, sources):
             if component not in adapter.components:
                 continue
             for module, (a, b, scale) in _modules(adapter, component).items():
-                parts.setdefault(module, []).append((a, b * (weight * scale)))
+                parts.setdefault(module, []).append((a, b * (weight * scale), source))
         state, ranks = {}, {}
         for module, pieces in parts.items():
+            _same_shapes(component, module, pieces)
             a = torch.cat([p[0] for p in pieces], dim=0)
             b = torch.cat([p[1] for p in pieces], dim=1)
             if rank is not None and rank < a.shape[0]:
-                a, b = _rerank(a, b, rank)
+                a, b = _rerank(a, b, rank, f"{component}.{module}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterFormatError(f"merge: layer {component}.{module} is not finite after merging at these weights "
+                                         f"({', '.join(f'{w:g}' for _, w in items)}); use smaller weights")
             state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
             ranks[module] = int(a.shape[0])
         shapes[component] = _uniform_alpha(state, ranks)
@@ -109,11 +148,12 @@ def bake_into(models: dict[str, torch.nn.Module], adapter: AdapterFile, weight: 
     """Add `weight` times the adapter's update into the base weights in place (no peft layers left behind).
 
     `models` maps component names to modules; returns how many weights changed."""
+    from sdlora.formats.validate import base_family
+
+    check_fits("--into-base", adapter, models, base_family(models))  # never half-baked: all layers fit, or none
     changed = 0
     with torch.no_grad():
         for component in adapter.components:
-            if component not in models:
-                raise AdapterFormatError(f"--into-base: the base has no {component} for this adapter")
             for module in _modules(adapter, component):
                 target = models[component].get_submodule(module).weight
                 update = delta(adapter, component, module).reshape(target.shape)

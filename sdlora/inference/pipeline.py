@@ -8,6 +8,7 @@ for full-speed generation and unfused again.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ class AdapterSpec:
         while len(parts) > 1 and _is_number(parts[-1]) and len(numbers) < 2:
             numbers.insert(0, float(parts.pop()))
         source = ":".join(parts)
+        if not all(math.isfinite(n) for n in numbers):
+            raise GenerationSettingError(f"{option} {text!r}: weights must be finite numbers, e.g. "
+                                         f"{source or 'style.safetensors'}:0.8")
         if not source:
             raise GenerationSettingError(f"{option} {text!r}: expected PATH[:WEIGHT[:TEXT_ENCODER_WEIGHT]], "
                                          "e.g. style.safetensors:0.8")
@@ -140,10 +144,16 @@ class AdapterStack:
         found = [(c, getattr(self.pipe, attr, None)) for c, attr in self.COMPONENT_ATTRS.items()]
         return [(c, module) for c, module in found if module is not None]
 
-    def add(self, name: str, adapter: formats.AdapterFile) -> None:
+    def add(self, name: str, adapter: formats.AdapterFile, source: str | Path | None = None) -> None:
+        """Attach `adapter` as `name`, once its family and every layer's shape are checked against this pipeline's
+        base (nothing is attached if one does not fit); `source` names the file in that error."""
+        from sdlora.formats.validate import base_family, check_fits
+
         self._refuse_if_fused("add an adapter")
         if name in self.names:
             raise ValueError(f"adapter name {name!r} is already loaded")
+        models = dict(self._present())
+        check_fits(source or name, adapter, models, base_family(models))
         device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
         for component in adapter.components:
             tensors = {k: v.to(device, dtype) for k, v in adapter.tensors[component].items()}
@@ -251,10 +261,15 @@ def resolve_in_folder(name: str, folder: str | Path) -> Path:
     if Path(name).is_absolute() or ".." in re.split(r"[\\/]", name) or "\0" in name:
         raise LoraNameError(f"<lora:{name}>: refused, adapter names must stay inside --lora-dir {folder}")
     wanted = name.removesuffix(".safetensors")
-    candidates = sorted(root.rglob("*.safetensors"))
+    found = sorted(root.rglob("*.safetensors"))
+    candidates = [p for p in found if p.resolve().is_relative_to(root)]
     matches = [p for p in candidates if p.relative_to(root).with_suffix("").as_posix() == wanted]
     matches = matches or [p for p in candidates if p.stem == wanted]
-    matches = [p for p in matches if p.resolve().is_relative_to(root)]
+    leaving = [p for p in found if p not in candidates and wanted in (p.relative_to(root).with_suffix("").as_posix(),
+                                                                      p.stem)]
+    if leaving and not matches:
+        raise LoraNameError(f"<lora:{name}>: refused: {leaving[0]} is a link to {leaving[0].resolve()}, which leaves "
+                            f"--lora-dir {folder}; copy the file into the folder to use it")
     if not matches:
         known = ", ".join(p.relative_to(root).with_suffix("").as_posix() for p in candidates[:20]) or "none"
         raise LoraNameError(f"<lora:{name}>: no {wanted}.safetensors in {folder} (found: {known})")
@@ -301,22 +316,47 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
                 lora.set_trainable(module, trained)
 
 
-def _add_file(stack: AdapterStack, name: str, path, option: str = "--lora") -> None:
-    """Read an adapter file into the stack; an adapter that does not fit the base names the file and the option."""
+def _add_file(stack: AdapterStack, name: str, path, option: str = "--lora",
+              adapter: formats.AdapterFile | None = None) -> None:
+    """Read an adapter file (unless already read) into the stack; an adapter that does not fit the base names the
+    option as well as the file."""
+    adapter = adapter or formats.read_adapter(path)
     try:
-        stack.add(name, formats.read_adapter(path))
+        stack.add(name, adapter, source=path)
     except lora.AdapterMismatchError as exc:
-        raise lora.AdapterMismatchError(f"{option} {path}: {exc}") from None
+        message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+        raise lora.AdapterMismatchError(f"{option} {message}") from None
 
 
-def stack_adapters(pipe, specs: list[AdapterSpec], resolve=None) -> AdapterStack:
-    """Load each spec's file (resolved to a local path by `resolve`, e.g. a hub download) and set its weights."""
+@dataclass(frozen=True)
+class ReadAdapter:
+    """A spec whose file is found (`path`) and read: every check that needs no base is behind it."""
+
+    spec: AdapterSpec
+    path: str
+    adapter: formats.AdapterFile
+
+
+def read_adapters(specs: list[AdapterSpec], resolve=None) -> list[ReadAdapter]:
+    """Each spec's file (resolved to a local path by `resolve`, e.g. a hub download), read and checked. Commands
+    call it before loading the base, so a damaged file is reported in a second, not after the model loads."""
+    out = []
+    for spec in specs:
+        path = str(resolve(spec.source) if resolve else spec.source)
+        out.append(ReadAdapter(spec, path, formats.read_adapter(path)))
+    return out
+
+
+def stack_adapters(pipe, specs: list[AdapterSpec] | list[ReadAdapter], resolve=None) -> AdapterStack:
+    """Load each spec's file (or take the already read adapters) and set its weights."""
     stack = AdapterStack(pipe)
     weights = {}
-    for number, spec in enumerate(specs):
-        path = resolve(spec.source) if resolve else spec.source
+    read = [s if isinstance(s, ReadAdapter) else None for s in specs]
+    for number, (spec, done) in enumerate(zip(specs, read)):
+        spec = done.spec if done else spec
+        path = done.path if done else (resolve(spec.source) if resolve else spec.source)
         name = f"{number}_{Path(str(path)).stem}"
-        _add_file(stack, name, path)
+        _add_file(stack, name, path, adapter=done.adapter if done else None)
         weights[name] = (spec.unet_weight, spec.te_weight)
     stack.set_weights(weights)
     return stack

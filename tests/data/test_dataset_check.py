@@ -69,8 +69,11 @@ def test_cli_table_and_json(corpus):
     assert report["images_usable"] == len(USABLE) and report["images_found"] == len(USABLE) + 4
     assert {s["path"].split("/")[-1]: s["kind"] for s in report["skipped"]} == EXPECTED_SKIPS
     assert report["buckets"] == {"64x64": len(USABLE)}
+    # issue 17: the .psd was counted as skipped but not as found; every file is now in both totals
+    assert report["files_found"] == report["images_usable"] + len(report["skipped"]) == len(USABLE) + 5
     table = format_table(check(_config(corpus).data))
-    assert f"usable {len(USABLE)}, skipped 5" in table
+    assert f"files found {len(USABLE) + 5} ({len(USABLE) + 4} image(s), 1 other), usable {len(USABLE)}, skipped 5" \
+        in table
     for name, kind in EXPECTED_SKIPS.items():
         assert any(name in line and kind in line for line in table.splitlines()), (name, table)
     assert "Epoch: 10 items with repeats -> 10 batches -> 10 optimizer steps" in table
@@ -118,3 +121,25 @@ def test_nothing_usable_stops_before_models_load(tmp_path):
     with pytest.raises(DatasetError, match="none of the 2 image.*can be used"):
         run.build()
     assert run.base is None
+
+
+def test_a_resolution_no_machine_can_hold_is_one_line(corpus, capsys, monkeypatch):
+    """Issue 17: data.resolution=1000000000 passed validation and died in a MemoryError."""
+    from sdlora.cli import main
+    from sdlora.data import preflight
+
+    assert main(["dataset", "check", str(corpus), "data.resolution=1000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "data.resolution: Value error, must be at most 4096 pixels per side, got 1000000000" in err
+
+    # Within the bound, the preflight counts what a batch holds in RAM and refuses what cannot fit, by the fields.
+    report = check(_config(corpus, "data.resolution=4096").data, batch_size=64)
+    assert report.batch_memory >= 64 * 4096 * 4096 * 15
+    monkeypatch.setattr(preflight, "available_ram", lambda: 8 * 2**30)
+    assert "more than the 8.0 GiB available: training will refuse it" in format_table(report)
+    with pytest.raises(DatasetError, match=r"data.resolution 4096 with train.batch_size 64: the data alone needs at "
+                       r"least 15\.\d GiB of RAM \(1 batch\(es\) of 64 image\(s\).*8\.0 GiB is available"):
+        preflight.require_usable(report, batch_size=64)
+    small = check(_config(corpus, "data.resolution=64").data, batch_size=2)
+    preflight.require_usable(small, batch_size=2)  # a normal run is not refused

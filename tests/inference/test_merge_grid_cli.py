@@ -117,7 +117,7 @@ def test_convert_and_info_commands(pair, tmp_path, capsys):
     assert info["metadata"]["ss_network_module"] == "networks.lora"
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     assert cli.main(["info", str(tmp_path / "bad.safetensors")]) == 2
-    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert "truncated: 4 bytes, shorter than the 8-byte header length" in capsys.readouterr().err
 
 
 def test_merge_of_different_coverage_keeps_one_alpha(tiny_base):

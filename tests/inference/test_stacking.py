@@ -159,8 +159,13 @@ def test_symlink_out_of_the_lora_dir_is_not_followed(tmp_path):
     inside.mkdir()
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     (inside / "secret.safetensors").symlink_to(tmp_path / "secret.safetensors")
-    with pytest.raises(inference.LoraNameError, match="no secret.safetensors"):
+    (inside / "kept.safetensors").write_bytes(b"x")
+    # issue 17: it was reported as "no secret.safetensors in loras (found: secret)"; it is refused, saying why
+    with pytest.raises(inference.LoraNameError, match=r"<lora:secret>: refused: .*loras/secret.safetensors is a link "
+                       r"to .*/secret.safetensors, which leaves --lora-dir"):
         inference.resolve_in_folder("secret", inside)
+    with pytest.raises(inference.LoraNameError, match=r"found: kept\)"):  # a link that leaves is never offered
+        inference.resolve_in_folder("other", inside)
 
 
 def test_unknown_prompt_tag_lists_known_names(files):
