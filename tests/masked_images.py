@@ -12,7 +12,8 @@ def write_masked_images(folder: Path) -> Path:
     """Wide, tall and square images: red where the mask is white, blue where it is black (a different split each,
     none symmetric, so a flip of the image without its mask shows); one image with no mask, one with alpha only."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (width, height), red_until in (("wide", (120, 72), 40), ("tall", (64, 112), 20), ("square", (80, 80), 56)):
+    shapes = (("wide", (120, 72), 40), ("tall", (64, 112), 20), ("square", (80, 80), 56))
+    for name, (width, height), red_until in shapes:
         pixels = np.zeros((height, width, 3), np.uint8)
         pixels[:, :red_until, 0] = 255
         pixels[:, red_until:, 2] = 255

@@ -74,6 +74,17 @@ class TrainSection(Section):
     )
 
     @model_validator(mode="after")
+    def _one_rate_for_prodigy(self) -> TrainSection:
+        # prodigyopt refuses parameter groups with different rates: it estimates one step size for all of them.
+        if self.optimizer == "prodigy" and self.lora_plus_ratio is not None:
+            raise ValueError("train.lora_plus_ratio cannot be combined with train.optimizer=prodigy (Prodigy takes "
+                             "one learning rate for every group): drop one of them")
+        if self.optimizer == "prodigy" and self.text_encoder_learning_rate not in (None, self.learning_rate):
+            raise ValueError("train.text_encoder_learning_rate must equal train.learning_rate with "
+                             "train.optimizer=prodigy (Prodigy takes one learning rate for every group): drop it")
+        return self
+
+    @model_validator(mode="after")
     def _timestep_range(self) -> TrainSection:
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
             raise ValueError(

@@ -105,11 +105,9 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
         ),
         size,
     )
+    total = parts.noise_scheduler.config.num_train_timesteps
     timesteps = _global_draw(
-        parts,
-        lambda n: diffusion.sample_timesteps(n, parts.noise_scheduler.config.num_train_timesteps, parts.generator, device,
-                                             parts.timestep_range),
-        size,
+        parts, lambda n: diffusion.sample_timesteps(n, total, parts.generator, device, parts.timestep_range), size
     )
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     with parts.accelerator.autocast():

@@ -161,7 +161,8 @@ class TrainingRun:
         """The optimizer and schedule, the models prepared by accelerate, and everything the loop reads."""
         cfg, accelerator, base = self.config, self.accelerator, models.base
         unet_params = [(n, p) for n, p in base.unet.named_parameters() if p.requires_grad]
-        te_params = [(n, p) for e in models.trained_encoders.values() for n, p in e.named_parameters() if p.requires_grad]
+        te_params = [(n, p) for e in models.trained_encoders.values() for n, p in e.named_parameters()
+                     if p.requires_grad]
         optimizer = build_optimizer(cfg, unet_params, te_params)
         from diffusers.optimization import get_scheduler
 

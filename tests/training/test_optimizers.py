@@ -181,3 +181,60 @@ def test_a_timestep_range_run_trains_only_those_timesteps(make_config, monkeypat
 def test_an_empty_timestep_range_is_refused_at_load(make_config):
     with pytest.raises(ConfigError, match=r"train\.min_timestep \(500\) must be below train\.max_timestep \(500\)"):
         make_config("train.min_timestep=500", "train.max_timestep=500")
+
+
+@pytest.mark.parametrize("optimizer", ["prodigy", "adamw_schedulefree", "adafactor", "lion"])
+def test_each_optimizer_resumes_exactly_from_a_checkpoint(make_config, optimizer, tmp_path):
+    """The optimizer's state goes through sdlora's checkpoint files (tensors and JSON, no pickle) and the next step
+    after loading it is the step an uninterrupted optimizer takes, bit for bit."""
+    pytest.importorskip({"prodigy": "prodigyopt", "adamw_schedulefree": "schedulefree",
+                         "lion": "lion_pytorch"}.get(optimizer, "torch"))
+    from sdlora.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+
+    lora_plus = ["train.lora_plus_ratio=4"] if optimizer != "prodigy" else []  # prodigy: one rate only
+    config = make_config(f"train.optimizer={optimizer}", *lora_plus)
+    gradients = [torch.randn(3, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def fresh():
+        a = torch.nn.Parameter(torch.ones(3, 5))
+        b = torch.nn.Parameter(torch.full((3, 5), 0.5))
+        opt = optim.build_optimizer(config, [("x.lora_A.default.weight", a), ("x.lora_B.default.weight", b)], [])
+        optim.set_train_mode(opt)
+        return (a, b), opt
+
+    def step(params, opt, gradient):
+        for p in params:
+            p.grad = gradient.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    params, opt = fresh()
+    for gradient in gradients[:2]:
+        step(params, opt, gradient)
+    saved = [p.detach().clone() for p in params]
+    path = save_checkpoint(tmp_path, TrainingState(2, 2, {"w": saved[0]}, opt.state_dict(), {}, None, {}, {}), 2)
+    for gradient in gradients[2:]:
+        step(params, opt, gradient)
+
+    resumed, opt2 = fresh()
+    with torch.no_grad():
+        for p, value in zip(resumed, saved):
+            p.copy_(value)
+    opt2.load_state_dict(load_checkpoint(path).optimizer)
+    for gradient in gradients[2:]:
+        step(resumed, opt2, gradient)
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q), optimizer
+
+
+def test_an_argument_the_optimizer_does_not_take_is_one_line(make_config):
+    config = make_config("train.optimizer_args={no_such_option: 1}")
+    with pytest.raises(ConfigError, match=r"train\.optimizer_args: adamw refused them .*no_such_option"):
+        optim.build_optimizer(config, [("w", torch.nn.Parameter(torch.zeros(2)))], [])
+
+
+def test_prodigy_with_two_rates_is_refused_at_load(make_config):
+    with pytest.raises(ConfigError, match=r"train\.lora_plus_ratio cannot be combined with train\.optimizer=prodigy"):
+        make_config("train.optimizer=prodigy", "train.lora_plus_ratio=16")
+    with pytest.raises(ConfigError, match=r"train\.text_encoder_learning_rate must equal train\.learning_rate"):
+        make_config("train.optimizer=prodigy", "train.learning_rate=1.0", "train.text_encoder_learning_rate=0.5")
