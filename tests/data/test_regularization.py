@@ -81,3 +81,18 @@ def test_only_regularization_sources_is_refused_at_load(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(ConfigError, match=r"data\.sources: every source has regularization: true"):
         load_config(None, [f"data.sources=[{{path: {tmp_path}, regularization: true}}]"])
+
+
+def test_the_dataset_check_counts_an_epoch_as_training_runs_it(tmp_path):
+    from sdlora.config import DataSection
+    from sdlora.data import preflight
+
+    records = _records(tmp_path)  # 12 training items, 10 class images
+    data = DataSection(resolution=64, sources=[
+        SourceSection(path=tmp_path / "subject", repeats=2),
+        SourceSection(path=tmp_path / "class", regularization=True)],
+        regularization={"ratio": 0.25})
+    report = preflight.check(data, batch_size=4)
+    dataset = CaptionedImageDataset(report.records, 64, regularization_ratio=0.25)
+    assert report.items_per_epoch == len(dataset) == 16 and report.batches_per_epoch == 4
+    assert len(records) == len(report.records)
