@@ -11,5 +11,5 @@ python3 -m venv .venv
 echo "setup.sh [2/3] installing torch 2.13.0 (CPU build, the largest download)"
 pip_install torch==2.13.0
 echo "setup.sh [3/3] installing sdlora and its tested dependencies (diffusers, transformers, peft, ...)"
-pip_install -e ".[test,quant]"
+pip_install -e ".[test,quant,optimizers]"
 echo "setup.sh: done"

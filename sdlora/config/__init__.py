@@ -19,6 +19,7 @@ from sdlora.config.schema import (  # noqa: F401
     LoraSection,
     ModelSection,
     OutputSection,
+    RegularizationSection,
     RunConfig,
     SafetySection,
     SampleSection,

@@ -40,6 +40,21 @@ class SourceSection(Section):
     caption_extension: str = Field(".txt", description="Sidecar caption extension ('.caption' is also read).")
     default_caption: str = Field("", description="Caption for images that have none.")
     captions: CaptionSection = CaptionSection()
+    regularization: bool = Field(
+        False, description="Regularization (prior-preservation) images: mixed in at data.regularization.ratio, "
+        "their loss scaled by data.regularization.prior_loss_weight. Caption them with the class prompt."
+    )
+
+
+class RegularizationSection(Section):
+    """How regularization sources (`data.sources[*].regularization: true`) are mixed into training."""
+
+    ratio: float = Field(
+        0.5, gt=0, lt=1, description="Share of each epoch's samples drawn from regularization sources (0.5: one "
+        "regularization image per training image, as DreamBooth). Each epoch takes the next regularization images "
+        "in a seeded order, so a large class folder is used in full over the epochs."
+    )
+    prior_loss_weight: float = Field(1.0, gt=0, description="Multiplies the loss of regularization samples only.")
 
 
 class FolderSettings(Section):
@@ -91,6 +106,15 @@ class DataSection(Section):
     cache_latents: bool = Field(False, description="Encode every image once with the VAE and train from the cache.")
     cache_text_embeddings: bool = Field(False, description="Encode every caption once and train from the cache.")
     cache_dir: Path | None = Field(None, description="Cache folder (shared across runs). Default: output.dir/cache.")
+    regularization: RegularizationSection = RegularizationSection()
+    masked_loss: bool = Field(
+        False, description="Weight the loss per pixel by a mask: `<image stem>-masklabel.png` beside an image "
+        "(OneTrainer's name; white trains, black is ignored). Images without one train unmasked (or see "
+        "mask_from_alpha)."
+    )
+    mask_from_alpha: bool = Field(
+        False, description="With masked_loss: an image with an alpha channel and no mask file uses its alpha as mask."
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -117,12 +141,22 @@ class DataSection(Section):
                               default_caption=self.default_caption, captions=self.captions),)
 
     @model_validator(mode="after")
+    def _something_to_learn(self) -> DataSection:
+        if self.sources and all(source.regularization for source in self.sources):
+            raise ValueError("data.sources: every source has regularization: true; mark the images to learn "
+                             "with regularization: false (the default)")
+        return self
+
+    @model_validator(mode="after")
     def _cacheable(self) -> DataSection:
         if self.cache_latents and self.crop == "random":
             raise ValueError(
                 "data.cache_latents cannot be combined with data.crop=random (a cached latent has one fixed crop): "
                 "drop data.cache_latents or set data.crop=center"
             )
+        if self.mask_from_alpha and not self.masked_loss:
+            raise ValueError("data.mask_from_alpha needs data.masked_loss: set data.masked_loss=true or drop "
+                             "data.mask_from_alpha")
         if self.cache_text_embeddings:
             named = [("data.captions", self.captions)] if not self.sources else []
             named += [(f"data.sources[{i}].captions", s.captions) for i, s in enumerate(self.sources)]

@@ -21,6 +21,7 @@ from sdlora.config.data import (  # noqa: F401
     CaptionSection,
     DataSection,
     FolderSettings,
+    RegularizationSection,
     SourceSection,
 )
 from sdlora.config.files import ConfigError, apply_overrides, explain, read_config_file

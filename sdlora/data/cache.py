@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from sdlora.data.dataset import CaptionedImageDataset
 from sdlora.data.images import load_rgb
+from sdlora.data.masks import mask_fingerprint
 from sdlora.data.sources import ImageRecord
 from sdlora.data.transforms import Placement, apply_placement, plan_crop
 from sdlora.files.atomic import save_safetensors_atomic
@@ -72,6 +73,35 @@ class LatentCache(_EntryStore):
         return entry["mean"], entry["std"]
 
 
+class MaskCache(_EntryStore):
+    """Loss masks placed like their cached latents (same resize, crop and flip), keyed by the mask's own bytes."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder, "masks", "")
+
+    def key(self, fingerprint: str, resized: tuple[int, int], placement: Placement, flipped: bool) -> str:
+        return _key(mask=fingerprint, resized=resized, crop=placement.crop_top_left, target=placement.target_size,
+                    flip=flipped)
+
+    def load(self, fingerprint: str, resized: tuple[int, int], placement: Placement, flipped: bool) -> torch.Tensor:
+        return load_file(self.path(self.key(fingerprint, resized, placement, flipped)))["mask"].float() / 255.0
+
+
+def fill_masks(dataset: CaptionedImageDataset, cache: MaskCache, share: Callable = list) -> None:
+    """Place every mask the latent jobs can ask for, stored as uint8 (a mask is 8-bit to begin with)."""
+    dataset.mask_fingerprints = {
+        index: mask_fingerprint(record.path, record.mask, dataset.mask_from_alpha)
+        for index, record in enumerate(dataset.records)
+    }
+    for index, resized, placement, flip in share(list(_placements(dataset))):
+        fingerprint = dataset.mask_fingerprints[index]
+        path = cache.path(cache.key(fingerprint, resized, placement, flip))
+        if fingerprint and not path.is_file():
+            mask = dataset.placed_mask(index, dataset.records[index].size, resized, placement, flip)
+            cache.save(cache.key(fingerprint, resized, placement, flip),
+                       {"mask": (mask * 255.0).round().to(torch.uint8)})
+
+
 class TextCache(_EntryStore):
     def __init__(self, folder: Path, model_key: str):
         super().__init__(folder, "text", model_key)
@@ -92,13 +122,18 @@ class CacheStats:
     text_encoded: int = 0
 
 
-def _latent_jobs(dataset: CaptionedImageDataset, cache: LatentCache):
+def _placements(dataset: CaptionedImageDataset):
     """Every (record, resize, placement, flip) the dataset can ask for: center crops, both flips when flipping."""
     flips = (False, True) if dataset.flip_probability > 0 else (False,)
     for index, record in enumerate(dataset.records):
         resized, placement = plan_crop(record.size, dataset.targets[index], "center", random.Random(0), 0.0)
         for flip in flips:
-            yield cache.key(record, resized, placement, flip), index, resized, placement, flip
+            yield index, resized, placement, flip
+
+
+def _latent_jobs(dataset: CaptionedImageDataset, cache: LatentCache):
+    for index, resized, placement, flip in _placements(dataset):
+        yield cache.key(dataset.records[index], resized, placement, flip), index, resized, placement, flip
 
 
 def fill_latents(dataset: CaptionedImageDataset, cache: LatentCache, encode: LatentEncoder, batch_size: int,
@@ -134,7 +169,7 @@ def fill_latents(dataset: CaptionedImageDataset, cache: LatentCache, encode: Lat
 def fill_text(dataset: CaptionedImageDataset, cache: TextCache, encode: TextEncoder, batch_size: int,
               stats: CacheStats, progress: Callable | None = None, share: Callable = list) -> None:
     # Caption options that vary per epoch are refused with a text cache, so epoch 0 gives every caption there is.
-    captions = share(sorted({dataset.caption(0, item) for item in range(len(dataset))}))
+    captions = share(sorted(dataset.fixed_captions()))
     missing = [c for c in captions if not cache.path(cache.key(c)).is_file()]
     stats.text_reused += len(captions) - len(missing)
     bar = progress(total=len(missing), desc="caching text") if progress and missing else None
@@ -166,12 +201,17 @@ def attach_caches(
     if latent_encoder is not None:
         latents = LatentCache(folder, latent_model_key, dataset.background)
         fill_latents(dataset, latents, latent_encoder, batch_size, stats, progress, share)
+        if dataset.masked:
+            masks = MaskCache(folder)
+            fill_masks(dataset, masks, share)
     if text_encoder is not None:
         text = TextCache(folder, text_model_key)
         fill_text(dataset, text, text_encoder, batch_size, stats, progress, share)
     barrier()
     if latents is not None:
         dataset.latent_cache = latents
+        if dataset.masked:
+            dataset.mask_cache = masks
     if text is not None:
         dataset.text_cache = text
     log.info("cache %s: latents %d reused, %d encoded; text %d reused, %d encoded", folder, stats.latents_reused,

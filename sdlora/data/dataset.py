@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from sdlora.data.captions import build_caption
 from sdlora.data.images import ImageLoadError, load_rgb
+from sdlora.data.masks import load_mask, place_mask
+from sdlora.data.regularization import RegularizationMix
 from sdlora.data.sources import ImageRecord
 from sdlora.data.transforms import apply_placement, plan_crop
 
@@ -35,6 +37,10 @@ class CaptionedImageDataset(Dataset):
         seed: int = 0,
         buckets: Sequence[tuple[int, int]] | None = None,
         background: tuple[int, int, int] = (255, 255, 255),
+        regularization_ratio: float = 0.5,
+        prior_loss_weight: float = 1.0,
+        masked: bool = False,
+        mask_from_alpha: bool = False,
     ):
         self.records = list(records)
         self.size = (resolution, resolution)
@@ -43,42 +49,82 @@ class CaptionedImageDataset(Dataset):
         self.flip_probability = 0.5 if random_flip else 0.0
         self.seed = seed
         self.background = background
-        self.items = [r for r, record in enumerate(self.records) for _ in range(record.repeats)]
+        # Training items first, then the regularization slots (see regularization.py): which regularization image
+        # a slot shows depends on the epoch.
+        self.items = [r for r, record in enumerate(self.records) if not record.regularization
+                      for _ in range(record.repeats)]
+        pool = [r for r, record in enumerate(self.records) if record.regularization for _ in range(record.repeats)]
+        self.mix = RegularizationMix(pool, self.targets, len(self.items), regularization_ratio, seed) if pool else None
+        self.prior_loss_weight = prior_loss_weight
+        self.masked, self.mask_from_alpha = masked, mask_from_alpha
         self.latent_cache = None
         self.text_cache = None
+        self.mask_cache = None  # with a latent cache and masks: placed masks by (mask fingerprint, placement)
+        self.mask_fingerprints: dict[int, str] = {}  # record index -> masks.mask_fingerprint, filled with the cache
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) + (len(self.mix) if self.mix is not None else 0)
+
+    def record_index(self, epoch: int, item: int) -> int:
+        if item < len(self.items):
+            return self.items[item]
+        return self.mix.record(epoch, item - len(self.items))
 
     def item_buckets(self) -> list[tuple[int, int]]:
         """The (height, width) of every item, for `BucketBatchSampler`."""
-        return [self.targets[r] for r in self.items]
+        slots = [self.mix.bucket(s) for s in range(len(self.mix))] if self.mix is not None else []
+        return [self.targets[r] for r in self.items] + slots
+
+    def fixed_captions(self) -> set[str]:
+        """Every caption an item can get when no caption option varies (what a text cache must hold)."""
+        return {build_caption(r.caption, r.captions, random.Random(0)) for r in self.records}
 
     def caption(self, epoch: int, item: int) -> str:
-        record = self.records[self.items[item]]
+        record = self.records[self.record_index(epoch, item)]
         # Its own stream, so enabling a caption option never changes which crop or flip an item gets.
         return build_caption(record.caption, record.captions, random.Random(f"caption:{self.seed}:{epoch}:{item}"))
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         epoch, item = key if isinstance(key, tuple) else (0, key)
-        index = self.items[item]
+        index = self.record_index(epoch, item)
         rng = random.Random(f"{self.seed}:{epoch}:{item}")
         caption = self.caption(epoch, item)
-        out: dict[str, Any] = {"caption": caption, "index": item, "loss_weight": self.records[index].loss_weight}
+        weight = self.records[index].loss_weight
+        if self.records[index].regularization:
+            weight = weight * self.prior_loss_weight
+        out: dict[str, Any] = {"caption": caption, "index": item, "loss_weight": weight}
         if self.latent_cache is not None:
             record = self.records[index]
             resized, placement = plan_crop(record.size, self.targets[index], self.crop, rng, self.flip_probability)
             out["latent_mean"], out["latent_std"] = self.latent_cache.load(record, resized, placement)
+            if self.masked:
+                out["mask"] = self._cached_mask(index, resized, placement)
         else:
             image, index = self._load(index)
             resized, placement = plan_crop((image.height, image.width), self.targets[index], self.crop, rng,
                                            self.flip_probability)
             out["pixel_values"] = apply_placement(image, resized, placement)
+            if self.masked:
+                out["mask"] = self.placed_mask(index, (image.height, image.width), resized, placement)
         if self.text_cache is not None:
             out.update(self.text_cache.load(caption))
         out.update(original_size=placement.original_size, crop_top_left=placement.crop_top_left,
                    target_size=placement.target_size)
         return out
+
+    def placed_mask(self, index: int, size: tuple[int, int], resized, placement, flip: bool | None = None):
+        """The record's loss mask placed like its image; all ones for an image without a mask."""
+        record = self.records[index]
+        mask = load_mask(record.path, record.mask, size, self.mask_from_alpha)
+        if mask is None:
+            return torch.ones((1, *placement.target_size))
+        return place_mask(mask, resized, placement, flip)
+
+    def _cached_mask(self, index: int, resized, placement) -> torch.Tensor:
+        fingerprint = self.mask_fingerprints.get(index, "")
+        if not fingerprint:
+            return torch.ones((1, *placement.target_size))
+        return self.mask_cache.load(fingerprint, resized, placement, placement.flipped)
 
     def _load(self, index: int):
         """Decode an image; one that broke after the preflight is replaced by the next image of the same size."""
@@ -105,6 +151,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "indices": torch.tensor([item["index"] for item in items]),
         "loss_weights": torch.tensor([float(item["loss_weight"]) for item in items]),
     }
+    if "mask" in items[0]:
+        batch["masks"] = torch.stack([item["mask"] for item in items])
     for key in STACKED:
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])

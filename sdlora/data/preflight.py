@@ -21,6 +21,7 @@ from sdlora.config import DataSection
 from sdlora.data.buckets import Bucket, assign_bucket, make_buckets, nearest_bucket
 from sdlora.data.captions import build_caption, split_tags
 from sdlora.data.images import ImageLoadError, load_rgb
+from sdlora.data.regularization import RegularizationMix
 from sdlora.data.sources import DatasetError, ImageRecord, scan_sources
 
 log = logging.getLogger(__name__)
@@ -206,13 +207,17 @@ def check(
         tags.setdefault(record.source, Counter()).update(split_tags(record.caption))
         records.append(replace(record, size=result, content_hash=digest))
         buckets.append(bucket)
-    items = sum(r.repeats for r in records)
+    per_bucket = Counter()  # items per epoch by bucket: training items, then regularization slots
+    for record, bucket in zip(records, buckets):
+        per_bucket[bucket] += 0 if record.regularization else record.repeats
+    pool = [i for i, record in enumerate(records) if record.regularization for _ in range(record.repeats)]
+    if pool:
+        per_bucket.update(RegularizationMix(pool, buckets, sum(per_bucket.values()), data.regularization.ratio,
+                                            0).per_bucket)
+    items = sum(per_bucket.values())
     global_batch = batch_size * num_replicas
     if bucket_cfg.enabled:
-        per_bucket = Counter()
-        for record, bucket in zip(records, buckets):
-            per_bucket[bucket] += record.repeats
-        batches = sum(math.ceil(n / global_batch) for n in per_bucket.values())
+        batches = sum(math.ceil(n / global_batch) for n in per_bucket.values() if n)
     else:
         batches = items // global_batch
     side = max((h * w for h, w in buckets), default=data.resolution ** 2)

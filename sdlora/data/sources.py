@@ -25,6 +25,7 @@ from sdlora.config import (
 )
 from sdlora.data.captions import caption_from_filename
 from sdlora.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
+from sdlora.data.masks import is_mask_file, mask_file_for
 from sdlora.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ImageRecord:
     captions: CaptionSection = field(default_factory=CaptionSection)
     size: tuple[int, int] | None = None  # (height, width) after EXIF orientation; set by the preflight
     content_hash: str = ""  # sha256 of the file bytes; set by the preflight
+    regularization: bool = False  # from a source with `regularization: true` (prior preservation)
+    mask: Path | None = None  # its `<stem>-masklabel.png`, when there is one (data/masks.py)
 
 
 @dataclass
@@ -157,6 +160,8 @@ def scan_sources(sources: tuple[SourceSection, ...] | list[SourceSection]) -> So
         resolver, metadata = _FolderResolver(source), _read_metadata(folder)
         known = {*CAPTION_SUFFIXES, source.caption_extension}
         for path in _visible_files(folder):
+            if is_mask_file(path):  # a loss mask, not a training image
+                continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 if path.suffix.lower() not in known and path.name not in (*METADATA_FILES, *FOLDER_SETTINGS_FILES):
                     unsupported.append(path)
@@ -166,7 +171,7 @@ def scan_sources(sources: tuple[SourceSection, ...] | list[SourceSection]) -> So
             records.append(ImageRecord(
                 path=path, caption=caption, caption_missing=status == "missing", caption_status=status,
                 source=str(folder), repeats=settings.repeats, loss_weight=settings.loss_weight,
-                captions=settings.captions,
+                captions=settings.captions, regularization=source.regularization, mask=mask_file_for(path),
             ))
         settings_files += resolver.settings_files
     return SourceScan(records, unsupported, settings_files)

@@ -5,6 +5,9 @@ Every random draw takes an explicit generator so a run is reproducible and resum
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +28,16 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator, device,
+                     timestep_range: tuple[int, int | None] = (0, None)) -> torch.Tensor:
+    """Uniform timesteps in [low, high) (default: all of them). Training only low or only high timesteps steers a
+    LoRA towards composition (high noise) or detail (low noise)."""
+    low, high = timestep_range
+    high = num_train_timesteps if high is None else high
+    if high > num_train_timesteps:
+        raise ConfigError(f"train.max_timestep ({high}) is above the base scheduler's {num_train_timesteps} "
+                          f"timesteps; set train.max_timestep to at most {num_train_timesteps}")
+    return torch.randint(low, high, (batch_size,), generator=generator, device=device).long()
 
 
 def training_target(
@@ -62,6 +73,48 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return clipped / snr_values
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The per-element loss: l2 (the default), l1, or pseudo-Huber with threshold `huber_c` on a schedule."""
+
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+
+def huber_thresholds(spec: LossSpec, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample Huber threshold c(t), shape (batch,), as kohya's and diffusers' scripts schedule it (Patel et al.,
+    "Improving Diffusion Models's Data-Corruption Resistance using Scheduled Pseudo-Huber Loss", 2024): a small c
+    (near L1, robust to outliers) at high noise and a large one (near L2) at low noise."""
+    timesteps = timesteps.float()
+    if spec.huber_schedule == "constant":
+        return torch.full_like(timesteps, spec.huber_c)
+    if spec.huber_schedule == "exponential":
+        total = scheduler.config.num_train_timesteps
+        return torch.exp(math.log(spec.huber_c) * timesteps / total)
+    alpha_bar = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
+    sigma = ((1.0 - alpha_bar) / alpha_bar).sqrt()
+    return (1.0 - spec.huber_c) / (1.0 + sigma) ** 2 + spec.huber_c
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec, scheduler,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    if spec.loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if spec.loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    c = huber_thresholds(spec, scheduler, timesteps).view(-1, *([1] * (pred.dim() - 1)))
+    pseudo_huber = torch.sqrt((pred - target) ** 2 + c**2) - c
+    # huber: 2c(...) tends to the squared error for small residuals; smooth_l1: 2(...) tends to the absolute error.
+    return 2 * c * pseudo_huber if spec.loss_type == "huber" else 2 * pseudo_huber
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (batch, 1, H, W) in [0, 1] at latent resolution: each latent cell gets the mean of the pixels it
+    covers, so a cell whose pixels are all masked out weighs exactly zero."""
+    return F.interpolate(mask.float(), size=size, mode="area")
+
+
 def diffusion_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
@@ -70,9 +123,15 @@ def diffusion_loss(
     prediction_type: str,
     snr_gamma: float | None = None,
     sample_weights: torch.Tensor | None = None,
+    spec: LossSpec = LossSpec(),
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean-squared error in fp32, optionally weighted per sample (min-SNR, per-dataset loss weights)."""
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """The loss in fp32, optionally weighted per pixel (masked loss: kohya's convention, masked elements count as
+    zero in the mean) and per sample (min-SNR, per-dataset loss weights, the prior loss weight)."""
+    per_element = elementwise_loss(model_pred.float(), target.float(), spec, scheduler, timesteps)
+    if mask is not None:
+        per_element = per_element * latent_mask(mask.to(per_element.device), per_element.shape[-2:])
+    per_sample = per_element.mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(snr(scheduler, timesteps), snr_gamma, prediction_type)
     if sample_weights is not None:

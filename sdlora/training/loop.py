@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from sdlora.training import diffusion
+from sdlora.training import diffusion, optim
 
 
 @dataclass
@@ -39,6 +39,8 @@ class TrainingParts:
     max_grad_norm: float | None = 1.0
     noise_offset: float = 0.0
     snr_gamma: float | None = None
+    loss: diffusion.LossSpec = diffusion.LossSpec()
+    timestep_range: tuple[int, int | None] = (0, None)  # [min, max) of the timesteps drawn; None: all
     train_text_encoder: bool = False
     # Test hook: called with the step number; True multiplies that step's loss by inf (numeric-safety tests).
     inject_inf: Callable[[int], bool] | None = None
@@ -103,10 +105,9 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
         ),
         size,
     )
+    total = parts.noise_scheduler.config.num_train_timesteps
     timesteps = _global_draw(
-        parts,
-        lambda n: diffusion.sample_timesteps(n, parts.noise_scheduler.config.num_train_timesteps, parts.generator, device),
-        size,
+        parts, lambda n: diffusion.sample_timesteps(n, total, parts.generator, device, parts.timestep_range), size
     )
     noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
     with parts.accelerator.autocast():
@@ -117,7 +118,7 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
     target = diffusion.training_target(parts.noise_scheduler, latents, noise, timesteps, parts.prediction_type)
     return diffusion.diffusion_loss(
         prediction, target, timesteps, parts.noise_scheduler, parts.prediction_type, parts.snr_gamma,
-        batch.get("loss_weights"),
+        batch.get("loss_weights"), parts.loss, batch.get("masks"),
     )
 
 
@@ -155,6 +156,7 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
         )
     trained = parts.trained_models or ((parts.unet, parts.text_encoder) if parts.train_text_encoder else (parts.unet,))
     parts.unet.train()
+    optim.set_train_mode(parts.optimizer)
     for step in range(start_step + 1, total_steps + 1):
         step_loss = 0.0
         for _ in range(parts.gradient_accumulation):

@@ -45,12 +45,13 @@ from sdlora.training import (
     offload,
     steplog,
 )
+from sdlora.training.diffusion import LossSpec
 from sdlora.training.folder import RunFolder
 from sdlora.training.hooks import Publisher, RunHooks, RunResult
 from sdlora.training.interrupt import GracefulStop
 from sdlora.training.lock import OutputLock
 from sdlora.training.loop import TrainingParts, fit
-from sdlora.training.optim import build_optimizer
+from sdlora.training.optim import build_optimizer, evaluation_weights
 from sdlora.training.resume import Checkpointer, DataPosition, trainable_by_name
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ class TrainingRun:
         return CaptionedImageDataset(
             self.records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed,
             buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
+            regularization_ratio=cfg.data.regularization.ratio,
+            prior_loss_weight=cfg.data.regularization.prior_loss_weight,
+            masked=cfg.data.masked_loss, mask_from_alpha=cfg.data.mask_from_alpha,
         )
 
     def _load_base(self) -> BaseModel:
@@ -156,8 +160,9 @@ class TrainingRun:
     def _training_parts(self, models: TrainableModels) -> TrainingParts:
         """The optimizer and schedule, the models prepared by accelerate, and everything the loop reads."""
         cfg, accelerator, base = self.config, self.accelerator, models.base
-        unet_params = [p for p in base.unet.parameters() if p.requires_grad]
-        te_params = [p for e in models.trained_encoders.values() for p in e.parameters() if p.requires_grad]
+        unet_params = [(n, p) for n, p in base.unet.named_parameters() if p.requires_grad]
+        te_params = [(n, p) for e in models.trained_encoders.values() for n, p in e.named_parameters()
+                     if p.requires_grad]
         optimizer = build_optimizer(cfg, unet_params, te_params)
         from diffusers.optimization import get_scheduler
 
@@ -185,6 +190,8 @@ class TrainingRun:
             prediction_type=models.prediction_type, weight_dtype=self.weight_dtype,
             gradient_accumulation=cfg.train.gradient_accumulation, max_grad_norm=cfg.train.max_grad_norm,
             noise_offset=cfg.train.noise_offset, snr_gamma=cfg.train.snr_gamma,
+            loss=LossSpec(cfg.train.loss_type, cfg.train.huber_c, cfg.train.huber_schedule),
+            timestep_range=(cfg.train.min_timestep, cfg.train.max_timestep),
             train_text_encoder=cfg.lora.train_text_encoder,
             conditioning=families.conditioning_for(
                 base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
@@ -242,11 +249,15 @@ class TrainingRun:
 
     def adapter(self) -> formats.AdapterFile:
         """The trained LoRA with its metadata. Call on every process: gathering under FSDP / DeepSpeed is collective."""
-        return artifacts.adapter_file(self.accelerator, self.trained_models, self.config, self.base,
-                                      self.parts.prediction_type, self.records)
+        with evaluation_weights(self.parts.optimizer):  # schedule-free: save the averaged weights
+            return artifacts.adapter_file(self.accelerator, self.trained_models, self.config, self.base,
+                                          self.parts.prediction_type, self.records)
 
     def render_samples(self, step: int) -> Path | None:
-        return self.samples.render(step) if self.accelerator.is_main_process else None
+        if not self.accelerator.is_main_process:
+            return None
+        with evaluation_weights(self.parts.optimizer):
+            return self.samples.render(step)
 
     def data_loader(self, start: int) -> DataLoader:
         """Batches from optimizer step `start` on, in the order an uninterrupted run would see them (also after a

@@ -4,7 +4,9 @@ import pytest
 
 from sdlora.config import ConfigError, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+SHIPPED = Path(__file__).resolve().parents[2].joinpath("configs")
+EXAMPLES = sorted(SHIPPED.joinpath("examples").glob("*.yaml"))  # one per feature of docs/steering.md
+CONFIGS = sorted(SHIPPED.glob("*.yaml")) + EXAMPLES
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -12,6 +14,35 @@ def test_every_shipped_config_loads(path):
     config = load_config(path)
     assert config.train.steps >= 1
     assert config.lora.rank >= 1
+
+
+# What each example in configs/examples/ shows: a config that stopped setting it would no longer be its example.
+EXAMPLE_SHOWS = {
+    "regularization.yaml": lambda c: any(s.regularization for s in c.data.sources),
+    "masked-loss.yaml": lambda c: c.data.masked_loss,
+    "prodigy.yaml": lambda c: c.train.optimizer == "prodigy",
+    "schedule-free.yaml": lambda c: c.train.optimizer == "adamw_schedulefree",
+    "adafactor.yaml": lambda c: c.train.optimizer == "adafactor",
+    "lion.yaml": lambda c: c.train.optimizer == "lion",
+    "lora-plus.yaml": lambda c: c.train.lora_plus_ratio is not None,
+    "huber-loss.yaml": lambda c: c.train.loss_type == "huber",
+    "timestep-range.yaml": lambda c: c.train.max_timestep is not None,
+}
+
+
+def test_each_steering_feature_has_its_example_and_its_optimizer_takes_its_arguments():
+    import torch
+
+    from sdlora.training.optim import build_optimizer
+
+    assert sorted(EXAMPLE_SHOWS) == [p.name for p in EXAMPLES]
+    for path in EXAMPLES:
+        config = load_config(path)
+        assert EXAMPLE_SHOWS[path.name](config), path.name
+        if config.train.optimizer != "adamw":  # its optimizer_args are names the optimizer really takes
+            pytest.importorskip({"prodigy": "prodigyopt", "adamw_schedulefree": "schedulefree",
+                                 "lion": "lion_pytorch"}.get(config.train.optimizer, "torch"))
+            build_optimizer(config, [("w.lora_B.default.weight", torch.nn.Parameter(torch.zeros(2)))], [])
 
 
 def test_shipped_configs_exist():
