@@ -65,8 +65,13 @@ class OutputLock:
             log.warning("%s: taking over a stale lock left by PID %s, which is no longer running",
                         self.path, previous["pid"])
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        except OSError:  # a full disk: leave no lock file behind (the caller reports the disk)
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:
