@@ -342,8 +342,10 @@ class TrainingRun:
             steplog.truncate(folder.step_log, start)
         loader = self.data_loader(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
-        losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
-        progress.close()
+        try:
+            losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
+        finally:
+            progress.close()  # ends the bar's line: an error printed next starts a line of its own
         final_step = start + len(losses)
         if self.guard.action == divergence.ROLLBACK:
             return RunResult(self.output_dir, Path(), losses, final_step)
