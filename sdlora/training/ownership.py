@@ -63,7 +63,9 @@ def _digest(items) -> str:
 
 def fingerprint(config: RunConfig, records) -> dict[str, Any]:
     """What decides the training: the config fields that change it, and the data in training order."""
-    fields = {key: value for key, value in _flat(config.to_dict(), "", {}).items() if not NOT_TRAINING.search(key)}
+    # Local paths by their final name only (`to_public_dict`): checkpoints may be pushed to the Hub.
+    public = config.to_public_dict()
+    fields = {key: value for key, value in _flat(public, "", {}).items() if not NOT_TRAINING.search(key)}
     data = {
         "images": len(records),
         "image_content": _digest(r.content_hash for r in records),
