@@ -282,7 +282,9 @@ def test_a_resume_that_meets_a_full_disk_rewriting_the_log(disk, config_file, re
         _inject(patch, disk, Point(steplog, "truncate"))
         assert _train(config_file, out, "--resume", "latest") == 2
     [line] = _error_lines(capsys.readouterr().err)
-    assert "train_log.jsonl: the disk filled up" in line and "--resume latest" in line, line
+    assert "--resume latest" in line, line
+    if disk.real:  # the stand-in raises before the rewrite starts, so only a real disk names the file
+        assert "train_log.jsonl: the disk filled up" in line, line
     _assert_nothing_half_written(out)
     disk.free()
     assert _train(config_file, out, "--resume", "latest") == 0
