@@ -18,7 +18,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # before torch is imported: a bad config fails in a second
     from sdlora.workflow import train
 
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     print(f"adapter: {result.adapter_path}")
     for sample in result.samples:
         print(f"samples: {sample}")
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", default=[],  # a default makes a `*` positional optional in argparse
                        help="optional section.field=value, e.g. train.steps=500 or 'sample.prompts=[a, b]'")
     train.add_argument("--resume", help="'latest' or a checkpoint folder (runs/x/checkpoints/step-000100)")
+    train.add_argument("--overwrite", action="store_true", help="delete another run's checkpoints and adapter in "
+                       "output.dir first (without it, such a folder is refused)")
     train.set_defaults(func=cmd_train)
 
     gen = commands.add_parser("generate", help="generate images with stacked adapters")

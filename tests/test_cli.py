@@ -33,9 +33,11 @@ def test_train_then_generate(tiny_base, style_dataset, tmp_path):
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [
         "README.md",
+        "checkpoints/step-000002/run.json",
         "checkpoints/step-000002/state.json",
         "checkpoints/step-000002/state.safetensors",
         "checkpoints/step-000002/trainable.safetensors",
+        "checkpoints/step-000003/run.json",
         "checkpoints/step-000003/state.json",
         "checkpoints/step-000003/state.safetensors",
         "checkpoints/step-000003/trainable.safetensors",

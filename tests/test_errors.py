@@ -356,6 +356,8 @@ COVERED_ELSEWHERE = {
                                          "only an image deleted mid-run reaches the CLI as this error",
     "sdlora.files.untrusted.UnsafeFileError": "test_hostile_files.py; at the CLI it arrives wrapped as "
                                               "AdapterFormatError / ModelLoadError / CheckpointError (above)",
+    "sdlora.training.ownership.RunFolderError": "training/test_run_folder.py: a new run into a folder holding "
+                                                "another run's checkpoints, through the CLI (one line, exit 2)",
 }
 
 

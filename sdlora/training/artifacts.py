@@ -11,6 +11,7 @@ import torch
 from sdlora import formats, inference
 from sdlora.config import RunConfig, SampleSection
 from sdlora.config.names import public_name
+from sdlora.files.atomic import atomic_path
 from sdlora.formats import metadata as adapter_metadata
 from sdlora.models import BaseModel, families
 from sdlora.training import distributed, offload
@@ -81,6 +82,6 @@ class SampleRenderer:
         self.unet.train()
         grid = inference.image_grid(images, columns=len(images), column_labels=list(sample.prompts))
         path = self.folder.sample_grid(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        with atomic_path(path) as tmp:  # a full disk mid-PNG leaves no half image
+            grid.save(tmp, format="PNG")
         return path

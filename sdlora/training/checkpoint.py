@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdlora.errors import UserError
-from sdlora.files.atomic import discarded_on_failure, ensure_free_space, tensor_bytes
+from sdlora.files.atomic import discarded_on_failure, ensure_free_space, needed_on_disk, safetensors_bytes
 from sdlora.files.untrusted import validate_safetensors
 
 CHECKPOINT_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
+RUN_FILE = "run.json"  # which run wrote the checkpoint: its id and fingerprint (`ownership.py`)
 # Test hook (crash tests): seconds to sleep half-way through writing a checkpoint, so a SIGKILL can land there.
 PAUSE_ENV = "SDLORA_TEST_CHECKPOINT_PAUSE"
 
@@ -47,6 +48,7 @@ class TrainingState:
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
     extra: dict[str, Any]
+    run: dict[str, Any] = field(default_factory=dict)  # the writing run's record (`ownership.claim`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,7 +102,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
-    """Write `folder/step-NNNNNN/` atomically, then delete all but the newest `keep` checkpoints."""
+    """Write `folder/step-NNNNNN/` atomically, then delete all but the newest `keep` checkpoints of this run (those
+    whose run record has `state.run`'s id): a checkpoint some other run wrote is never rotated away."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = {
@@ -113,27 +116,41 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         "extra": state.extra,
     }
     trainable = {name: t.detach().cpu().contiguous() for name, t in state.trainable.items()}
-    size = tensor_bytes([*tensors.values(), *trainable.values()])
-    ensure_free_space(folder, size + 1_000_000, "a checkpoint")
+    skeleton_text = json.dumps(skeleton, default=_jsonable)
+    run_text = json.dumps(state.run)
+    sizes = [safetensors_bytes(trainable), safetensors_bytes(tensors), len(skeleton_text), len(run_text)]
+    ensure_free_space(folder, needed_on_disk(sizes), "a checkpoint")
     final = folder / checkpoint_name(state.step)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=folder))
     with discarded_on_failure(
         lambda: shutil.rmtree(staging, ignore_errors=True),
         f"{final}: the disk filled up while writing this checkpoint; it was discarded and the previous "
-        "checkpoints are unchanged. Free some space and resume with --resume latest",
+        "checkpoints are unchanged", final,
     ):
         save_file(trainable, str(staging / "trainable.safetensors"))
         if os.environ.get(PAUSE_ENV):
             time.sleep(float(os.environ[PAUSE_ENV]))
         save_file(tensors, str(staging / "state.safetensors"))
-        (staging / STATE_FILE).write_text(json.dumps(skeleton, default=_jsonable), encoding="utf-8")
+        # The run record first: state.json marks a checkpoint complete (`list_checkpoints`), so it is written last.
+        (staging / RUN_FILE).write_text(run_text, encoding="utf-8")
+        (staging / STATE_FILE).write_text(skeleton_text, encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
     remove_partials(folder)
-    for old in list_checkpoints(folder)[:-keep]:
+    own = [path for path in list_checkpoints(folder) if read_run(path).get("run_id") == state.run.get("run_id")]
+    for old in own[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """The record of the run that wrote checkpoint `path`; {} for a checkpoint from before runs were recorded."""
+    try:
+        record = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _jsonable(value: Any) -> Any:
@@ -180,4 +197,5 @@ def load_checkpoint(path: Path) -> TrainingState:
         scaler=_join_tensors(skeleton["scaler"], tensors),
         rng=_join_tensors(skeleton["rng"], tensors),
         extra=skeleton.get("extra", {}),
+        run=read_run(path),
     )

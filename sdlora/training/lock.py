@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sdlora.errors import UserError
+from sdlora.files.atomic import DiskFullError, is_disk_full
 from sdlora.training.folder import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,16 @@ class OutputLock:
             log.warning("%s: taking over a stale lock left by PID %s, which is no longer running",
                         self.path, previous["pid"])
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)  # leave no lock file behind
+            os.close(fd)
+            if is_disk_full(exc):
+                raise DiskFullError(f"{self.path}: the disk is full; not even the run's lock could be written",
+                                    self.path) from None
+            raise
         self._fd = fd
 
     def release(self) -> None:

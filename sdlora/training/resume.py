@@ -56,6 +56,7 @@ class Checkpointer:
     position: DataPosition
     batch_size: int
     on_saved: Callable[[Path], None] | None = field(default=None)  # e.g. a Hub pusher's submit
+    run: dict = field(default_factory=dict)  # this run's record, written into every checkpoint (`ownership.claim`)
 
     def save(self, step: int) -> None:
         accelerator, parts = self.accelerator, self.parts
@@ -69,6 +70,7 @@ class Checkpointer:
                 optimizer=parts.optimizer.state_dict(), lr_scheduler=parts.lr_scheduler.state_dict(),
                 scaler=scaler, rng=rng.capture({GENERATOR: parts.generator}),
                 extra={"world_size": accelerator.num_processes, "samples_seen": self.position.samples_seen(step)},
+                run=self.run,
             )
             path = checkpoint.save_checkpoint(self.folder, state, self.keep)
             log.info("checkpoint written: %s", path)

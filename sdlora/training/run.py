@@ -43,6 +43,8 @@ from sdlora.training import (
     distributed,
     divergence,
     offload,
+    ownership,
+    recovery,
     steplog,
 )
 from sdlora.training.diffusion import LossSpec
@@ -82,13 +84,35 @@ class TrainingRun:
         self._lock = OutputLock(self.output_dir)
         self._lr_factor = 1.0  # pending learning-rate cut, applied by the next restore (a rollback)
         self.resumed_samples: int | None = None
+        self.report: preflight.PreflightReport | None = None
+        self._claimed: tuple[str | None] | None = None  # (resume,) the folder was claimed for (`prepare`)
+        self._run_record: dict = {}
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
+    def prepare(self, resume: str | None = None, overwrite: bool = False) -> None:
+        """Before any model loads: hold the output folder, check the dataset, and claim the folder for this run
+        (`ownership.claim`: resume only from a checkpoint of this config and data; a new run only into a folder
+        without another run's checkpoints or adapter, unless `overwrite`, which deletes them first)."""
+        with recovery.guarded(self, self._lock):
+            self._hold_output_dir()
+            if self.report is None:
+                self.dataset = self._check_dataset()  # a bad folder fails in seconds, before a multi-GB model loads
+            if self.accelerator.is_main_process:  # the one writer decides (and an overwrite deletes) alone
+                self._run_record = ownership.claim(self.folder, self.config, self.records, resume, overwrite)
+            self._claimed = (resume,)
+            if self.parts is not None:
+                self.checkpointer.run = self._run_record
+
     def build(self) -> None:
+        with recovery.guarded(self, self._lock):
+            self._build()
+
+    def _build(self) -> None:
         cfg, accelerator = self.config, self.accelerator
         self._hold_output_dir()
-        self.dataset = self._check_dataset()  # a bad folder fails in seconds, before a multi-GB model loads
+        if self.report is None:
+            self.dataset = self._check_dataset()  # a bad folder fails in seconds, before a multi-GB model loads
         set_seed(cfg.train.seed)
         self.base = self._load_base()
         models = prepare_for_training(self.base, cfg, accelerator.device, self.weight_dtype)
@@ -100,6 +124,7 @@ class TrainingRun:
                                             cfg.train.gradient_accumulation)),
             cfg.train.batch_size,
             on_saved=self.publisher.checkpoint_written if self.publisher is not None else None,
+            run=self._run_record,
         )
         self.samples = artifacts.SampleRenderer(
             cfg.sample, cfg.data.resolution, self.base, accelerator.unwrap_model(self.parts.unet),
@@ -238,6 +263,15 @@ class TrainingRun:
 
     def save_checkpoint(self, step: int) -> None:
         self.checkpointer.save(step)
+        self._write_config()
+
+    def _write_config(self) -> None:
+        """config.yaml, written only once a checkpoint or the adapter is safely down: a run that fails before
+        (a full disk, a refused resume) leaves the folder's previous config as it was."""
+        if self.accelerator.is_main_process:
+            text = dump_config(self.config)
+            if not (self.folder.config.is_file() and self.folder.config.read_text(encoding="utf-8") == text):
+                write_text_atomic(self.folder.config, text)
 
     def restore(self, resume: str) -> int:
         """Load `resume` ('latest' or a checkpoint folder) into the live objects; returns the step reached."""
@@ -280,9 +314,12 @@ class TrainingRun:
             self._lock.acquire()
 
     def fit(self, resume: str | None = None) -> RunResult:
-        """Train under the output-folder lock and the signal handlers; roll back on divergence (see divergence.py)."""
-        self._hold_output_dir()
-        try:
+        """Train under the output-folder lock and the signal handlers; roll back on divergence (see divergence.py).
+        The folder is claimed for `resume` here unless `prepare` already did."""
+        if self._claimed != (resume,):
+            self.prepare(resume)
+        with recovery.guarded(self, self._lock):
+            self._hold_output_dir()
             with self.stop:
                 segments = []
                 while True:
@@ -291,8 +328,7 @@ class TrainingRun:
                     if self.guard.action != divergence.ROLLBACK:
                         break
                     resume = self._roll_back()
-        finally:
-            self._lock.release()
+        self._lock.release()
         result.losses = steplog.join_segments(segments)
         result.stopped_by = self.stop.signal_name
         return result
@@ -310,7 +346,6 @@ class TrainingRun:
         cfg, accelerator, folder = self.config, self.accelerator, self.folder
         if accelerator.is_main_process:
             folder.root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(folder.config, dump_config(cfg))
         start = self.restore(resume) if resume else 0
         if accelerator.is_main_process and not resume:
             folder.step_log.unlink(missing_ok=True)
@@ -318,8 +353,10 @@ class TrainingRun:
             steplog.truncate(folder.step_log, start)
         loader = self.data_loader(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
-        losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
-        progress.close()
+        try:
+            losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
+        finally:
+            progress.close()  # ends the bar's line: an error printed next starts a line of its own
         final_step = start + len(losses)
         if self.guard.action == divergence.ROLLBACK:
             return RunResult(self.output_dir, Path(), losses, final_step)
@@ -328,6 +365,10 @@ class TrainingRun:
             raise divergence.NumericError(
                 self.guard.diagnosis(self.parts.lr_scheduler.get_last_lr()[0], str(latest) if latest else None)
             )
+        # The last checkpoint before the adapter: a disk that fills up while the adapter or the files after it are
+        # written loses no step, and `--resume latest` finishes them (a resume at the final step trains nothing).
+        if losses and (final_step < cfg.train.steps or cfg.train.checkpoint_every):
+            self.save_checkpoint(final_step)
         adapter_path = folder.adapter(cfg.output.name)
         samples = []
         accelerator.wait_for_everyone()
@@ -339,21 +380,21 @@ class TrainingRun:
             )
             formats.save_diffusers(adapter_path, adapter)
             log.info("adapter written: %s", adapter_path)
+            self._write_config()
             if cfg.output.kohya:
                 kohya_path = formats.save_kohya(folder.kohya_adapter(cfg.output.name), adapter, title=cfg.output.name)
                 log.info("kohya / A1111 / ComfyUI adapter written: %s", kohya_path)
             sample_path = None if self.stop.requested else self.render_samples(final_step)
             samples = [sample_path] if sample_path else []
-        if final_step < cfg.train.steps or cfg.train.checkpoint_every:
-            self.save_checkpoint(final_step)
         if self.publisher is not None and accelerator.is_main_process:
             self.publisher.run_finished(folder, len(self.dataset))
         accelerator.wait_for_everyone()
         return RunResult(self.output_dir, adapter_path, losses, final_step, samples)
 
 
-def train(config: RunConfig, resume: str | None = None) -> RunResult:
+def train(config: RunConfig, resume: str | None = None, overwrite: bool = False) -> RunResult:
     """The run alone: the run folder's files, no model card, no uploads (`sdlora.workflow.train` adds those)."""
     run = TrainingRun(config)
+    run.prepare(resume, overwrite)
     run.build()
     return run.fit(resume)

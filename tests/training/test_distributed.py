@@ -76,8 +76,9 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_
     assert out.count("adapter: ") == 2, out  # both processes finished
     assert err.count("world size 2 x batch 1 x accumulation 2 = effective batch 4") == 2, err[-3000:]
     assert _files(ddp_out) == [
-        "README.md", "checkpoints/step-000002/state.json", "checkpoints/step-000002/state.safetensors",
-        "checkpoints/step-000002/trainable.safetensors", "checkpoints/step-000004/state.json",
+        "README.md", "checkpoints/step-000002/run.json", "checkpoints/step-000002/state.json",
+        "checkpoints/step-000002/state.safetensors", "checkpoints/step-000002/trainable.safetensors",
+        "checkpoints/step-000004/run.json", "checkpoints/step-000004/state.json",
         "checkpoints/step-000004/state.safetensors", "checkpoints/step-000004/trainable.safetensors",
         "config.yaml", "pytorch_lora_weights.safetensors", "train_log.jsonl",
     ]
