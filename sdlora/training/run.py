@@ -280,6 +280,9 @@ class TrainingRun:
                     if self.guard.action != divergence.ROLLBACK:
                         break
                     resume = self._roll_back()
+        except RuntimeError as exc:  # a collective failed: one line if a machine or process was lost
+            distributed.raise_if_peer_lost(exc, self.accelerator.num_processes, self.folder.checkpoints)
+            raise
         finally:
             self._lock.release()
         result.losses = steplog.join_segments(segments)
