@@ -126,10 +126,12 @@ def raise_if_peer_lost(exc: BaseException, num_processes: int, checkpoints: Path
     processes and exits non-zero. Checkpoints are written atomically by the main process, so the newest one is
     complete whichever machine died.
     """
-    if num_processes < 2 or not (isinstance(exc, torch.distributed.DistError) or _PEER_LOSS.search(str(exc))):
+    lost = isinstance(exc, (torch.distributed.DistNetworkError, torch.distributed.DistStoreError))
+    if num_processes < 2 or not (lost or _PEER_LOSS.search(str(exc))):
         return
     cause = next((line.strip() for line in str(exc).splitlines() if _PEER_LOSS.search(line)), str(exc).strip())
-    cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)[:200]  # gloo prefixes its source file and line
+    # gloo prefixes its source file and line, and follows with advice that the line below replaces.
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", cause).split(". ")[0][:200]
     latest = latest_checkpoint(checkpoints)
     where = (f"the newest checkpoint is {latest}; relaunch every machine with the same command plus --resume latest"
              if latest else f"no checkpoint was written in {checkpoints}; relaunch every machine to start again")

@@ -229,7 +229,7 @@ def test_a_lost_peer_is_one_line_that_says_how_to_go_on(tmp_path):
         distributed.raise_if_peer_lost(gloo, 2, checkpoints)
     message = str(lost.value)
     assert "\n" not in message and message.startswith("lost another process of this 2-process run")
-    assert "Connection closed by peer [127.0.0.1]:25506" in message and "pair.cc" not in message
+    assert "network failed: Connection closed by peer [127.0.0.1]:25506); " in message and "pair.cc" not in message
     assert f"no checkpoint was written in {checkpoints}" in message
     assert lost.value.__cause__ is gloo
 
@@ -240,6 +240,9 @@ def test_a_lost_peer_is_one_line_that_says_how_to_go_on(tmp_path):
     with pytest.raises(distributed.PeerLostError, match="Timed out waiting 30000ms .* the newest checkpoint is .*"
                        "step-000004; relaunch every machine with the same command plus --resume latest"):
         distributed.raise_if_peer_lost(timeout, 2, checkpoints)
+    with pytest.raises(distributed.PeerLostError, match="failed to recv, got 0 bytes"):
+        network = torch.distributed.DistNetworkError("failed to recv, got 0 bytes")
+        distributed.raise_if_peer_lost(network, 2, checkpoints)
     # Anything else, or a single-process run, keeps its own traceback: it is a bug, not a lost machine.
     distributed.raise_if_peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 2, checkpoints)
     distributed.raise_if_peer_lost(gloo, 1, checkpoints)
