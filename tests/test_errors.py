@@ -358,6 +358,8 @@ COVERED_ELSEWHERE = {
                                               "AdapterFormatError / ModelLoadError / CheckpointError (above)",
     "sdlora.training.ownership.RunFolderError": "training/test_run_folder.py: a new run into a folder holding "
                                                 "another run's checkpoints, through the CLI (one line, exit 2)",
+    "sdlora.training.distributed.PeerLostError": "training/test_multinode.py: a machine killed mid-run stops the "
+                                                 "other with this one line (slow: two accelerate launches)",
 }
 
 

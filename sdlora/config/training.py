@@ -60,6 +60,10 @@ class TrainSection(Section):
     )
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep (oldest are deleted).")
+    distributed_timeout: float = Field(
+        1800, ge=5, le=86400, description="Seconds a multi-process run waits in a collective for a silent peer before "
+        "it stops; longer than the slowest main-process-only work (samples, checkpoints, caches)."
+    )
     zero_terminal_snr: bool = Field(
         False, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2024); v-prediction only."
     )

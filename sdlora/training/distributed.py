@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -18,7 +21,9 @@ from accelerate.utils import DistributedType
 from peft.utils import get_peft_model_state_dict
 
 from sdlora.config import ConfigError, RunConfig
+from sdlora.errors import UserError
 from sdlora.models.precision import resolve_mixed_precision
+from sdlora.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +44,17 @@ def cpu_only_launch() -> bool:
 def build_accelerator(config: RunConfig):
     """The run's Accelerator: devices, mixed precision, the process group, and the accumulation window."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = resolve_mixed_precision(config.train.mixed_precision)
     warn_on_precision_mismatch(precision)
+    # A machine that vanishes without closing its connections (power loss, a cut network, a frozen host) leaves
+    # the others waiting in a collective for this long before they fail with PeerLostError.
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=config.train.distributed_timeout))
     # accelerate owns the accumulation window so DDP, FSDP and DeepSpeed all skip the all-reduce inside it.
     return Accelerator(
         mixed_precision=precision, cpu=cpu_only_launch(),
-        gradient_accumulation_steps=config.train.gradient_accumulation,
+        gradient_accumulation_steps=config.train.gradient_accumulation, kwargs_handlers=[group],
     )
 
 
@@ -94,6 +103,42 @@ def warn_on_precision_mismatch(precision: str) -> None:
             "the accelerate config asks for mixed_precision=%s, but train.mixed_precision=%s decides; "
             "set train.mixed_precision to change it", launched, precision,
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A lost machine or process
+
+# What gloo and NCCL say when a peer's connection closes or a collective outlives the process group's timeout.
+_PEER_LOSS = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|Timed out waiting|timed out after|[Ww]atchdog caught|"
+    r"NCCL communicator was aborted|remote process exited"
+)
+
+
+class PeerLostError(UserError, RuntimeError):
+    """Another process of a multi-process run died, froze or became unreachable; the survivors stop here."""
+
+
+def raise_if_peer_lost(exc: BaseException, num_processes: int, checkpoints: Path) -> None:
+    """Turn a collective's failure on a lost peer into one line that says how to go on (call in an `except`).
+
+    Every other process stops with the same line; the launcher (accelerate / torchrun) then stops this machine's
+    processes and exits non-zero. Checkpoints are written atomically by the main process, so the newest one is
+    complete whichever machine died.
+    """
+    lost = isinstance(exc, (torch.distributed.DistNetworkError, torch.distributed.DistStoreError))
+    if num_processes < 2 or not (lost or _PEER_LOSS.search(str(exc))):
+        return
+    cause = next((line.strip() for line in str(exc).splitlines() if _PEER_LOSS.search(line)), str(exc).strip())
+    # gloo prefixes its source file and line, and follows with advice that the line below replaces.
+    cause = re.sub(r"^\[[^\]]*\]\s*", "", cause).split(". ")[0][:200]
+    latest = latest_checkpoint(checkpoints)
+    where = (f"the newest checkpoint is {latest}; relaunch every machine with the same command plus --resume latest"
+             if latest else f"no checkpoint was written in {checkpoints}; relaunch every machine to start again")
+    raise PeerLostError(
+        f"lost another process of this {num_processes}-process run (a machine or process died, froze for longer "
+        f"than train.distributed_timeout, or the network failed: {cause}); {where}"
+    ) from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdlora.files.atomic import DiskFullError, is_disk_full, needed_on_disk, size_text, tensor_bytes
-from sdlora.training import checkpoint
+from sdlora.training import checkpoint, distributed
 
 if TYPE_CHECKING:
     from sdlora.training.lock import OutputLock
@@ -20,14 +20,17 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def guarded(run: TrainingRun, lock: OutputLock) -> Iterator[None]:
-    """A failure releases the output lock at once (the next run must not find a lock it calls stale), and a full
-    disk anywhere (our own DiskFullError, an OSError, safetensors' SafetensorError) becomes one line."""
+    """A failure releases the output lock at once (the next run must not find a lock it calls stale); a full disk
+    anywhere (our own DiskFullError, an OSError, safetensors' SafetensorError) and a lost machine or process of a
+    distributed run each become one line."""
     try:
         yield
     except BaseException as exc:
         lock.release()
         if is_disk_full(exc):
             raise DiskFullError(disk_full_line(exc, run), getattr(exc, "path", None)) from None
+        if isinstance(exc, RuntimeError):  # a collective failed: one line if a machine or process was lost
+            distributed.raise_if_peer_lost(exc, run.accelerator.num_processes, run.folder.checkpoints)
         raise
 
 

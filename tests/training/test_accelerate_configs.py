@@ -78,3 +78,27 @@ def test_fsdp_builds_a_plugin_that_wraps_real_unet_blocks():
     unet = build_tiny_components(seed=0)["unet"]
     present = {type(m).__name__ for m in unet.modules()}
     assert plugin.transformer_cls_names_to_wrap and set(plugin.transformer_cls_names_to_wrap) <= present
+
+
+def test_the_documented_two_machine_commands_parse_as_one_world():
+    """docs/distributed.md's commands for machine 0 and machine 1 (run for real on loopback by test_multinode.py)."""
+    import re
+    import shlex
+
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    page = (CONFIGS.parents[1] / "docs" / "distributed.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    commands = re.findall(r"^accelerate launch --config_file configs/accelerate/multi-node\.yaml --machine_rank .*$",
+                          page, flags=re.MULTILINE)
+    assert len(commands) == 2, commands
+    worlds = []
+    for rank, command in enumerate(commands):
+        argv = shlex.split(command)[2:]
+        argv[argv.index("configs/accelerate/multi-node.yaml")] = str(CONFIGS / "multi-node.yaml")
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+        with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=False):
+            prepare_multi_gpu_env(args)
+        assert args.node_rank == rank and args.training_script_args[0] == "train"
+        main = getattr(args, "rdzv_endpoint", None) or f"{args.master_addr}:{args.master_port}"
+        worlds.append((args.nnodes, args.nproc_per_node, main))
+    assert worlds[0] == worlds[1] == ("2", "8", "10.0.0.1:29500")

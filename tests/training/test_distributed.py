@@ -220,3 +220,42 @@ def test_sharded_strategies_refuse_what_they_cannot_save(make_config, kind, over
     with pytest.raises(ConfigError, match=message):
         distributed.check_strategy(SimpleNamespace(distributed_type=kind), make_config(override))
     distributed.check_strategy(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), make_config(override))
+
+
+def test_a_lost_peer_is_one_line_that_says_how_to_go_on(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:25506. This is typically caused by a remote worker crashing.")
+    with pytest.raises(distributed.PeerLostError) as lost:
+        distributed.raise_if_peer_lost(gloo, 2, checkpoints)
+    message = str(lost.value)
+    assert "\n" not in message and message.startswith("lost another process of this 2-process run")
+    assert "network failed: Connection closed by peer [127.0.0.1]:25506); " in message and "pair.cc" not in message
+    assert f"no checkpoint was written in {checkpoints}" in message
+    assert lost.value.__cause__ is gloo
+
+    (checkpoints / "step-000004").mkdir(parents=True)
+    for name in ("state.json", "state.safetensors", "trainable.safetensors"):
+        (checkpoints / "step-000004" / name).write_bytes(b"")
+    timeout = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation")
+    with pytest.raises(distributed.PeerLostError, match="Timed out waiting 30000ms .* the newest checkpoint is .*"
+                       "step-000004; relaunch every machine with the same command plus --resume latest"):
+        distributed.raise_if_peer_lost(timeout, 2, checkpoints)
+    with pytest.raises(distributed.PeerLostError, match="failed to recv, got 0 bytes"):
+        network = torch.distributed.DistNetworkError("failed to recv, got 0 bytes")
+        distributed.raise_if_peer_lost(network, 2, checkpoints)
+    # Anything else, or a single-process run, keeps its own traceback: it is a bug, not a lost machine.
+    distributed.raise_if_peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 2, checkpoints)
+    distributed.raise_if_peer_lost(gloo, 1, checkpoints)
+
+
+def test_the_process_group_waits_as_long_as_the_config_says(make_config, monkeypatch):
+    from accelerate.utils import InitProcessGroupKwargs
+
+    seen = {}
+    monkeypatch.setattr("accelerate.Accelerator", lambda **kwargs: seen.update(kwargs))
+    distributed.build_accelerator(make_config("train.distributed_timeout=20"))
+    (group,) = [h for h in seen["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
+    assert group.timeout.total_seconds() == 20
+    with pytest.raises(ConfigError, match="distributed_timeout"):
+        make_config("train.distributed_timeout=0")
