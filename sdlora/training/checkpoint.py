@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class TrainingState:
     scaler: dict[str, Any] | None
     rng: dict[str, Any]
     extra: dict[str, Any]
+    # State of the run's optional parts by name (e.g. the adapter EMA): nested dicts of tensors and JSON values.
+    components: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,6 +113,7 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         "scaler": _split_tensors(state.scaler, "scaler", tensors),
         "rng": _split_tensors(state.rng, "rng", tensors),
         "extra": state.extra,
+        "components": _split_tensors(state.components, "components", tensors),
     }
     trainable = {name: t.detach().cpu().contiguous() for name, t in state.trainable.items()}
     size = tensor_bytes([*tensors.values(), *trainable.values()])
@@ -180,4 +183,5 @@ def load_checkpoint(path: Path) -> TrainingState:
         scaler=_join_tensors(skeleton["scaler"], tensors),
         rng=_join_tensors(skeleton["rng"], tensors),
         extra=skeleton.get("extra", {}),
+        components=_join_tensors(skeleton.get("components", {}), tensors),
     )

@@ -44,12 +44,14 @@ from sdlora.training import (
     divergence,
     offload,
     steplog,
+    validation,
 )
 from sdlora.training.folder import RunFolder
 from sdlora.training.hooks import Publisher, RunHooks, RunResult
 from sdlora.training.interrupt import GracefulStop
 from sdlora.training.lock import OutputLock
 from sdlora.training.loop import TrainingParts, fit
+from sdlora.training.monitor import Monitor
 from sdlora.training.optim import build_optimizer
 from sdlora.training.resume import Checkpointer, DataPosition, trainable_by_name
 
@@ -87,6 +89,7 @@ class TrainingRun:
     def build(self) -> None:
         cfg, accelerator = self.config, self.accelerator
         self._hold_output_dir()
+        self.monitor = Monitor(cfg, self.folder, accelerator)  # validation, EMA, live logs (monitor.py)
         self.dataset = self._check_dataset()  # a bad folder fails in seconds, before a multi-GB model loads
         set_seed(cfg.train.seed)
         self.base = self._load_base()
@@ -105,6 +108,7 @@ class TrainingRun:
             accelerator.unwrap_model(self.parts.text_encoder), accelerator.device, self.weight_dtype,
             self.folder,
         )
+        self.monitor.attach(self.parts, self.held_out, self.checkpointer.trainable, self.checkpointer.components)
         self.released: dict[str, str] = {}
         if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
             self.cache_stats = self._attach_caches()
@@ -133,10 +137,12 @@ class TrainingRun:
                  if not cfg.data.sources else "sdlora dataset check YOUR_CONFIG.yaml")
         preflight.require_usable(self.report, cfg.train.batch_size, self.accelerator.num_processes, check)
         preflight.log_summary(self.report, check)
-        self.records = self.report.records
+        self.held_out = validation.split(cfg, self.report, self.accelerator.num_processes)  # never trained on
+        self.records = self.held_out.train_records
         return CaptionedImageDataset(
             self.records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed,
-            buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
+            buckets=self.held_out.train_buckets if cfg.data.bucketing.enabled else None,
+            background=cfg.data.background,
         )
 
     def _load_base(self) -> BaseModel:
@@ -246,7 +252,12 @@ class TrainingRun:
                                       self.parts.prediction_type, self.records)
 
     def render_samples(self, step: int) -> Path | None:
-        return self.samples.render(step) if self.accelerator.is_main_process else None
+        if not self.accelerator.is_main_process:
+            return None
+        with self.monitor.sample_weights():
+            path = self.samples.render(step)
+        self.monitor.sample_rendered(step, path)
+        return path
 
     def data_loader(self, start: int) -> DataLoader:
         """Batches from optimizer step `start` on, in the order an uninterrupted run would see them (also after a
@@ -306,6 +317,7 @@ class TrainingRun:
         elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
             steplog.truncate(folder.step_log, start)
         loader = self.data_loader(start)
+        self.monitor.begin(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
         losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
         progress.close()
@@ -321,6 +333,7 @@ class TrainingRun:
         samples = []
         accelerator.wait_for_everyone()
         adapter = self.adapter()  # every process: gathering under FSDP / DeepSpeed is collective
+        self.monitor.write_ema_adapter(self.adapter)
         if accelerator.is_main_process:
             divergence.require_finite(
                 {f"{c}.{k}": t for c, tensors in adapter.tensors.items() for k, t in tensors.items()},
@@ -335,6 +348,7 @@ class TrainingRun:
             samples = [sample_path] if sample_path else []
         if final_step < cfg.train.steps or cfg.train.checkpoint_every:
             self.save_checkpoint(final_step)
+        self.monitor.finish()
         if self.publisher is not None and accelerator.is_main_process:
             self.publisher.run_finished(folder, len(self.dataset))
         accelerator.wait_for_everyone()

@@ -1,4 +1,5 @@
-"""`train_log.jsonl`: one JSON line per optimizer step (step, loss, lr; skipped steps have loss null)."""
+"""`train_log.jsonl`: one JSON line per optimizer step (step, loss, lr; skipped steps have loss null; a step that
+was validated also has val_loss)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 from sdlora.files.atomic import write_text_atomic
 
 
-def append_step(path: Path, step: int, loss: float, lr: float) -> None:
-    entry = {"step": step, "loss": loss, "lr": lr}
+def append_step(path: Path, step: int, loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
+    entry = {"step": step, "loss": loss, "lr": lr, **(extra or {})}
     if not math.isfinite(loss):  # skipped; NaN is not JSON
         entry.update(loss=None, skipped=True)
     with open(path, "a", encoding="utf-8") as handle:
