@@ -4,7 +4,8 @@ import pytest
 
 from sdlora.config import ConfigError, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+SHIPPED = Path(__file__).resolve().parents[2].joinpath("configs")
+CONFIGS = sorted([*SHIPPED.glob("*.yaml"), *SHIPPED.glob("examples/*.yaml")])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -12,6 +13,21 @@ def test_every_shipped_config_loads(path):
     config = load_config(path)
     assert config.train.steps >= 1
     assert config.lora.rank >= 1
+
+
+# docs/watching.md: one example per feature, and each turns its feature on.
+WATCHING_EXAMPLES = {
+    "validation.yaml": lambda c: c.validation.enabled and c.validation.every > 0,
+    "ema.yaml": lambda c: c.ema.enabled,
+    "tensorboard.yaml": lambda c: c.logging.tensorboard,
+}
+
+
+@pytest.mark.parametrize("name", sorted(WATCHING_EXAMPLES))
+def test_each_watching_example_turns_its_feature_on(name):
+    path = SHIPPED / "examples" / name
+    assert path in CONFIGS  # loaded by test_every_shipped_config_loads too
+    assert WATCHING_EXAMPLES[name](load_config(path))
 
 
 def test_shipped_configs_exist():
