@@ -48,6 +48,7 @@ from sdlora.training import (
 )
 from sdlora.training.folder import RunFolder
 from sdlora.training.hooks import Publisher, RunHooks, RunResult
+from sdlora.training.initial_adapter import load_initial_adapter
 from sdlora.training.interrupt import GracefulStop
 from sdlora.training.lock import OutputLock
 from sdlora.training.loop import TrainingParts, fit
@@ -94,6 +95,8 @@ class TrainingRun:
         set_seed(cfg.train.seed)
         self.base = self._load_base()
         models = prepare_for_training(self.base, cfg, accelerator.device, self.weight_dtype)
+        if cfg.lora.init_from is not None:  # continue from an adapter file (initial_adapter.py)
+            load_initial_adapter(cfg.lora, {"unet": self.base.unet, **models.trained_encoders})
         self.parts = self._training_parts(models)
         self.checkpointer = Checkpointer(
             self.folder.checkpoints, cfg.train.keep_checkpoints, accelerator, self.parts, self.trained_models,

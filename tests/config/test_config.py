@@ -20,6 +20,7 @@ WATCHING_EXAMPLES = {
     "validation.yaml": lambda c: c.validation.enabled and c.validation.every > 0,
     "ema.yaml": lambda c: c.ema.enabled,
     "tensorboard.yaml": lambda c: c.logging.tensorboard,
+    "continue.yaml": lambda c: c.lora.init_from is not None,
 }
 
 
