@@ -34,7 +34,8 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(log_dir), purge_step=first_step if first_step > 1 else None)
+        # Flushed every 10 s (not torch's 120 s): the point of a live log is to see the run while it trains.
+        self.writer = SummaryWriter(str(log_dir), purge_step=first_step if first_step > 1 else None, flush_secs=10)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

@@ -108,3 +108,20 @@ def test_overfitting_shows_as_a_rising_validation_loss(tmp_path):
     assert train_after < 0.8 * train_before
     assert val_before < _val(run)[8] < _val(run)[16]
     assert _val(run)[16] == run.monitor.validator.score(run.parts)  # the logged number is the set's score
+
+
+def test_sdxl_validation_with_both_caches_and_released_encoders(tiny_sdxl_base, style_dataset, tmp_path):
+    """SDXL's pooled embedding and size conditioning reach the held-out score, and a fully cached run (its VAE
+    encoder and text encoders freed after caching) still scores: images and captions were encoded at setup."""
+    config = load_config(None, [
+        f"model.base={tiny_sdxl_base}", f"data.path={style_dataset}", "data.resolution=64", "train.steps=2",
+        "train.batch_size=2", f"output.dir={tmp_path / 'run'}", "data.cache_latents=true",
+        "data.cache_text_embeddings=true", "validation.fraction=0.25", "validation.every=1", "validation.timesteps=2",
+    ])
+    run = TrainingRun(config)
+    run.build()
+    assert run.released  # the encoders really are gone
+    run.fit()
+    scores = _val(run)
+    assert sorted(scores) == [1, 2] and scores[1] != scores[2]
+    assert all(0 < value < 10 for value in scores.values())
