@@ -27,6 +27,10 @@ class ValidationSection(Section):
         4, ge=1, description="Timesteps each held-out image is scored at, spread evenly over the noise schedule."
     )
     seed: int = Field(0, description="Seed of the held-out split (with `fraction`) and of the fixed noise.")
+    keep_best: bool = Field(
+        False, description="Also write the adapter of the step with the lowest validation loss so far as "
+        "`<output.name>_best` (raw weights; rewritten each time the loss improves)."
+    )
 
     @property
     def enabled(self) -> bool:
@@ -39,8 +43,10 @@ class ValidationSection(Section):
                 "validation.path cannot be combined with validation.fraction (both name the held-out set): "
                 "set one of them"
             )
-        if self.every and not self.enabled:
-            raise ValueError("validation.every needs a held-out set: set validation.path or validation.fraction")
+        for option, on in (("every", self.every), ("keep_best", self.keep_best)):
+            if on and not self.enabled:
+                raise ValueError(f"validation.{option} needs a held-out set: set validation.path or "
+                                 "validation.fraction")
         return self
 
 

@@ -111,7 +111,8 @@ class TrainingRun:
             accelerator.unwrap_model(self.parts.text_encoder), accelerator.device, self.weight_dtype,
             self.folder,
         )
-        self.monitor.attach(self.parts, self.held_out, self.checkpointer.trainable, self.checkpointer.components)
+        self.monitor.attach(self.parts, self.held_out, self.checkpointer.trainable, self.checkpointer.components,
+                            self.adapter)
         self.released: dict[str, str] = {}
         if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
             self.cache_stats = self._attach_caches()

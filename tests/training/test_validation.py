@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import write_shapes_dataset
+from safetensors.torch import load_file
 
 from sdlora.config import load_config
 from sdlora.data import DatasetError, preflight
@@ -58,7 +59,8 @@ def test_a_validation_folder_sharing_a_training_image_is_refused(make_config, st
 
 def test_validation_is_reproducible_resumable_and_changes_nothing_it_watches(make_config, tmp_path):
     held_out = write_shapes_dataset(tmp_path / "held-out", 2, seed=7)
-    common = [f"validation.path={held_out}", "validation.every=2", "train.steps=4", "train.checkpoint_every=2",
+    common = [f"validation.path={held_out}", "validation.every=2", "validation.keep_best=true", "train.steps=4",
+              "train.checkpoint_every=2",
               "train.keep_checkpoints=5", "lora.dropout=0.1", "data.random_flip=true", "train.noise_offset=0.05"]
 
     def run(name: str, *extra: str, steps: int | None = None, resume: str | None = None) -> TrainingRun:
@@ -80,6 +82,16 @@ def test_validation_is_reproducible_resumable_and_changes_nothing_it_watches(mak
     resumed = run("resumed", *common, resume=str(tmp_path / "resumed" / "checkpoints" / "step-000002"))
     assert _val(resumed) == _val(first)
     assert [row["loss"] for row in _log(resumed)] == [row["loss"] for row in _log(first)]
+
+    # keep_best: the adapter of the lowest-scoring step (as its checkpoint holds it), the same after the resume.
+    best_step = min(_val(first), key=_val(first).get)
+    best = read_adapter(first.folder.adapter("pytorch_lora_weights_best"))
+    assert best.metadata["sdlora.step"] == str(best_step)
+    weights = load_file(first.folder.checkpoints / f"step-{best_step:06d}" / "trainable.safetensors")
+    assert all(torch.equal(t, weights[f"unet.{k.removesuffix('.weight')}.default.weight"])
+               for k, t in best.tensors["unet"].items())
+    before, after = (load_file(r.folder.adapter("pytorch_lora_weights_best")) for r in (first, resumed))
+    assert before.keys() == after.keys() and all(torch.equal(t, after[k]) for k, t in before.items())
 
     # Without validation the run trains exactly the same weights, step for step.
     plain = run("plain", *[c for c in common if not c.startswith("validation.")])
@@ -125,3 +137,20 @@ def test_sdxl_validation_with_both_caches_and_released_encoders(tiny_sdxl_base, 
     scores = _val(run)
     assert sorted(scores) == [1, 2] and scores[1] != scores[2]
     assert all(0 < value < 10 for value in scores.values())
+
+
+def test_keep_best_writes_only_when_the_validation_loss_improves(make_config, tmp_path):
+    from types import SimpleNamespace
+
+    from sdlora.training.folder import RunFolder
+    from sdlora.training.monitor import Monitor
+
+    monitor = Monitor(make_config("validation.fraction=0.25", "validation.keep_best=true"), RunFolder(tmp_path),
+                      SimpleNamespace(is_main_process=False))
+    made = []
+    components: dict = {}
+    monitor.attach(None, HeldOut([], [], [], []), {}, components, lambda: made.append(1))
+    for step, loss in enumerate([3.0, 2.0, 2.5, 2.0, 1.0], start=1):
+        monitor._keep_if_best(step, loss)
+    assert len(made) == 3 and (monitor.best.loss, monitor.best.step) == (1.0, 5)
+    assert components["best_validation"].state_dict() == {"loss": 1.0, "step": 5}
