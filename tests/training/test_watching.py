@@ -127,3 +127,30 @@ def test_asking_for_tensorboard_without_it_is_one_line(capsys, tmp_path, tiny_ba
     lines = [line for line in err.splitlines() if line.startswith("sdlora: error:")]
     assert "Traceback" not in err and len(lines) == 1
     assert "logging.tensorboard: the tensorboard package is not installed: pip install tensorboard" in lines[0]
+
+
+@pytest.mark.slow
+def test_two_processes_validate_and_average_as_one(tiny_base, style_dataset, tmp_path, make_config):
+    """DDP: every process scores the held-out set and keeps the EMA; one writes. The numbers equal one process's
+    with the same effective batch, up to gloo's summation order."""
+    from test_distributed import _run_config, _torchrun
+
+    watch = ["validation.fraction=0.25", "validation.every=2", "ema.enabled=true", "ema.decay=0.5"]
+    config = _run_config(tmp_path, tiny_base, style_dataset, batch_size=1, gradient_accumulation=2)
+    launch = _torchrun("train", str(config), f"output.dir={tmp_path / 'ddp'}", *watch)
+    out, err = launch.communicate(timeout=300)
+    assert launch.returncode == 0, err[-3000:]
+    single = TrainingRun(make_config("train.batch_size=2", "train.gradient_accumulation=2", "train.seed=7",
+                                     "train.learning_rate=2e-3", f"output.dir={tmp_path / 'single'}", *watch))
+    single.build()
+    single.fit()
+    logs = [[json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+            for folder in (tmp_path / "ddp", tmp_path / "single")]
+    assert len(logs[0]) == 4  # one writer
+    scores = [{row["step"]: row["val_loss"] for row in log if "val_loss" in row} for log in logs]
+    assert sorted(scores[0]) == [2, 4] and scores[0] == pytest.approx(scores[1], abs=1e-5)
+    assert abs(scores[1][2] - scores[1][4]) > 1e-4  # training moved the score far more than the tolerance
+    ema = [read_adapter(folder / "pytorch_lora_weights_ema.safetensors").tensors["unet"]
+           for folder in (tmp_path / "ddp", tmp_path / "single")]
+    for key in ema[1]:
+        torch.testing.assert_close(ema[0][key], ema[1][key], atol=1e-4, rtol=0)
