@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -51,6 +52,10 @@ class LoraSection(Section):
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
     text_encoder_targets: tuple[str, ...] = Field(
         TEXT_ENCODER_ATTENTION_TARGETS, description="Text-encoder module names that get LoRA."
+    )
+    init_from: Path | None = Field(
+        None, description="Start the LoRA from this adapter file (diffusers or kohya layout, same rank, alpha and "
+        "targets) instead of a fresh one; a new run with a fresh optimizer (to continue a stopped run, --resume)."
     )
 
     @property

@@ -31,6 +31,7 @@ from sdlora.config.model import (  # noqa: F401
     LoraSection,
     ModelSection,
 )
+from sdlora.config.monitoring import EmaSection, LoggingSection, ValidationSection
 from sdlora.config.names import public_config
 from sdlora.config.outputs import HubSection, OutputSection, SampleSection
 from sdlora.config.section import Section
@@ -46,6 +47,9 @@ class RunConfig(Section):
     sample: SampleSection = SampleSection()
     hub: HubSection = HubSection()
     safety: SafetySection = SafetySection()
+    validation: ValidationSection = ValidationSection()
+    ema: EmaSection = EmaSection()
+    logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:

@@ -65,7 +65,10 @@ class RunFacts:
 
     @property
     def kohya(self) -> AdapterInfo | None:
-        return next((a for a in self.adapters if a.format == "kohya"), None)
+        """The kohya copy of output.name's adapter (not, say, the EMA's `<name>_ema_kohya`), else the first one."""
+        found = [a for a in self.adapters if a.format == "kohya"]
+        wanted = f"{self.config.output.name}_kohya.safetensors"
+        return next((a for a in found if a.name == wanted), found[0] if found else None)
 
     @property
     def family(self) -> str:

@@ -49,6 +49,8 @@ class TrainingState:
     rng: dict[str, Any]
     extra: dict[str, Any]
     run: dict[str, Any] = field(default_factory=dict)  # the writing run's record (`ownership.claim`)
+    # State of the run's optional parts by name (e.g. the adapter EMA): nested dicts of tensors and JSON values.
+    components: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,6 +116,7 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         "scaler": _split_tensors(state.scaler, "scaler", tensors),
         "rng": _split_tensors(state.rng, "rng", tensors),
         "extra": state.extra,
+        "components": _split_tensors(state.components, "components", tensors),
     }
     trainable = {name: t.detach().cpu().contiguous() for name, t in state.trainable.items()}
     skeleton_text = json.dumps(skeleton, default=_jsonable)
@@ -198,4 +201,5 @@ def load_checkpoint(path: Path) -> TrainingState:
         rng=_join_tensors(skeleton["rng"], tensors),
         extra=skeleton.get("extra", {}),
         run=read_run(path),
+        components=_join_tensors(skeleton.get("components", {}), tensors),
     )

@@ -41,8 +41,9 @@ class RunHooks:
     def after_step(self, step: int, loss: float, lr: float) -> None:
         run, train = self.run, self.run.config.train
         action = run.guard.record(step, loss, divergence.all_finite(run.parts.params))
+        watched = run.monitor.after_step(step, loss, lr) if action is None else {}  # EMA, validation, trackers
         if run.accelerator.is_main_process:
-            steplog.append_step(run.folder.step_log, step, loss, lr)
+            steplog.append_step(run.folder.step_log, step, loss, lr, watched)
         if action is not None:  # rolling back or stopping: this step's state is not worth keeping
             return
         # Not in the middle of a run of skipped steps: a rollback must land before the trouble started.

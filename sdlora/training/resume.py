@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,6 +58,9 @@ class Checkpointer:
     batch_size: int
     on_saved: Callable[[Path], None] | None = field(default=None)  # e.g. a Hub pusher's submit
     run: dict = field(default_factory=dict)  # this run's record, written into every checkpoint (`ownership.claim`)
+    # Optional parts with their own resumable state (`state_dict()` / `load_state_dict(state or None, where)`), by
+    # name: the adapter EMA.
+    components: dict[str, Any] = field(default_factory=dict)
 
     def save(self, step: int) -> None:
         accelerator, parts = self.accelerator, self.parts
@@ -71,6 +75,7 @@ class Checkpointer:
                 scaler=scaler, rng=rng.capture({GENERATOR: parts.generator}),
                 extra={"world_size": accelerator.num_processes, "samples_seen": self.position.samples_seen(step)},
                 run=self.run,
+                components={name: part.state_dict() for name, part in self.components.items()},
             )
             path = checkpoint.save_checkpoint(self.folder, state, self.keep)
             log.info("checkpoint written: %s", path)
@@ -97,6 +102,8 @@ class Checkpointer:
         if state.scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state.scaler)
         rng.restore(state.rng, {GENERATOR: parts.generator})
+        for name, part in self.components.items():
+            part.load_state_dict(state.components.get(name), str(path))
         world_size = state.extra.get("world_size", 1)
         # Checkpoints from before samples_seen was stored were written by one process.
         seen = state.extra.get("samples_seen", state.micro_step * self.batch_size * world_size)

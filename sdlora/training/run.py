@@ -46,13 +46,16 @@ from sdlora.training import (
     ownership,
     recovery,
     steplog,
+    validation,
 )
 from sdlora.training.diffusion import LossSpec
 from sdlora.training.folder import RunFolder
 from sdlora.training.hooks import Publisher, RunHooks, RunResult
+from sdlora.training.initial_adapter import load_initial_adapter
 from sdlora.training.interrupt import GracefulStop
 from sdlora.training.lock import OutputLock
 from sdlora.training.loop import TrainingParts, fit
+from sdlora.training.monitor import Monitor
 from sdlora.training.optim import build_optimizer, evaluation_weights
 from sdlora.training.resume import Checkpointer, DataPosition, trainable_by_name
 
@@ -111,11 +114,14 @@ class TrainingRun:
     def _build(self) -> None:
         cfg, accelerator = self.config, self.accelerator
         self._hold_output_dir()
+        self.monitor = Monitor(cfg, self.folder, accelerator)  # validation, EMA, live logs (monitor.py)
         if self.report is None:
             self.dataset = self._check_dataset()  # a bad folder fails in seconds, before a multi-GB model loads
         set_seed(cfg.train.seed)
         self.base = self._load_base()
         models = prepare_for_training(self.base, cfg, accelerator.device, self.weight_dtype)
+        if cfg.lora.init_from is not None:  # continue from an adapter file (initial_adapter.py)
+            load_initial_adapter(cfg.lora, {"unet": self.base.unet, **models.trained_encoders})
         self.parts = self._training_parts(models)
         self.checkpointer = Checkpointer(
             self.folder.checkpoints, cfg.train.keep_checkpoints, accelerator, self.parts, self.trained_models,
@@ -131,6 +137,8 @@ class TrainingRun:
             accelerator.unwrap_model(self.parts.text_encoder), accelerator.device, self.weight_dtype,
             self.folder,
         )
+        self.monitor.attach(self.parts, self.held_out, self.checkpointer.trainable, self.checkpointer.components,
+                            self.adapter)
         self.released: dict[str, str] = {}
         if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
             self.cache_stats = self._attach_caches()
@@ -159,11 +167,12 @@ class TrainingRun:
                  if not cfg.data.sources else "sdlora dataset check YOUR_CONFIG.yaml")
         preflight.require_usable(self.report, cfg.train.batch_size, self.accelerator.num_processes, check)
         preflight.log_summary(self.report, check)
-        self.records = self.report.records
+        self.held_out = validation.split(cfg, self.report, self.accelerator.num_processes)  # never trained on
+        self.records = self.held_out.train_records
         return CaptionedImageDataset(
             self.records, cfg.data.resolution, cfg.data.crop, cfg.data.random_flip, cfg.train.seed,
-            buckets=self.report.buckets if cfg.data.bucketing.enabled else None, background=cfg.data.background,
-            regularization_ratio=cfg.data.regularization.ratio,
+            buckets=self.held_out.train_buckets if cfg.data.bucketing.enabled else None,
+            background=cfg.data.background, regularization_ratio=cfg.data.regularization.ratio,
             prior_loss_weight=cfg.data.regularization.prior_loss_weight,
             masked=cfg.data.masked_loss, mask_from_alpha=cfg.data.mask_from_alpha,
         )
@@ -290,8 +299,11 @@ class TrainingRun:
     def render_samples(self, step: int) -> Path | None:
         if not self.accelerator.is_main_process:
             return None
-        with evaluation_weights(self.parts.optimizer):
-            return self.samples.render(step)
+        # Samples show what a user would get: schedule-free's averaged weights, and the EMA when asked for.
+        with evaluation_weights(self.parts.optimizer), self.monitor.sample_weights():
+            path = self.samples.render(step)
+        self.monitor.sample_rendered(step, path)
+        return path
 
     def data_loader(self, start: int) -> DataLoader:
         """Batches from optimizer step `start` on, in the order an uninterrupted run would see them (also after a
@@ -352,6 +364,7 @@ class TrainingRun:
         elif accelerator.is_main_process:  # steps after the checkpoint will run again: forget their log lines
             steplog.truncate(folder.step_log, start)
         loader = self.data_loader(start)
+        self.monitor.begin(start)
         progress = tqdm(total=cfg.train.steps, initial=start, desc="training", disable=not accelerator.is_main_process)
         try:
             losses = fit(self.parts, iter(loader), start, cfg.train.steps, RunHooks(self), progress)
@@ -373,6 +386,7 @@ class TrainingRun:
         samples = []
         accelerator.wait_for_everyone()
         adapter = self.adapter()  # every process: gathering under FSDP / DeepSpeed is collective
+        self.monitor.write_ema_adapter(self.adapter)
         if accelerator.is_main_process:
             divergence.require_finite(
                 {f"{c}.{k}": t for c, tensors in adapter.tensors.items() for k, t in tensors.items()},
@@ -386,6 +400,7 @@ class TrainingRun:
                 log.info("kohya / A1111 / ComfyUI adapter written: %s", kohya_path)
             sample_path = None if self.stop.requested else self.render_samples(final_step)
             samples = [sample_path] if sample_path else []
+        self.monitor.finish()
         if self.publisher is not None and accelerator.is_main_process:
             self.publisher.run_finished(folder, len(self.dataset))
         accelerator.wait_for_everyone()

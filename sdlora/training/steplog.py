@@ -1,4 +1,5 @@
-"""`train_log.jsonl`: one JSON line per optimizer step (step, loss, lr; skipped steps have loss null).
+"""`train_log.jsonl`: one JSON line per optimizer step (step, loss, lr; skipped steps have loss null; a step that
+was validated also has val_loss).
 
 A line is appended whole or not at all: a full disk mid-line cuts the file back to where the line began. A line
 torn anyway (a power loss, a SIGKILL mid-write) is dropped when a resume reads the log back."""
@@ -16,8 +17,8 @@ from sdlora.files.atomic import DiskFullError, is_disk_full, write_text_atomic
 log = logging.getLogger(__name__)
 
 
-def append_step(path: Path, step: int, loss: float, lr: float) -> None:
-    entry = {"step": step, "loss": loss, "lr": lr}
+def append_step(path: Path, step: int, loss: float, lr: float, extra: dict[str, float] | None = None) -> None:
+    entry = {"step": step, "loss": loss, "lr": lr, **(extra or {})}
     if not math.isfinite(loss):  # skipped; NaN is not JSON
         entry.update(loss=None, skipped=True)
     data = (json.dumps(entry) + "\n").encode("utf-8")

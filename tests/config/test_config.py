@@ -5,7 +5,7 @@ import pytest
 from sdlora.config import ConfigError, load_config
 
 SHIPPED = Path(__file__).resolve().parents[2].joinpath("configs")
-EXAMPLES = sorted(SHIPPED.joinpath("examples").glob("*.yaml"))  # one per feature of docs/steering.md
+EXAMPLES = sorted(SHIPPED.joinpath("examples").glob("*.yaml"))  # one per feature of docs/steering.md and docs/watching.md
 CONFIGS = sorted(SHIPPED.glob("*.yaml")) + EXAMPLES
 
 
@@ -27,10 +27,15 @@ EXAMPLE_SHOWS = {
     "lora-plus.yaml": lambda c: c.train.lora_plus_ratio is not None,
     "huber-loss.yaml": lambda c: c.train.loss_type == "huber",
     "timestep-range.yaml": lambda c: c.train.max_timestep is not None,
+    # docs/watching.md
+    "validation.yaml": lambda c: c.validation.enabled and c.validation.every > 0,
+    "ema.yaml": lambda c: c.ema.enabled,
+    "tensorboard.yaml": lambda c: c.logging.tensorboard,
+    "continue.yaml": lambda c: c.lora.init_from is not None,
 }
 
 
-def test_each_steering_feature_has_its_example_and_its_optimizer_takes_its_arguments():
+def test_each_feature_has_its_example_and_its_optimizer_takes_its_arguments():
     import torch
 
     from sdlora.training.optim import build_optimizer

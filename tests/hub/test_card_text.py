@@ -69,3 +69,13 @@ def test_a_built_in_base_is_named_so_that_the_snippets_run():
 
     folder = eval(argument, {"resolve_builtin": resolve_builtin})  # the snippet's own expression
     assert (Path(folder) / "model_index.json").is_file()
+
+
+def test_the_card_points_at_the_runs_own_kohya_file_not_the_emas():
+    facts = _facts("sdlora:shapes")
+    metadata = facts.adapters[0].metadata
+    facts.adapters[:] = [AdapterInfo(name, kind, metadata) for name, kind in (
+        ("style.safetensors", "diffusers"), ("style_ema.safetensors", "diffusers"),
+        ("style_ema_kohya.safetensors", "kohya"), ("style_kohya.safetensors", "kohya"))]
+    assert facts.kohya.name == "style_kohya.safetensors"
+    assert "Download `style_kohya.safetensors` into `ComfyUI/models/loras/`" in str(card_for(facts, REPO))

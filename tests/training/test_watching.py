@@ -1,0 +1,156 @@
+"""The adapter EMA and the TensorBoard logs of a run: the EMA file is the EMA formula over the weights the run
+logged, both survive a resume bit for bit, and TensorBoard's own reader finds the scalars and the sample grids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdlora.config import load_config
+from sdlora.config.monitoring import EmaSection
+from sdlora.formats import read_adapter
+from sdlora.training.ema import AdapterEma, decay_at
+from sdlora.training.run import TrainingRun
+
+STEPS = 4
+WATCHED = ["ema.enabled=true", "ema.decay=0.8", "ema.warmup=true", "logging.tensorboard=true",
+           "validation.fraction=0.25", "validation.every=2", "sample.prompts=[a red circle]", "sample.every=2",
+           "sample.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=10", "lora.dropout=0.1"]
+
+
+def _run(tiny_base, style_dataset, out, steps=None, resume=None):
+    config = load_config(None, [f"model.base={tiny_base}", f"data.path={style_dataset}", "data.resolution=64",
+                                f"train.steps={STEPS}", "train.batch_size=2", "train.learning_rate=1e-3",
+                                f"output.dir={out}", *WATCHED])
+    run = TrainingRun(config)
+    run.build()
+    run.initial = {name: p.detach().clone() for name, p in run.checkpointer.trainable.items()}
+    if steps is not None:  # stop early: the same as a run killed after its checkpoint at this step
+        run.config = config.model_copy(update={"train": config.train.model_copy(update={"steps": steps})})
+    run.result = run.fit(resume)
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base, style_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("watched")
+    straight = _run(tiny_base, style_dataset, root / "straight")
+    _run(tiny_base, style_dataset, root / "resumed", steps=3)
+    resumed = _run(tiny_base, style_dataset, root / "resumed", resume=str(root / "resumed/checkpoints/step-000002"))
+    return straight, resumed
+
+
+def _adapter_key(name: str) -> tuple[str, str]:
+    """'unet.<module>.lora_A.default.weight' (a live parameter) -> ('unet', '<module>.lora_A.weight') (the file)."""
+    component, key = name.split(".", 1)
+    return component, key.replace(".default.", ".")
+
+
+def test_the_ema_file_is_the_ema_formula_over_the_logged_weights(runs):
+    straight, _ = runs
+    section = EmaSection(enabled=True, decay=0.8, warmup=True)
+    average = {name: t.float().clone() for name, t in straight.initial.items()}
+    for step in range(1, STEPS + 1):  # the raw weights after each step, as its checkpoint holds them
+        raw = load_file(straight.folder.checkpoints / f"step-{step:06d}" / "trainable.safetensors")
+        decay = decay_at(section, step - 1)
+        assert decay == min(0.8, step / (9 + step))
+        for name in average:
+            average[name] = decay * average[name] + (1 - decay) * raw[name]
+    ema = read_adapter(straight.folder.adapter("pytorch_lora_weights_ema")).tensors
+    final = read_adapter(straight.result.adapter_path).tensors
+    moved = 0
+    for name, expected in average.items():
+        component, key = _adapter_key(name)
+        torch.testing.assert_close(ema[component][key], expected, rtol=1e-6, atol=1e-9)
+        moved += not torch.equal(ema[component][key], final[component][key])
+    assert moved, "the EMA file equals the raw adapter: nothing was averaged"
+
+
+def test_ema_and_validation_survive_a_resume_bit_for_bit(runs):
+    straight, resumed = runs
+    for name in ("pytorch_lora_weights_ema", "pytorch_lora_weights"):
+        a, b = load_file(straight.folder.adapter(name)), load_file(resumed.folder.adapter(name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [[json.loads(line) for line in run.folder.step_log.read_text().splitlines()] for run in runs]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0] if "val_loss" in r] == [2, 4]
+
+
+def test_tensorboard_holds_the_scalars_and_the_sample_grids(runs):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    for run in runs:  # the resumed run's curves show each step once: the killed segment's step 3 is purged
+        events = EventAccumulator(str(run.folder.root / "logs"), size_guidance={SCALARS: 0, IMAGES: 0})
+        events.Reload()
+        log = [json.loads(line) for line in run.folder.step_log.read_text().splitlines()]
+        train = events.Scalars("loss/train")
+        assert [e.step for e in train] == [1, 2, 3, 4]
+        assert [e.value for e in train] == pytest.approx([row["loss"] for row in log], rel=1e-6)
+        assert [e.value for e in events.Scalars("lr")] == pytest.approx([row["lr"] for row in log])
+        validation = events.Scalars("loss/validation")
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in validation] == [
+            (row["step"], row["val_loss"]) for row in log if "val_loss" in row]
+        images = events.Images("samples")
+        assert [e.step for e in images] == [2, 4]
+        grid = Image.open(run.folder.sample_grid(4))
+        assert (images[-1].width, images[-1].height) == grid.size
+        assert {"loss/train", "lr", "loss/validation"} <= set(events.Tags()["scalars"])
+
+
+def test_the_ema_is_swapped_in_and_the_raw_weights_come_back_exactly():
+    weight = torch.nn.Parameter(torch.randn(3, 3))
+    ema = AdapterEma(EmaSection(enabled=True, decay=0.5), {"w": weight})
+    raw = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    ema.after_step(1)
+    expected = 0.5 * raw + 0.5 * (raw + 1.0)
+    with ema.applied():
+        torch.testing.assert_close(weight.detach(), expected)
+    assert torch.equal(weight.detach(), raw + 1.0)
+
+
+def test_asking_for_tensorboard_without_it_is_one_line(capsys, tmp_path, tiny_base, style_dataset, monkeypatch):
+    from sdlora.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"model": {"base": str(tiny_base)}, "data": {"path": str(style_dataset)},
+                                  "output": {"dir": str(tmp_path / "out")}, "logging": {"tensorboard": True}}))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sdlora: error:")]
+    assert "Traceback" not in err and len(lines) == 1
+    assert "logging.tensorboard: the tensorboard package is not installed: pip install tensorboard" in lines[0]
+
+
+@pytest.mark.slow
+def test_two_processes_validate_and_average_as_one(tiny_base, style_dataset, tmp_path, make_config):
+    """DDP: every process scores the held-out set and keeps the EMA; one writes. The numbers equal one process's
+    with the same effective batch, up to gloo's summation order."""
+    from test_distributed import _run_config, _torchrun
+
+    watch = ["validation.fraction=0.25", "validation.every=2", "ema.enabled=true", "ema.decay=0.5"]
+    config = _run_config(tmp_path, tiny_base, style_dataset, batch_size=1, gradient_accumulation=2)
+    launch = _torchrun("train", str(config), f"output.dir={tmp_path / 'ddp'}", *watch)
+    out, err = launch.communicate(timeout=300)
+    assert launch.returncode == 0, err[-3000:]
+    single = TrainingRun(make_config("train.batch_size=2", "train.gradient_accumulation=2", "train.seed=7",
+                                     "train.learning_rate=2e-3", f"output.dir={tmp_path / 'single'}", *watch))
+    single.build()
+    single.fit()
+    logs = [[json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+            for folder in (tmp_path / "ddp", tmp_path / "single")]
+    assert len(logs[0]) == 4  # one writer
+    scores = [{row["step"]: row["val_loss"] for row in log if "val_loss" in row} for log in logs]
+    assert sorted(scores[0]) == [2, 4] and scores[0] == pytest.approx(scores[1], abs=1e-5)
+    assert abs(scores[1][2] - scores[1][4]) > 1e-4  # training moved the score far more than the tolerance
+    ema = [read_adapter(folder / "pytorch_lora_weights_ema.safetensors").tensors["unet"]
+           for folder in (tmp_path / "ddp", tmp_path / "single")]
+    for key in ema[1]:
+        torch.testing.assert_close(ema[0][key], ema[1][key], atol=1e-4, rtol=0)
