@@ -28,7 +28,7 @@ from sdlora.files.atomic import save_safetensors_atomic
 from sdlora.files.untrusted import validate_safetensors
 from sdlora.models.lora import AdapterShape
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # transformer: SD3's denoiser
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 # diffusers' older key style, still found in files on the Hub.
 _LEGACY_KEY = re.compile(r"^(?P<module>.+)\.lora(?:_linear_layer)?\.(?P<part>up|down)\.weight$")
@@ -251,6 +251,12 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     from sdlora.formats.ldm import LayoutError
 
     family = meta.family_key(adapter.metadata, adapter.components)
+    if family == "sd3":
+        # ComfyUI's LoRA key map reads SD3 adapters by their diffusers `transformer.` names, as diffusers does, so
+        # the diffusers file is already the one both load; no kohya layout of SD3 is written.
+        raise AdapterFormatError(f"{path}: SD3 adapters are written in diffusers layout only (ComfyUI and diffusers "
+                                 "both load its `transformer.` keys as they are); use --to diffusers "
+                                 "(in a run, output.kohya=false)")
     shapes = {c: adapter.shapes[c] for c in adapter.components}
     try:
         tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,

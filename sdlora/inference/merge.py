@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import AdapterFile, AdapterFormatError, read_adapter
+from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, read_adapter
 from sdlora.inference.pipeline import AdapterSpec
 from sdlora.models.lora import AdapterShape
 
@@ -72,7 +72,7 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
     the source's own header, else its place in the list."""
     if not items:
         raise AdapterFormatError("merge: give at least one adapter")
-    components = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(c in a.components for a, _ in items)]
+    components = [c for c in COMPONENTS if any(c in a.components for a, _ in items)]
     tensors, shapes = {}, {}
     for component in components:
         parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
