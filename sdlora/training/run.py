@@ -96,7 +96,7 @@ class TrainingRun:
         self.parts = self._training_parts(models)
         self.checkpointer = Checkpointer(
             self.folder.checkpoints, cfg.train.keep_checkpoints, accelerator, self.parts, self.trained_models,
-            trainable_by_name({"unet": self.base.unet, **self.base.text_encoders}),
+            trainable_by_name({self.base.denoiser_component: self.base.unet, **self.base.text_encoders}),
             DataPosition(distributed.Layout(accelerator.num_processes, cfg.train.batch_size,
                                             cfg.train.gradient_accumulation)),
             cfg.train.batch_size,
