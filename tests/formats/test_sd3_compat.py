@@ -1,0 +1,105 @@
+"""An SD3 adapter sdlora writes loads in plain diffusers' StableDiffusion3Pipeline and gives sdlora's latents; two
+stack at weights as diffusers' set_adapters does; the kohya layout is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdlora import formats, inference
+from sdlora.formats import read_adapter
+from sdlora.models import load_base_model
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def sd3_adapters(tmp_path_factory, tiny_sd3_base, style_dataset):
+    """Two adapters: one with both CLIP encoders trained (rank 4, alpha 8: a lost alpha halves it), one
+    transformer-only with the feed-forwards too."""
+    from sdlora.config import load_config
+    from sdlora.training.run import train
+
+    out = tmp_path_factory.mktemp("sd3-compat")
+    common = ["model.base=sdlora:tiny-sd3", f"data.path={style_dataset}", "data.resolution=64", "train.steps=4",
+              "train.batch_size=2", "train.learning_rate=5e-2"]
+    first = train(load_config(None, [*common, "lora.rank=4", "lora.alpha=8", "lora.train_text_encoder=true",
+                                     f"output.dir={out / 'a'}"])).adapter_path
+    second = train(load_config(None, [*common, "lora.rank=2", "train.seed=7", f"output.dir={out / 'b'}",
+                                      "lora.transformer_targets=[to_q,to_v,ff.net.0.proj,ff_context.net.2]"]))
+    return first, second.adapter_path
+
+
+def _latents(pipe) -> torch.Tensor:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
+                generator=torch.Generator().manual_seed(3), output_type="latent").images
+
+
+def _diffusers_pipe(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(str(folder))
+
+
+def _sdlora_pipe():
+    return inference.build_pipeline(load_base_model("sdlora:tiny-sd3"))
+
+
+def test_the_file_is_in_diffusers_sd3_layout(sd3_adapters):
+    adapter = read_adapter(sd3_adapters[0])
+    assert adapter.components == ["transformer", "text_encoder", "text_encoder_2"]
+    assert any(k.endswith("attn.add_q_proj.lora_A.weight") for k in adapter.tensors["transformer"])
+    assert any(k.endswith("attn.to_add_out.lora_B.weight") for k in adapter.tensors["transformer"])
+    assert adapter.shapes["transformer"].alpha == 8.0
+    info = formats.describe(sd3_adapters[0])
+    assert info["components"]["transformer"]["rank"] == 4
+
+
+def test_diffusers_loads_the_file_and_gives_sdlora_s_latents(sd3_adapters, tiny_sd3_base):
+    path = sd3_adapters[0]
+    pipe = _diffusers_pipe(tiny_sd3_base)
+    base_latents = _latents(pipe)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="a")
+    theirs = _latents(pipe)
+
+    ours_pipe = _sdlora_pipe()
+    inference.stack_adapters(ours_pipe, [inference.AdapterSpec(str(path), 1.0)])
+    ours = _latents(ours_pipe)
+    difference = (theirs - ours).abs().max().item()
+    print(f"SD3 adapter, diffusers vs sdlora latents: max |difference| = {difference:.3g}")
+    assert difference <= 1e-5
+    assert (theirs - base_latents).abs().max() > 1e-2  # the adapter does change the result
+
+
+def test_two_adapters_stack_at_weights_as_diffusers_set_adapters(sd3_adapters, tiny_sd3_base):
+    first, second = sd3_adapters
+    weights = (0.7, 0.4)
+    pipe = _diffusers_pipe(tiny_sd3_base)
+    pipe.load_lora_weights(str(first.parent), weight_name=first.name, adapter_name="a")
+    pipe.load_lora_weights(str(second.parent), weight_name=second.name, adapter_name="b")
+    pipe.set_adapters(["a", "b"], list(weights))
+    theirs = _latents(pipe)
+
+    ours_pipe = _sdlora_pipe()
+    inference.stack_adapters(ours_pipe, [inference.AdapterSpec(str(first), weights[0]),
+                                         inference.AdapterSpec(str(second), weights[1])])
+    ours = _latents(ours_pipe)
+    difference = (theirs - ours).abs().max().item()
+    print(f"two SD3 adapters at {weights}, diffusers vs sdlora latents: max |difference| = {difference:.3g}")
+    assert difference <= 1e-5
+
+    alone = _sdlora_pipe()
+    inference.stack_adapters(alone, [inference.AdapterSpec(str(first), weights[0])])
+    assert (_latents(alone) - ours).abs().max() > 1e-3  # the second adapter counts
+
+
+def test_kohya_layout_is_refused_naming_the_way_out(sd3_adapters, tmp_path):
+    with pytest.raises(formats.AdapterFormatError, match="diffusers layout only.*--to diffusers"):
+        formats.convert(sd3_adapters[0], tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_a_flow_base_refuses_a_ddpm_scheduler():
+    with pytest.raises(inference.GenerationSettingError, match="--scheduler: ddim cannot sample this sd3 base"):
+        inference.build_pipeline(load_base_model("sdlora:tiny-sd3"), scheduler="ddim")
