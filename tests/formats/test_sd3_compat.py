@@ -51,7 +51,9 @@ def test_the_file_is_in_diffusers_sd3_layout(sd3_adapters):
     assert adapter.components == ["transformer", "text_encoder", "text_encoder_2"]
     assert any(k.endswith("attn.add_q_proj.lora_A.weight") for k in adapter.tensors["transformer"])
     assert any(k.endswith("attn.to_add_out.lora_B.weight") for k in adapter.tensors["transformer"])
-    assert adapter.shapes["transformer"].alpha == 8.0
+    # alpha / r is folded into lora_B (ComfyUI reads no header alpha): the file says alpha = r, and no .alpha keys
+    assert adapter.shapes["transformer"].alpha == 4.0 and adapter.metadata["sdlora.alpha"] == "8.0"
+    assert not any(k.endswith(".alpha") for k in adapter.tensors["transformer"])
     info = formats.describe(sd3_adapters[0])
     assert info["components"]["transformer"]["rank"] == 4
 
@@ -103,3 +105,22 @@ def test_kohya_layout_is_refused_naming_the_way_out(sd3_adapters, tmp_path):
 def test_a_flow_base_refuses_a_ddpm_scheduler():
     with pytest.raises(inference.GenerationSettingError, match="--scheduler: ddim cannot sample this sd3 base"):
         inference.build_pipeline(load_base_model("sdlora:tiny-sd3"), scheduler="ddim")
+
+
+def test_folding_alpha_keeps_every_module_s_update():
+    from sdlora.formats import AdapterFile, fold_alpha
+    from sdlora.inference.merge import delta
+    from sdlora.models.lora import AdapterShape
+
+    torch.manual_seed(0)
+    tensors = {"a.to_q.lora_A.weight": torch.randn(4, 6), "a.to_q.lora_B.weight": torch.randn(5, 4),
+               "b.to_k.lora_A.weight": torch.randn(2, 6), "b.to_k.lora_B.weight": torch.randn(5, 2)}
+    shape = AdapterShape(4, 8.0, ("a.to_q", "b.to_k"), rank_pattern={"b.to_k": 2}, alpha_pattern={"b.to_k": 3.0})
+    adapter = AdapterFile({"transformer": tensors}, {"transformer": shape})
+    folded = fold_alpha(adapter)
+    for module in ("a.to_q", "b.to_k"):
+        assert torch.allclose(delta(folded, "transformer", module), delta(adapter, "transformer", module))
+        # what ComfyUI computes without an .alpha key: B @ A at scale 1
+        raw = folded.tensors["transformer"][f"{module}.lora_B.weight"] @ folded.tensors["transformer"][
+            f"{module}.lora_A.weight"]
+        assert torch.allclose(raw, delta(adapter, "transformer", module))
