@@ -251,8 +251,8 @@ def _load_single_file(
             f"to one of {', '.join(families.FAMILIES)}"
         )
     pipeline_class = getattr(diffusers, families.TABLE[family].pipeline_class)
-    if family == "sd3" and not use_t5:
-        kwargs["text_encoder_3"] = kwargs["tokenizer_3"] = None
+    if family == "sd3":
+        kwargs.update(sd3.text_encoders_for_single_file(path, config, torch_dtype, use_t5))
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as exc:

@@ -81,6 +81,33 @@ def load_folder(source: str, common: dict, weights: dict, torch_dtype, frozen_dt
     return BaseModel(source=source, **parts)
 
 
+def text_encoders_for_single_file(path: Path, config: str | None, torch_dtype, use_t5: bool) -> dict[str, Any]:
+    """The text encoders a single file lacks, from its config folder. `sd3_medium.safetensors` and the SD3.5 files
+    ship the transformer and VAE only; diffusers' `from_single_file` then wants each encoder passed in."""
+    from safetensors import safe_open
+
+    parts: dict[str, Any] = {} if use_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    if path.suffix != ".safetensors" or config is None or not Path(config).is_dir():
+        return parts
+    with safe_open(str(path), framework="pt") as handle:
+        if any(key.startswith("text_encoders.") for key in handle.keys()):
+            return parts
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    def clip(subfolder: str):
+        return CLIPTextModelWithProjection.from_pretrained(config, subfolder=subfolder, dtype=torch_dtype)
+
+    parts.update({
+        "text_encoder": clip("text_encoder"), "text_encoder_2": clip("text_encoder_2"),
+        "tokenizer": CLIPTokenizer.from_pretrained(config, subfolder="tokenizer"),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(config, subfolder="tokenizer_2"),
+    })
+    if use_t5:
+        parts["text_encoder_3"] = T5EncoderModel.from_pretrained(config, subfolder="text_encoder_3", dtype=torch_dtype)
+        parts["tokenizer_3"] = T5TokenizerFast.from_pretrained(config, subfolder="tokenizer_3")
+    return parts
+
+
 def is_sd3_folder(source: str) -> bool:
     return (Path(source) / "transformer" / "config.json").is_file() and is_sd3_config(
         _json(Path(source) / "transformer" / "config.json"))
