@@ -67,6 +67,14 @@ TABLE: dict[str, Family] = {
     )
 }
 FAMILIES = tuple(TABLE)
+# Licenses the Hub has no identifier for: a card names them as `license: other` with `license_name` (how the SD3.5
+# repos declare theirs).
+OTHER_LICENSES = frozenset({"stabilityai-ai-community"})
+
+
+def hub_license(name: str) -> dict[str, str]:
+    """A model card's license fields for a license name."""
+    return {"license": "other", "license_name": name} if name in OTHER_LICENSES else {"license": name}
 
 # The training noise schedule every family shares: SD1.5's scheduler config (scaled-linear betas, 1000 steps).
 NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,

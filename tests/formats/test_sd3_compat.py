@@ -124,3 +124,19 @@ def test_folding_alpha_keeps_every_module_s_update():
         raw = folded.tensors["transformer"][f"{module}.lora_B.weight"] @ folded.tensors["transformer"][
             f"{module}.lora_A.weight"]
         assert torch.allclose(raw, delta(adapter, "transformer", module))
+
+
+def test_generate_info_and_prompt_tags_work_on_sd3_adapters(sd3_adapters, tmp_path, capsys):
+    from PIL import Image
+
+    from sdlora import cli
+
+    first, second = sd3_adapters
+    image = tmp_path / "gen.png"
+    # The base comes from the adapter's header (sdlora:tiny-sd3); the second adapter through a <lora:...> tag.
+    assert cli.main(["generate", "--lora", f"{first}:0.8", "--lora-dir", str(second.parent), "--prompt",
+                     f"a red circle <lora:{second.stem}:0.5>", "--steps", "2", "--height", "64", "--width", "64",
+                     "--fuse", "-o", str(image)]) == 0
+    assert Image.open(image).size == (64, 64)
+    assert cli.main(["info", str(first)]) == 0
+    assert '"transformer"' in capsys.readouterr().out

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from sdlora.config import ConfigError, load_config
 from sdlora.data import collate
@@ -48,15 +49,19 @@ def test_cli_trains_tiny_sd3_and_a_resumed_run_equals_the_uninterrupted_one(tiny
     config.write_text(f"model: {{base: 'sdlora:tiny-sd3'}}\ndata: {{path: {style_dataset}, resolution: 64}}\n"
                       "train: {steps: 6, batch_size: 2, learning_rate: 0.01, checkpoint_every: 3, lr_scheduler: cosine,"
                       " lr_warmup_steps: 2}\nlora: {dropout: 0.1}\n"
-                      f"output: {{dir: {out}, name: sd3}}\n")
+                      f"output: {{dir: {out}, name: sd3}}\nsample: {{prompts: [a red circle], steps: 2}}\n")
     done = subprocess.run([sys.executable, "-m", "sdlora", "train", str(config)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
+    assert (out / "samples" / "step-000006.png").is_file()  # samples render through the SD3 pipeline
     straight = read_adapter(out / "sd3.safetensors")
     assert straight.components == ["transformer"]
     assert straight.metadata["sdlora.family"] == "sd3" and straight.metadata["modelspec.prediction_type"] == "flow"
     logged = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(logged) == 6
+    card = ModelCard.load(out / "README.md")  # the Hub's names for SD3.5's license, and diffusers' SD3 pipeline
+    assert (card.data.license, card.data.license_name) == ("other", "stabilityai-ai-community")
+    assert "sd3" in card.data.tags and "StableDiffusion3Pipeline" in card.text
 
     # Resume a second run from the CLI run's step-3 checkpoint: it must reach the same adapter and losses.
     resumed_dir = tmp_path / "resumed"
