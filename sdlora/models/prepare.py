@@ -51,6 +51,8 @@ def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.devic
     check_resolution(base, config.data)
     quantize_frozen({"unet": base.unet, **base.text_encoders}, config.model.quantize, device, weight_dtype)
     sd3_base = base.family == "sd3"
+    if not sd3_base:
+        sd3.refuse_sd3_fields(config, base.family)
     prediction_type = sd3.check_training(config) if sd3_base else train.prediction_type or base.prediction_type
     if prediction_type not in PREDICTION_TYPES and not sd3_base:
         # Checked here, not at the first step: a base whose scheduler predicts something else fails in seconds.

@@ -137,10 +137,25 @@ def check_training(config) -> str:
         if value:
             raise ConfigError(f"{field}: not used with an SD3 base ({why}); unset it (SD3 trains with the "
                               "flow: section)")
+    if config.lora.unet_targets != type(config.lora)().unet_targets:
+        raise ConfigError("lora.unet_targets: an SD3 base has a transformer, not a UNet; set lora.transformer_targets")
     if config.output.kohya:
         raise ConfigError("output.kohya: SD3 adapters are written in diffusers layout only (`transformer.` keys, "
                           "which diffusers and ComfyUI both load as they are); set output.kohya=false")
     return "flow"
+
+
+def refuse_sd3_fields(config, family: str) -> None:
+    """Options that only an SD3 base reads, changed from their defaults for another family: refused, never silently
+    ignored. (Values, not which keys a file names: a run folder's config.yaml spells out every default.)"""
+    set_fields = [f"{section}.{name}" for section, names in (("model", ("t5", "t5_max_length")),
+                                                              ("lora", ("transformer_targets",)),
+                                                              ("flow", tuple(type(config.flow).model_fields)))
+                  for name in names
+                  if getattr(getattr(config, section), name) != getattr(type(getattr(config, section))(), name)]
+    if set_fields:
+        raise ConfigError(f"{set_fields[0]}: only SD3 bases read it, and this base is {family}; remove "
+                          f"{', '.join(set_fields)}")
 
 
 @dataclass

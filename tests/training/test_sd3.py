@@ -145,8 +145,16 @@ def test_t5_less_training_runs_and_saves(sd3_config):
     ("train.snr_gamma=5", "train.snr_gamma"),
     ("train.prediction_type=epsilon", "train.prediction_type"),
     ("output.kohya=true", "output.kohya"),
+    ("lora.unet_targets=[to_q]", "lora.unet_targets"),
 ])
 def test_levers_without_meaning_for_flow_matching_are_refused_by_name(sd3_config, override, field):
     run = TrainingRun(sd3_config(override))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        run.build()
+
+
+@pytest.mark.parametrize("override", ["model.t5=false", "flow.shift=2", "lora.transformer_targets=[to_q]"])
+def test_sd3_only_options_on_a_unet_base_are_refused_by_name(make_config, override):
+    run = TrainingRun(make_config(override))
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ": only SD3 bases"):
         run.build()
