@@ -23,7 +23,7 @@ import torch
 class FlowObjective:
     """The `flow:` section's choices and the schedule's shifted sigma table (sigma[i] for training index i)."""
 
-    sigmas: torch.Tensor  # [N], descending from 1, as the scheduler's own `sigmas[:-1]` at construction
+    sigmas: torch.Tensor  # [N], descending from 1: the scheduler's own `sigmas` at construction
     num_train_timesteps: int
     timestep_sampling: str = "logit_normal"
     logit_mean: float = 0.0
@@ -44,7 +44,7 @@ class FlowObjective:
     def sample_u(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         """u in [0, 1] per sample (diffusers' `compute_density_for_timestep_sampling`)."""
         if self.timestep_sampling == "logit_normal":
-            normal = torch.randn((n,), generator=generator, device=device) * self.logit_std + self.logit_mean
+            normal = torch.normal(self.logit_mean, self.logit_std, (n,), generator=generator, device=device)
             return torch.sigmoid(normal)
         u = torch.rand((n,), generator=generator, device=device)
         if self.timestep_sampling == "mode":
