@@ -14,6 +14,7 @@ import torch
 
 from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, read_adapter
 from sdlora.inference.pipeline import AdapterSpec
+from sdlora.models import lora
 from sdlora.models.lora import AdapterShape
 
 
@@ -114,8 +115,11 @@ def bake_into(models: dict[str, torch.nn.Module], adapter: AdapterFile, weight: 
         for component in adapter.components:
             if component not in models:
                 raise AdapterFormatError(f"--into-base: the base has no {component} for this adapter")
-            for module in _modules(adapter, component):
-                target = models[component].get_submodule(module).weight
+            model = models[component]
+            # SD3's first text encoder keeps `text_model.` in its paths, which files read without (see lora.py)
+            paths = lora.fit_text_model_prefix(model, {module: None for module in _modules(adapter, component)})
+            for module, path in zip(_modules(adapter, component), paths):
+                target = model.get_submodule(path).weight
                 update = delta(adapter, component, module).reshape(target.shape)
                 target.add_((weight * update).to(target.dtype))
                 changed += 1

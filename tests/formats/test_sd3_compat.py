@@ -140,3 +140,15 @@ def test_generate_info_and_prompt_tags_work_on_sd3_adapters(sd3_adapters, tmp_pa
     assert Image.open(image).size == (64, 64)
     assert cli.main(["info", str(first)]) == 0
     assert '"transformer"' in capsys.readouterr().out
+
+
+def test_baking_an_sd3_adapter_into_the_base_equals_stacking_it(sd3_adapters):
+    from sdlora.inference import merge
+
+    adapter = read_adapter(sd3_adapters[0])
+    base = load_base_model("sdlora:tiny-sd3")
+    assert merge.bake_into({base.denoiser_component: base.unet, **base.text_encoders}, adapter) > 0
+    baked = _latents(inference.build_pipeline(base))
+    stacked_pipe = _sdlora_pipe()
+    inference.stack_adapters(stacked_pipe, [inference.AdapterSpec(str(sd3_adapters[0]), 1.0)])
+    assert (baked - _latents(stacked_pipe)).abs().max() < 1e-4
