@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds with --generate (one image per setting each)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--sd3-shapes", choices=["sd3-medium", "sd3.5-medium", "sd3.5-large"],
+                        help="print an SD3 / SD3.5 base's parameter counts per part (built on the meta device, "
+                        "no memory used; with a LoRA of --rank on the default targets) and exit")
     return parser.parse_args(argv)
 
 
@@ -95,7 +98,12 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.generate:
+    if args.sd3_shapes:
+        from sdlora.bench.archs import sd3_shapes
+
+        result = sd3_shapes(args.sd3_shapes, args.rank)
+        rows = [(name, f"{count:,}") for name, count in result.items()]
+    elif args.generate:
         from sdlora.models.precision import resolve_mixed_precision
 
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[

@@ -121,7 +121,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         base = load_base_model(args.into_base)
         merged = merge.merge_files(adapters, args.rank, base=base)
-        merge.bake_into({"unet": base.unet, **base.text_encoders}, merged)
+        merge.bake_into({base.denoiser_component: base.unet, **base.text_encoders}, merged)
         print(f"base with the adapter baked in: {merge.save_base(base, args.output)}")
         return 0
     merged = merge.merge_files(adapters, args.rank)
@@ -177,8 +177,8 @@ def _generation_args(parser: argparse.ArgumentParser, prompt_help: str, prompt_r
     parser.add_argument("--guidance-scale", type=float, default=SampleSection.model_fields["guidance_scale"].default,
                         help="classifier-free guidance (default: %(default)s, as a run's sample.guidance_scale; "
                         "the demo configs use 5.0 for the small sdlora:shapes base)")
-    parser.add_argument("--scheduler", default="ddim",
-                        help="ddim, euler, euler_a, dpm++ or ddpm (default: %(default)s)")
+    parser.add_argument("--scheduler", default=None,
+                        help="ddim, euler, euler_a, dpm++ or ddpm; flow_euler for SD3 (default: ddim; SD3: flow_euler)")
     parser.add_argument("--height", type=int, help="image height in pixels (default: the base's own size)")
     parser.add_argument("--width", type=int, help="image width in pixels (default: the base's own size)")
 

@@ -76,3 +76,12 @@ def tiny_sd2v_base(tmp_path_factory) -> Path:
     from sdlora.models.tiny import save_tiny_sd2v_pipeline
 
     return save_tiny_sd2v_pipeline(tmp_path_factory.mktemp("tiny-sd2v") / "pipe", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_base() -> Path:
+    """The built-in `sdlora:tiny-sd3` (SD3 transformer, 16-channel VAE, two CLIPs with projection, T5), built
+    once per session into the session's cache, so in-process runs and CLI subprocesses share it."""
+    from sdlora.models import resolve_builtin
+
+    return resolve_builtin("sdlora:tiny-sd3")

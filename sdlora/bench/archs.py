@@ -8,6 +8,7 @@ project-made one from `tiny.py` (its ids all fall inside CLIP-L's 49408-token em
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -125,3 +126,69 @@ def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dty
     )
     freeze(base)
     return base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (transformer/config.json of stabilityai/stable-diffusion-3-medium-diffusers, -3.5-medium, -3.5-large;
+# Large Turbo shares Large's). Counted on the meta device: the shapes, never the 16 GB of weights.
+
+SD35_LARGE_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)
+# MMDiT-X: the first 13 blocks add a second (image-only) self-attention; a larger position table for 1440 px.
+SD35_MEDIUM_TRANSFORMER = dict(SD35_LARGE_TRANSFORMER, num_layers=24, num_attention_heads=24,
+                               caption_projection_dim=1536, pos_embed_max_size=384,
+                               dual_attention_layers=tuple(range(13)))
+SD3_MEDIUM_TRANSFORMER = dict(SD35_MEDIUM_TRANSFORMER, pos_embed_max_size=192, dual_attention_layers=(), qk_norm=None)
+SD3_VAE = dict(SD15_VAE, sample_size=1024, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+               use_quant_conv=False, use_post_quant_conv=False)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+SD3_ARCHS = {
+    "sd3-medium": SD3_MEDIUM_TRANSFORMER,
+    "sd3.5-medium": SD35_MEDIUM_TRANSFORMER,
+    "sd3.5-large": SD35_LARGE_TRANSFORMER,
+}
+
+
+def sd3_shapes(arch: str, lora_rank: int = 16) -> dict[str, int]:
+    """Parameter counts of an SD3 base's parts, built on the meta device: the transformer's trainable-shaped
+    parameters, its stored position table (a buffer in diffusers, a tensor in the checkpoint: the published "8.1 B"
+    and "2.5 B" count it), the three text encoders, the VAE, and a LoRA of `lora_rank` on the default targets."""
+    from diffusers import SD3Transformer2DModel
+
+    from sdlora.config import LoraSection
+    from sdlora.models import lora
+
+    if arch not in SD3_ARCHS:
+        raise ValueError(f"arch {arch!r}: choose one of {', '.join(SD3_ARCHS)}")
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**SD3_ARCHS[arch])
+        shapes = {"transformer": count(transformer),
+                  "transformer_pos_embed": sum(b.numel() for b in transformer.buffers()), **_sd3_encoder_shapes()}
+        targets = LoraSection().transformer_targets
+        lora.attach(transformer, lora.AdapterShape(lora_rank, float(lora_rank), targets))
+        shapes[f"lora_rank{lora_rank}"] = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    return shapes
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@functools.lru_cache(maxsize=1)
+def _sd3_encoder_shapes() -> dict[str, int]:
+    """The parts every SD3 size shares: CLIP-L and OpenCLIP-bigG with projections, T5-XXL's encoder, the VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        return {
+            "text_encoder": count(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L))),
+            "text_encoder_2": count(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG))),
+            "text_encoder_3": count(T5EncoderModel(T5Config(**T5_XXL))),
+            "vae": count(AutoencoderKL(**SD3_VAE)),
+        }

@@ -25,6 +25,7 @@ from sdlora.config.data import (  # noqa: F401
     SourceSection,
 )
 from sdlora.config.files import ConfigError, apply_overrides, explain, read_config_file
+from sdlora.config.flow import FlowSection
 from sdlora.config.model import (  # noqa: F401
     TEXT_ENCODER_ATTENTION_TARGETS,
     UNET_ATTENTION_TARGETS,
@@ -50,6 +51,7 @@ class RunConfig(Section):
     validation: ValidationSection = ValidationSection()
     ema: EmaSection = EmaSection()
     logging: LoggingSection = LoggingSection()
+    flow: FlowSection = FlowSection()
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:

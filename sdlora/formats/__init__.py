@@ -12,6 +12,7 @@ from sdlora.formats.adapter import (  # noqa: F401
     convert,
     describe,
     detect_format,
+    fold_alpha,
     from_diffusers_state_dict,
     from_kohya_state_dict,
     read_adapter,

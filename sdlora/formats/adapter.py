@@ -28,7 +28,7 @@ from sdlora.files.atomic import save_safetensors_atomic
 from sdlora.files.untrusted import UnsafeFileError, sniff_pickle, validate_safetensors
 from sdlora.models.lora import AdapterShape
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # transformer: SD3's denoiser
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 # diffusers' older key style, still found in files on the Hub.
 _LEGACY_KEY = re.compile(r"^(?P<module>.+)\.lora(?:_linear_layer)?\.(?P<part>up|down)\.weight$")
@@ -95,10 +95,38 @@ def to_diffusers_state_dict(adapter: AdapterFile) -> dict[str, torch.Tensor]:
     }
 
 
+def fold_alpha(adapter: AdapterFile) -> AdapterFile:
+    """The same adapter with each module's alpha / r folded into its lora_B, so alpha = r everywhere.
+
+    For SD3 the diffusers file is also the one ComfyUI loads (its key map reads `transformer.` keys), and ComfyUI
+    takes alpha only from per-module `.alpha` tensors, which diffusers' loader does not accept: with alpha = r
+    both read the header-less scale 1 and apply the same update."""
+    tensors, shapes = {}, {}
+    for component in adapter.components:
+        shape = adapter.shapes[component]
+        folded = dict(adapter.tensors[component])
+        ranks: dict[str, int] = {}
+        for key, value in adapter.tensors[component].items():
+            match = _PEFT_KEY.match(key)
+            if match and match["part"] == "A":
+                ranks[match["module"]] = int(value.shape[0])
+        for module, rank in ranks.items():
+            alpha = next((a for name, a in shape.alpha_pattern.items() if module.endswith(name)), shape.alpha)
+            key = f"{module}.lora_B.weight"
+            folded[key] = folded[key] * (float(alpha) / rank)
+        tensors[component] = folded
+        shapes[component] = AdapterShape(shape.rank, float(shape.rank), shape.target_modules, shape.dropout,
+                                         dict(shape.rank_pattern), dict(shape.rank_pattern))
+    return AdapterFile(tensors, shapes, dict(adapter.metadata), adapter.format)
+
+
 def save_diffusers(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None = None) -> Path:
-    """Write the diffusers/peft file that `pipe.load_lora_weights` loads as is. Atomic."""
+    """Write the diffusers/peft file that `pipe.load_lora_weights` loads as is (an SD3 one also in ComfyUI: its
+    alpha is folded into the weights, see `fold_alpha`). Atomic."""
     from sdlora.formats.metadata import shareable
 
+    if "transformer" in adapter.components:
+        adapter = fold_alpha(adapter)
     tensors = to_diffusers_state_dict(adapter)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
@@ -273,6 +301,12 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     from sdlora.formats.ldm import LayoutError
 
     family = meta.family_key(adapter.metadata, adapter.components)
+    if family == "sd3":
+        # ComfyUI's LoRA key map reads SD3 adapters by their diffusers `transformer.` names, as diffusers does, so
+        # the diffusers file is already the one both load; no kohya layout of SD3 is written.
+        raise AdapterFormatError(f"{path}: SD3 adapters are written in diffusers layout only (ComfyUI and diffusers "
+                                 "both load its `transformer.` keys as they are); use --to diffusers "
+                                 "(in a run, output.kohya=false)")
     shapes = {c: adapter.shapes[c] for c in adapter.components}
     try:
         tensors = kohya.to_kohya_state_dict({c: adapter.tensors[c] for c in adapter.components}, shapes,

@@ -25,7 +25,9 @@ def family_key(metadata: dict[str, str], components: list[str]) -> str:
     if family is None:
         version = metadata.get("ss_base_model_version", "")
         architecture = metadata.get("modelspec.architecture", "")
-        if version.startswith("sdxl") or "-xl-" in architecture or "text_encoder_2" in components:
+        if version == "sd3" or architecture.startswith("stable-diffusion-3") or "transformer" in components:
+            family = "sd3"
+        elif version.startswith("sdxl") or "-xl-" in architecture or "text_encoder_2" in components:
             family = "sdxl"
         elif version.startswith("sd_v2") or "-v2-" in architecture:
             family = "sd2"

@@ -167,7 +167,7 @@ def card_data(facts: RunFacts) -> ModelCardData:
         base_model=facts.base_model,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        license=out.license or families.TABLE[facts.family].license,
+        **families.hub_license(out.license or families.TABLE[facts.family].license),
         tags=["text-to-image", families.TABLE[facts.family].hub_tag, "diffusers", "lora", "template:sd-lora", "sdlora"],
         instance_prompt=", ".join(out.trigger_words) or None,
         widget=widget or None,
@@ -286,7 +286,8 @@ def _settings(facts: RunFacts) -> list[tuple[str, str]]:
         ("steps", str(facts.steps_done if facts.steps_done is not None else cfg.train.steps)),
         ("batch size", f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation} accumulation"),
         ("rank / alpha", f"{cfg.lora.rank} / {cfg.lora.effective_alpha:g}"),
-        ("UNet targets", ", ".join(cfg.lora.unet_targets)),
+        *([("transformer targets", ", ".join(cfg.lora.transformer_targets))] if facts.family == "sd3"
+          else [("UNet targets", ", ".join(cfg.lora.unet_targets))]),
         ("text encoder", "trained (" + ", ".join(cfg.lora.text_encoder_targets) + ")" if cfg.lora.train_text_encoder else "frozen"),
         ("optimizer", f"{cfg.train.optimizer}, lr {cfg.train.learning_rate:g}, {cfg.train.lr_scheduler} schedule"),
         ("precision", cfg.train.mixed_precision if cfg.train.mixed_precision != "no" else "fp32"),

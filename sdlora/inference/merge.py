@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import AdapterFile, AdapterFormatError, read_adapter
+from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, read_adapter
 from sdlora.formats.validate import adapter_family, check_fits
 from sdlora.inference.pipeline import AdapterSpec, ReadAdapter
+from sdlora.models import lora
 from sdlora.models.lora import AdapterMismatchError, AdapterShape
 
 
@@ -107,7 +108,7 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
         raise AdapterFormatError("merge: give at least one adapter")
     sources = sources or [f"adapter {n}" for n in range(len(items))]
     _same_family(items, sources)
-    components = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(c in a.components for a, _ in items)]
+    components = [c for c in COMPONENTS if any(c in a.components for a, _ in items)]
     tensors, shapes = {}, {}
     for component in components:
         parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, str]]] = {}
@@ -154,8 +155,13 @@ def bake_into(models: dict[str, torch.nn.Module], adapter: AdapterFile, weight: 
     changed = 0
     with torch.no_grad():
         for component in adapter.components:
-            for module in _modules(adapter, component):
-                target = models[component].get_submodule(module).weight
+            if component not in models:
+                raise AdapterFormatError(f"--into-base: the base has no {component} for this adapter")
+            model = models[component]
+            # SD3's first text encoder keeps `text_model.` in its paths, which files read without (see lora.py)
+            paths = lora.fit_text_model_prefix(model, {module: None for module in _modules(adapter, component)})
+            for module, path in zip(_modules(adapter, component), paths):
+                target = model.get_submodule(path).weight
                 update = delta(adapter, component, module).reshape(target.shape)
                 target.add_((weight * update).to(target.dtype))
                 changed += 1

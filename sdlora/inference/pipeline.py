@@ -26,7 +26,9 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "ddpm": "DDPMScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",  # SD3's own, and the only one a rectified-flow base samples with
 }
+FLOW_SCHEDULERS = ("flow_euler",)
 
 
 class GenerationSettingError(UserError, ValueError):
@@ -88,17 +90,23 @@ def generation_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def build_pipeline(base: BaseModel, scheduler: str = "ddim", device: str | torch.device = "cpu",
+def build_pipeline(base: BaseModel, scheduler: str | None = None, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, progress: bool = False):
     """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL bases) over already-loaded
     components (no second copy of the weights). It leaves the process's memory policy alone: commands that
     generate on a CPU call `hostmem.settle_host_memory` themselves. `progress` shows diffusers' bar over the
     denoising steps on stderr (`sdlora generate`); off, it stays quiet (previews under the training bar, grids
-    with their own bar over cells)."""
+    with their own bar over cells). `scheduler` None: ddim, or flow_euler for an SD3 base."""
     import diffusers
 
+    flow_base = base.family == "sd3"
+    scheduler = scheduler or ("flow_euler" if flow_base else "ddim")
     if scheduler not in SCHEDULERS:
         raise GenerationSettingError(f"--scheduler: unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if flow_base != (scheduler in FLOW_SCHEDULERS):
+        allowed = FLOW_SCHEDULERS if flow_base else [name for name in SCHEDULERS if name not in FLOW_SCHEDULERS]
+        raise GenerationSettingError(f"--scheduler: {scheduler} cannot sample this {base.family} base; choose "
+                                     f"{' or '.join(allowed)}")
     pipe = base.pipeline(getattr(diffusers, SCHEDULERS[scheduler]).from_config(base.scheduler.config))
     pipe.set_progress_bar_config(disable=not progress, desc="denoising", unit="step")
     _decode_in_vae_dtype(base.vae)
@@ -123,10 +131,24 @@ def _decode_in_vae_dtype(vae: torch.nn.Module) -> None:
             part._sdlora_casts_input = True
 
 
+DENOISERS = ("unet", "transformer")  # the adapter components that are the denoiser (SD1/2/XL; SD3)
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The pipeline's UNet, or its transformer (SD3)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
+def _denoiser_name(pipe) -> str:
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
 class AdapterStack:
     """Named adapters on one pipeline; `set_weights` chooses which are active and how strongly."""
 
-    COMPONENT_ATTRS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    COMPONENT_ATTRS = {"unet": "unet", "transformer": "transformer", "text_encoder": "text_encoder",
+                       "text_encoder_2": "text_encoder_2"}
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -154,10 +176,13 @@ class AdapterStack:
             raise ValueError(f"adapter name {name!r} is already loaded")
         models = dict(self._present())
         check_fits(source or name, adapter, models, base_family(models))
-        device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
+        device, dtype = denoiser(self.pipe).device, denoiser(self.pipe).dtype
         for component in adapter.components:
-            tensors = {k: v.to(device, dtype) for k, v in adapter.tensors[component].items()}
-            lora.load_adapter(self._module(component), tensors, adapter.shapes[component], name)
+            module = self._module(component)
+            tensors = lora.fit_text_model_prefix(
+                module, {k: v.to(device, dtype) for k, v in adapter.tensors[component].items()})
+            # peft matches target names as path suffixes, so the shape fits either spelling of the paths.
+            lora.load_adapter(module, tensors, adapter.shapes[component], name)
         self.names.append(name)
 
     def set_weights(self, weights: dict[str, tuple[float, float]]) -> None:
@@ -167,7 +192,7 @@ class AdapterStack:
         if unknown:
             raise KeyError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
         for component, module in self._present():
-            index = 0 if component == "unet" else 1  # the text-encoder weight applies to both SDXL encoders
+            index = 0 if component in DENOISERS else 1  # the text-encoder weight applies to both SDXL encoders
             lora.set_weights(module, {name: w[index] for name, w in weights.items()})
 
     def fuse(self, reversible: bool = True) -> None:
@@ -300,14 +325,14 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
         with rng.isolated():
             for name, spec in zip(names, specs):
                 _add_file(stack, name, spec.source, "sample.adapters")
-        for component, index in (("unet", 0), ("text_encoder", 1)):
+        for component, index in ((_denoiser_name(pipe), 0), ("text_encoder", 1)):
             module = getattr(pipe, component)
             own = {trained: 1.0} if trained in lora.adapter_names(module) else {}
             weights = {name: (spec.unet_weight, spec.te_weight)[index] for name, spec in zip(names, specs)}
             lora.set_weights(module, {**own, **weights})
         yield stack
     finally:
-        for component in ("unet", "text_encoder"):
+        for component in (_denoiser_name(pipe), "text_encoder"):
             module = getattr(pipe, component)
             for name in names:
                 lora.delete_adapter(module, name)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from sdlora.errors import UserError
-from sdlora.models import backends, families
+from sdlora.models import backends, families, sd3
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ class BaseModel:
     tokenizer: Any
     scheduler: Any
     source: str
-    # SDXL's second text encoder (OpenCLIP-bigG, with projection) and its tokenizer; None for SD1/SD2.
+    # SDXL's and SD3's second text encoder (OpenCLIP-bigG, with projection) and its tokenizer; None for SD1/SD2.
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    # SD3's T5-XXL and its tokenizer; None for the other families and for an SD3 base loaded without T5.
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
     declared_family: str | None = None  # model.family, when the user names it
 
     @property
@@ -50,23 +53,34 @@ class BaseModel:
 
     @property
     def family(self) -> str:
-        """'sd1', 'sd2', 'sd2-v' or 'sdxl': as declared in the config, else read from the components."""
+        """'sd1', 'sd2', 'sd2-v', 'sdxl' or 'sd3': as declared in the config, else read from the components."""
         if self.declared_family:
             return self.declared_family
+        if sd3.is_sd3_config(self.unet.config):
+            return "sd3"
         return families.detect_family(self.unet.config, self.text_encoder.config, self.prediction_type)
 
     @property
     def text_encoders(self) -> dict[str, Any]:
-        """Text encoders by adapter component name (`text_encoder`, and `text_encoder_2` for SDXL)."""
-        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        """Text encoders by adapter component name (`text_encoder`, `text_encoder_2` for SDXL and SD3, SD3's T5
+        `text_encoder_3`)."""
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                    "text_encoder_3": self.text_encoder_3}
         return {name: module for name, module in encoders.items() if module is not None}
 
     @property
     def tokenizers(self) -> list[Any]:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
+
+    @property
+    def denoiser_component(self) -> str:
+        """The denoiser's prefix in an adapter file: `transformer` for SD3, `unet` for the others."""
+        return sd3.COMPONENT if self.family == "sd3" else "unet"
 
     def pipeline(self, scheduler=None):
         """This base as a diffusers pipeline over the same modules; `scheduler` (default: the base's) samples."""
+        if self.family == "sd3":
+            return sd3.pipeline(self, scheduler)
         return pipeline_from_components(
             unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             scheduler=scheduler or self.scheduler, text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
@@ -107,6 +121,12 @@ def _build_tiny_sdxl(target: Path) -> None:
     save_tiny_sdxl_pipeline(target)
 
 
+def _build_tiny_sd3(target: Path) -> None:
+    from sdlora.models.tiny_sd3 import save_tiny_sd3_pipeline
+
+    save_tiny_sd3_pipeline(target)
+
+
 def _build_tiny_sd2v(target: Path) -> None:
     from sdlora.models.tiny import save_tiny_sd2v_pipeline
 
@@ -114,7 +134,8 @@ def _build_tiny_sd2v(target: Path) -> None:
 
 
 BUILTIN_BASES: dict[str, Callable[[Path], None]] = {"sdlora:tiny": _build_tiny}
-BUILTIN_BASES.update({"sdlora:tiny-sdxl": _build_tiny_sdxl, "sdlora:tiny-sd2-v": _build_tiny_sd2v})
+BUILTIN_BASES.update({"sdlora:tiny-sdxl": _build_tiny_sdxl, "sdlora:tiny-sd2-v": _build_tiny_sd2v,
+                      "sdlora:tiny-sd3": _build_tiny_sd3})
 # Trained bases that ship inside the package (scripts/train_base.py makes them).
 PACKAGED_BASES: dict[str, Path] = {"sdlora:shapes": Path(__file__).parents[1] / "assets" / "shapes"}
 
@@ -154,7 +175,7 @@ def resolve_builtin(name: str) -> Path:
 
 
 def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, torch_dtype,
-                        frozen_dtype=None) -> BaseModel:
+                        frozen_dtype=None, use_t5: bool = True) -> BaseModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -162,6 +183,9 @@ def _load_folder_or_hub(source: str, revision: str | None, variant: str | None, 
     common = {"revision": revision} if revision else {}
     weights = dict(common, variant=variant) if variant else dict(common)
     frozen_dtype = frozen_dtype or torch_dtype  # the UNet and text encoders; the VAE keeps torch_dtype
+    if _has_component(source, "transformer", common):
+        if not Path(source).is_dir() or sd3.is_sd3_folder(source):
+            return sd3.load_folder(source, common, weights, torch_dtype, frozen_dtype, use_t5)
     parts: dict[str, Callable[[], Any]] = {
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(
@@ -203,7 +227,8 @@ def single_file_family(path: Path) -> str | None:
 
 
 def _load_single_file(
-    path: Path, config: str | None, torch_dtype, family: str | None = None, allow_pickle: bool = False
+    path: Path, config: str | None, torch_dtype, family: str | None = None, allow_pickle: bool = False,
+    use_t5: bool = True,
 ) -> BaseModel:
     import diffusers
 
@@ -226,6 +251,8 @@ def _load_single_file(
             f"to one of {', '.join(families.FAMILIES)}"
         )
     pipeline_class = getattr(diffusers, families.TABLE[family].pipeline_class)
+    if family == "sd3":
+        kwargs.update(sd3.text_encoders_for_single_file(path, config, torch_dtype, use_t5))
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
     except Exception as exc:
@@ -233,6 +260,8 @@ def _load_single_file(
             f"model.base: cannot load single-file checkpoint {path}: {exc}. Offline, set model.single_file_config "
             "to a local diffusers folder of the same architecture."
         ) from exc
+    if family == "sd3":
+        return sd3.base_from_pipeline(pipe, str(path))
     return BaseModel(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -255,25 +284,28 @@ def load_base_model(
     family: str | None = None,
     allow_pickle: bool = False,
     frozen_dtype: torch.dtype | None = None,
+    use_t5: bool = True,
 ) -> BaseModel:
     """Load the base from a built-in name, a folder, a single file or a hub id; frozen, in eval mode.
     `family` (model.family) overrides detection: it picks the single-file pipeline class, and 'sd2-v' makes
     the scheduler predict v. `frozen_dtype` (folders and hub ids) loads the UNet and text encoders in another
-    dtype than the VAE: bf16 when their weights will be stored in bf16 or fp8 anyway."""
+    dtype than the VAE: bf16 when their weights will be stored in bf16 or fp8 anyway. `use_t5` false loads an SD3
+    base without its T5 encoder (model.t5)."""
     if base.startswith("sdlora:"):
-        model = _load_folder_or_hub(str(resolve_builtin(base)), None, None, torch_dtype, frozen_dtype)
+        model = _load_folder_or_hub(str(resolve_builtin(base)), None, None, torch_dtype, frozen_dtype, use_t5)
         model.source = base
     elif Path(base).is_file() or base.endswith(SINGLE_FILE_SUFFIXES):
         if not Path(base).is_file():
             raise ModelLoadError(f"model.base: checkpoint file {base} does not exist")
-        model = _load_single_file(Path(base), single_file_config, torch_dtype, family, allow_pickle)
+        model = _load_single_file(Path(base), single_file_config, torch_dtype, family, allow_pickle, use_t5)
     elif Path(base).is_dir():
-        if not (Path(base) / "model_index.json").is_file() and not (Path(base) / "unet").is_dir():
+        if not (Path(base) / "model_index.json").is_file() and not (Path(base) / "unet").is_dir() \
+                and not (Path(base) / "transformer").is_dir():
             raise ModelLoadError(f"model.base: {base} is a folder but not a diffusers pipeline (no model_index.json)")
-        model = _load_folder_or_hub(base, revision, variant, torch_dtype, frozen_dtype)
+        model = _load_folder_or_hub(base, revision, variant, torch_dtype, frozen_dtype, use_t5)
     else:
         try:
-            model = _load_folder_or_hub(base, revision, variant, torch_dtype, frozen_dtype)
+            model = _load_folder_or_hub(base, revision, variant, torch_dtype, frozen_dtype, use_t5)
         except Exception as exc:  # hub errors are many types; all mean the same to the user
             raise ModelLoadError(
                 f"model.base: {base!r} is not a local folder or file, and loading it as a hub id failed: {exc}"
@@ -285,6 +317,14 @@ def load_base_model(
 
 
 def _declare_family(model: BaseModel, family: str) -> None:
+    found = model.family
+    if (family == "sd3") != (found == "sd3"):
+        what = "an SD3 base" if found == "sd3" else "not an SD3 base (it has a UNet)"
+        raise ModelLoadError(f"model.family: {family!r}, but {model.source} is {what}; set model.family={found!r} "
+                             "or leave it unset")
+    if family == "sd3":
+        model.declared_family = family
+        return
     if family == "sdxl" and model.text_encoder_2 is None:
         raise ModelLoadError(f"model.family: 'sdxl', but {model.source} has no text_encoder_2 (not an SDXL base)")
     if family != "sdxl" and model.text_encoder_2 is not None:

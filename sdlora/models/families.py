@@ -8,6 +8,8 @@ and the one noise schedule they share.
 - **sdxl**: two text encoders (CLIP-L, OpenCLIP-bigG); both encoders' penultimate hidden states are concatenated,
   the pooled projection of encoder 2 and six "time ids" (original size, crop top-left, target size; Podell et al.,
   "SDXL", 2023, sec. 2.2) go to the UNet as `added_cond_kwargs`.
+- **sd3**: SD3 Medium, SD3.5 Medium / Large / Large Turbo: an MMDiT transformer trained by rectified flow on three
+  text encoders (two CLIPs with projection, an optional T5); its conditioning lives in `sdlora.models.sd3`.
 
 The training loop gets a `Conditioning` object and calls it on each batch; it never asks which family it trains.
 """
@@ -34,11 +36,12 @@ class Family:
     name: str  # `model.family`, the `sdlora.family` header
     base_model_version: str  # kohya's `ss_base_model_version`: A1111, ComfyUI and kohya's tools read it
     architecture: str  # modelspec's `architecture` of a LoRA on this base
-    prediction_type: str  # the family's own target: epsilon, or v for SD2's 768 px models
+    prediction_type: str  # the family's own target: epsilon, v for SD2's 768 px models, flow for SD3
     resolution: int  # the side its bases were trained at
     pipeline_class: str  # the diffusers pipeline that loads it
     hub_tag: str  # the Hub's tag for models of the family
-    license: str  # the license its bases ship under (SD1.x CreativeML OpenRAIL-M; SD2.x and SDXL Open RAIL++-M)
+    license: str  # its bases' license (SD1.x CreativeML OpenRAIL-M; SD2.x, SDXL Open RAIL++-M; SD3.5 the
+    # Stability AI Community License, which the Hub names `other` with license_name `stabilityai-ai-community`)
 
     @property
     def sd2(self) -> bool:
@@ -57,9 +60,21 @@ TABLE: dict[str, Family] = {
                "stable-diffusion", "openrail++"),
         Family("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "epsilon", 1024,
                "StableDiffusionXLPipeline", "stable-diffusion-xl", "openrail++"),
+        # kohya's sd3 trainer and modelspec call the family "sd3" / "stable-diffusion-3" (sd-scripts appends the
+        # size, e.g. "-m", when it knows it; the family row names them all).
+        Family("sd3", "sd3", "stable-diffusion-3/lora", "flow", 1024, "StableDiffusion3Pipeline", "sd3",
+               "stabilityai-ai-community"),
     )
 }
 FAMILIES = tuple(TABLE)
+# Licenses the Hub has no identifier for: a card names them as `license: other` with `license_name` (how the SD3.5
+# repos declare theirs).
+OTHER_LICENSES = frozenset({"stabilityai-ai-community"})
+
+
+def hub_license(name: str) -> dict[str, str]:
+    """A model card's license fields for a license name."""
+    return {"license": "other", "license_name": name} if name in OTHER_LICENSES else {"license": name}
 
 # The training noise schedule every family shares: SD1.5's scheduler config (scaled-linear betas, 1000 steps).
 NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -91,6 +106,8 @@ def family_from_checkpoint_keys(keys: Iterable[str]) -> str | None:
     for key in keys:
         if key.startswith("conditioner.embedders.1."):
             return "sdxl"
+        if key.startswith("model.diffusion_model.joint_blocks."):  # SD3's MMDiT blocks
+            return "sd3"
         sd2 = sd2 or key.startswith("cond_stage_model.model.")
         sd1 = sd1 or key.startswith("cond_stage_model.transformer.")
     return "sd2" if sd2 else "sd1" if sd1 else None
@@ -105,7 +122,7 @@ def adapter_metadata(family: str, prediction_type: str, resolution: int) -> dict
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": row.architecture,
         "modelspec.implementation": "diffusers",
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": {"v_prediction": "v", "flow": "flow"}.get(prediction_type, "epsilon"),
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
 

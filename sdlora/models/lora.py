@@ -129,6 +129,16 @@ def load_adapter(
         )
 
 
+def fit_text_model_prefix(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module paths as this text encoder names them. Files are read with `text_model.` cut from the first encoder's
+    keys (transformers 5's CLIPTextModel has no such level); CLIPTextModelWithProjection, SD3's first encoder,
+    keeps it, so it goes back on there."""
+    if not hasattr(model, "text_model") or not hasattr(model, "text_projection"):
+        return state_dict
+    return {key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": value
+            for key, value in state_dict.items()}
+
+
 def lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 

@@ -138,14 +138,15 @@ def _from_training_record(folder: Path) -> tuple[int, str] | None:
 
 def _from_configs(folder: Path) -> tuple[int, str] | None:
     try:
-        latent_side = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))["sample_size"]
+        denoiser = "unet" if (folder / "unet").is_dir() else "transformer"  # SD3's denoiser is a transformer
+        latent_side = json.loads((folder / denoiser / "config.json").read_text(encoding="utf-8"))["sample_size"]
         vae_blocks = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if isinstance(latent_side, (list, tuple)):  # some UNets give (height, width)
         latent_side = latent_side[0]
     factor = 2 ** (len(vae_blocks) - 1)  # every VAE encoder block but the last halves the image
-    return int(latent_side) * factor, f"its UNet sample_size {latent_side} x VAE downsampling {factor}"
+    return int(latent_side) * factor, f"its {denoiser} sample_size {latent_side} x VAE downsampling {factor}"
 
 
 def _single_file_family(base: str) -> str | None:

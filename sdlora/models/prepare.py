@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlora.config import ConfigError, DataSection, LoraSection, RunConfig
-from sdlora.models import families, lora
+from sdlora.models import families, lora, sd3
 from sdlora.models.base import BaseModel, place, set_attention_backend
 from sdlora.models.precision import store_frozen_weights
 from sdlora.models.quantize import quantize_frozen
@@ -23,7 +23,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class TrainableModels:
     base: BaseModel  # with LoRA attached to its UNet (and text encoders when they train)
     trained_encoders: dict[str, torch.nn.Module]  # by adapter component; empty unless lora.train_text_encoder
-    prediction_type: str  # what the UNet is trained to predict (train.prediction_type or the base's own)
+    prediction_type: str  # what the UNet is trained to predict (train.prediction_type or the base's own; SD3: flow)
     attention: str  # the attention backend in use
 
 
@@ -50,8 +50,11 @@ def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.devic
     train, lora_cfg = config.train, config.lora
     check_resolution(base, config.data)
     quantize_frozen({"unet": base.unet, **base.text_encoders}, config.model.quantize, device, weight_dtype)
-    prediction_type = train.prediction_type or base.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
+    sd3_base = base.family == "sd3"
+    if not sd3_base:
+        sd3.refuse_sd3_fields(config, base.family)
+    prediction_type = sd3.check_training(config) if sd3_base else train.prediction_type or base.prediction_type
+    if prediction_type not in PREDICTION_TYPES and not sd3_base:
         # Checked here, not at the first step: a base whose scheduler predicts something else fails in seconds.
         raise ConfigError(
             f"{base.source}: its scheduler predicts {prediction_type!r}, which sdlora cannot train; set "
@@ -59,9 +62,11 @@ def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.devic
         )
     if train.zero_terminal_snr:
         base.scheduler = families.with_zero_terminal_snr(base.scheduler, prediction_type)
-    lora.attach(base.unet, adapter_shape(lora_cfg, lora_cfg.unet_targets))
-    # "Train the text encoder" means every text encoder of the base: SDXL's two (kohya's te1 / te2).
-    trained_encoders = dict(base.text_encoders) if lora_cfg.train_text_encoder else {}
+    lora.attach(base.unet, adapter_shape(lora_cfg, lora_cfg.transformer_targets if sd3_base else lora_cfg.unet_targets))
+    # "Train the text encoder" means every CLIP text encoder of the base: SDXL's and SD3's two (kohya's te1 / te2);
+    # SD3's T5 never trains (diffusers' script does not train it either).
+    trained_encoders = ({name: encoder for name, encoder in base.text_encoders.items() if name != sd3.T5_COMPONENT}
+                        if lora_cfg.train_text_encoder else {})
     for encoder in trained_encoders.values():
         lora.attach(encoder, adapter_shape(lora_cfg, lora_cfg.text_encoder_targets))
     # Stored before placing: stored weights keep their dtype through place(), so the full-size frozen model never

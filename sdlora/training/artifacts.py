@@ -65,11 +65,12 @@ class SampleRenderer:
         if not sample.prompts:
             return None
         # A cached run may have parked its frozen text encoders in CPU memory: borrow them back for the samples.
-        encoders = [e for e in (self.text_encoder, base.text_encoder_2) if e is not None]
+        encoders = [e for e in (self.text_encoder, base.text_encoder_2, base.text_encoder_3) if e is not None]
         with offload.borrowed(encoders, self.device):
             view = BaseModel(unet=self.unet, vae=base.vae, text_encoder=self.text_encoder, tokenizer=base.tokenizer,
                              scheduler=base.scheduler, source=base.source,
-                             text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+                             text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                             text_encoder_3=base.text_encoder_3, tokenizer_3=base.tokenizer_3)
             pipe = inference.build_pipeline(view, device=self.device, dtype=self.dtype)
             self.unet.eval()
             images = []

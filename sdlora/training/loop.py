@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from sdlora.training import diffusion, optim
+from sdlora.training.flow import FlowObjective, flow_loss, noisy_latents
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TrainingParts:
     # Every (wrapped) model whose LoRA trains, for gradient-sync windows; empty: the unet (and text_encoder if
     # trained). SDXL passes its second text encoder here too.
     trained_models: tuple[torch.nn.Module, ...] = ()
+    # SD3: rectified-flow training (`training.flow`) of a transformer in place of the UNet's diffusion objective.
+    flow: FlowObjective | None = None
 
 
 class Hooks(Protocol):
@@ -82,7 +85,9 @@ def sample_latents(parts: TrainingParts, mean: torch.Tensor, std: torch.Tensor) 
             lambda n: torch.randn((n, *mean.shape[1:]), generator=parts.generator, device=mean.device),
             mean.shape[0],
         ).to(mean.dtype)
-    return (latents * vae.config.scaling_factor).float()
+    # SD3's VAE also centres its latents (shift_factor); the SD VAEs have none.
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
 
 
 def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor:
@@ -105,6 +110,8 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
         ),
         size,
     )
+    if parts.flow is not None:
+        return _flow_loss(parts, batch, latents, noise, states, added_cond)
     total = parts.noise_scheduler.config.num_train_timesteps
     timesteps = _global_draw(
         parts, lambda n: diffusion.sample_timesteps(n, total, parts.generator, device, parts.timestep_range), size
@@ -120,6 +127,20 @@ def micro_step_loss(parts: TrainingParts, batch: dict[str, Any]) -> torch.Tensor
         prediction, target, timesteps, parts.noise_scheduler, parts.prediction_type, parts.snr_gamma,
         batch.get("loss_weights"), parts.loss, batch.get("masks"),
     )
+
+
+def _flow_loss(parts: TrainingParts, batch, latents, noise, states, added_cond) -> torch.Tensor:
+    """SD3: the transformer predicts the velocity at a point on the straight noise path (`training.flow`)."""
+    objective = parts.flow
+    u = _global_draw(parts, lambda n: objective.sample_u(n, parts.generator, latents.device), latents.shape[0])
+    sigmas = objective.sigmas_at(u)
+    noisy = noisy_latents(latents, noise, sigmas)
+    with parts.accelerator.autocast():
+        prediction = parts.unet(
+            hidden_states=noisy.to(parts.weight_dtype), timestep=sigmas * objective.num_train_timesteps,
+            encoder_hidden_states=states.to(parts.weight_dtype), return_dict=False, **added_cond,
+        )[0]
+    return flow_loss(objective, prediction, latents, noise, noisy, sigmas, batch.get("loss_weights"))
 
 
 def _step_is_finite(parts: TrainingParts, step_loss: float) -> bool:

@@ -31,6 +31,7 @@ from sdlora.models import (
     families,
     freeze,
     load_base_model,
+    sd3,
 )
 from sdlora.models.precision import (
     COMPUTE_DTYPES,
@@ -49,6 +50,7 @@ from sdlora.training import (
     validation,
 )
 from sdlora.training.diffusion import LossSpec
+from sdlora.training.flow import FlowObjective
 from sdlora.training.folder import RunFolder
 from sdlora.training.hooks import Publisher, RunHooks, RunResult
 from sdlora.training.initial_adapter import load_initial_adapter
@@ -125,7 +127,7 @@ class TrainingRun:
         self.parts = self._training_parts(models)
         self.checkpointer = Checkpointer(
             self.folder.checkpoints, cfg.train.keep_checkpoints, accelerator, self.parts, self.trained_models,
-            trainable_by_name({"unet": self.base.unet, **self.base.text_encoders}),
+            trainable_by_name({self.base.denoiser_component: self.base.unet, **self.base.text_encoders}),
             DataPosition(distributed.Layout(accelerator.num_processes, cfg.train.batch_size,
                                             cfg.train.gradient_accumulation)),
             cfg.train.batch_size,
@@ -184,7 +186,7 @@ class TrainingRun:
             return load_base_model(
                 model.base, revision=model.revision, variant=model.variant,
                 single_file_config=model.single_file_config, family=model.family,
-                allow_pickle=model.allow_pickle, frozen_dtype=frozen_dtype,
+                allow_pickle=model.allow_pickle, frozen_dtype=frozen_dtype, use_t5=model.t5,
             )
         base = self._prebuilt_base  # the benchmark hands in models built in memory
         base = base(frozen_dtype) if callable(base) else base
@@ -206,15 +208,12 @@ class TrainingRun:
         )
         distributed.check_strategy(accelerator, cfg)
         distributed.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
-        text_encoders = list(base.text_encoders.values())
-        if models.trained_encoders:
-            unet, *text_encoders, optimizer = accelerator.prepare(base.unet, *text_encoders, optimizer)
-        else:
-            unet, optimizer = accelerator.prepare(base.unet, optimizer)
+        # Only trained encoders are wrapped (SD3's T5 never trains); the conditioning gets every encoder, in order.
+        unet, *trained, optimizer = accelerator.prepare(base.unet, *models.trained_encoders.values(), optimizer)
+        wrapped = dict(zip(models.trained_encoders, trained))
+        text_encoders = [wrapped.get(name, encoder) for name, encoder in base.text_encoders.items()]
         # The (wrapped) models whose LoRA is trained, by adapter-file component: what checkpoints and saves read.
-        self.trained_models = {"unet": unet}
-        if models.trained_encoders:
-            self.trained_models.update(zip(base.text_encoders.keys(), text_encoders))
+        self.trained_models = {base.denoiser_component: unet, **wrapped}
         # FSDP replaces parameters with sharded ones: clip what the optimizer now holds.
         params = [p for model in self.trained_models.values() for p in model.parameters() if p.requires_grad]
         return TrainingParts(
@@ -227,10 +226,13 @@ class TrainingRun:
             loss=LossSpec(cfg.train.loss_type, cfg.train.huber_c, cfg.train.huber_schedule),
             timestep_range=(cfg.train.min_timestep, cfg.train.max_timestep),
             train_text_encoder=cfg.lora.train_text_encoder,
-            conditioning=families.conditioning_for(
+            conditioning=sd3.conditioning(base, text_encoders, accelerator.device, cfg.lora.train_text_encoder,
+                                          cfg.model.t5_max_length) if base.family == "sd3"
+            else families.conditioning_for(
                 base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
             ),
             trained_models=tuple(self.trained_models.values()),
+            flow=FlowObjective.from_config(cfg.flow, base.scheduler.config) if base.family == "sd3" else None,
         )
 
     def _attach_caches(self) -> cache.CacheStats:
@@ -250,7 +252,8 @@ class TrainingRun:
             # The family's own encoder: SDXL caches both encoders' states and the pooled embedding.
             text_encoder=parts.conditioning.encode_text if cfg.data.cache_text_embeddings else None,
             text_model_key=":".join(cache.module_fingerprint(e) for e in encoders)
-            + f":{len(base.tokenizer)}:{base.tokenizer.model_max_length}:{self.weight_dtype}",
+            + f":{len(base.tokenizer)}:{base.tokenizer.model_max_length}:{self.weight_dtype}"
+            + (f":t5-{cfg.model.t5_max_length}" if base.family == "sd3" else ""),
             batch_size=cfg.train.batch_size, progress=tqdm if accelerator.is_main_process else None,
             share=lambda work: distributed.shard_for_process(work, accelerator.num_processes,
                                                              accelerator.process_index),
