@@ -344,7 +344,7 @@ TRIGGERED_AT_CLI = {
     "sdlora.config.files.ConfigError", "sdlora.models.quantize.QuantizationError", "sdlora.data.sources.DatasetError",
     "sdlora.training.lock.OutputLockedError", "sdlora.training.checkpoint.CheckpointError",
     "sdlora.models.base.ModelLoadError", "sdlora.formats.adapter.AdapterFormatError",
-    "sdlora.inference.pipeline.LoraNameError", "sdlora.inference.pipeline.GenerationSettingError",
+    "sdlora.inference.prompt_tags.LoraNameError", "sdlora.inference.pipeline.GenerationSettingError",
     "sdlora.models.lora.AdapterMismatchError", "sdlora.formats.ldm.LayoutError",
     "sdlora.formats.singlefile.SingleFileError", "sdlora.hub.card.CardError", "sdlora.hub.transfer.HubError",
     "sdlora.files.atomic.DiskFullError", "sdlora.inference.base_choice.BaseChoiceError",

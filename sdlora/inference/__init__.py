@@ -1,4 +1,5 @@
-"""Generation with stacked adapters at weights (`pipeline.py`), XY grids, merges.
+"""Generation with stacked adapters at weights (`pipeline.py`), `<lora:…>` prompt tags (`prompt_tags.py`), XY
+grids, merges.
 
 The package's public names are re-exported here."""
 
@@ -9,15 +10,12 @@ from sdlora.inference.pipeline import (  # noqa: F401
     AdapterSpec,
     AdapterStack,
     GenerationSettingError,
-    LoraNameError,
     ReadAdapter,
     build_pipeline,
     generate,
     generation_device,
-    parse_prompt_loras,
     preview_adapters,
-    prompt_specs,
     read_adapters,
-    resolve_in_folder,
     stack_adapters,
 )
+from sdlora.inference.prompt_tags import LoraNameError, parse_prompt_loras, prompt_specs, resolve_in_folder  # noqa: F401

@@ -132,6 +132,11 @@ def check_training(config) -> str:
         "train.snr_gamma": (train.snr_gamma, "min-SNR weights a DDPM schedule; use flow.loss_weighting"),
         "train.zero_terminal_snr": (train.zero_terminal_snr, "rectified flow already ends at pure noise"),
         "train.prediction_type": (train.prediction_type, "SD3 predicts the flow velocity"),
+        # Not applied by the flow loss yet: refused rather than silently ignored.
+        "train.loss_type": (train.loss_type != "l2", "the flow loss is a weighted mean squared error"),
+        "train.min_timestep": (train.min_timestep, "SD3 draws sigmas, set by flow.timestep_sampling"),
+        "train.max_timestep": (train.max_timestep is not None, "SD3 draws sigmas, set by flow.timestep_sampling"),
+        "data.masked_loss": (config.data.masked_loss, "masks are not applied to the flow loss yet"),
     }
     for field, (value, why) in refused.items():
         if value:

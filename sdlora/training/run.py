@@ -21,17 +21,15 @@ from tqdm.auto import tqdm
 
 from sdlora import command_line, formats
 from sdlora.config import RunConfig, dump_config
-from sdlora.data import CaptionedImageDataset, cache, preflight
+from sdlora.data import CaptionedImageDataset, preflight
 from sdlora.data.loader import training_loader
 from sdlora.files.atomic import write_text_atomic
 from sdlora.hostmem import retention_wanted, settle_host_memory
 from sdlora.models import (
     BaseModel,
     caption_token_counter,
-    families,
     freeze,
     load_base_model,
-    sd3,
 )
 from sdlora.models.precision import (
     COMPUTE_DTYPES,
@@ -49,8 +47,6 @@ from sdlora.training import (
     steplog,
     validation,
 )
-from sdlora.training.diffusion import LossSpec
-from sdlora.training.flow import FlowObjective
 from sdlora.training.folder import RunFolder
 from sdlora.training.hooks import Publisher, RunHooks, RunResult
 from sdlora.training.initial_adapter import load_initial_adapter
@@ -58,7 +54,8 @@ from sdlora.training.interrupt import GracefulStop
 from sdlora.training.lock import OutputLock
 from sdlora.training.loop import TrainingParts, fit
 from sdlora.training.monitor import Monitor
-from sdlora.training.optim import build_optimizer, evaluation_weights
+from sdlora.training.optim import evaluation_weights
+from sdlora.training.parts import attach_caches, build_parts
 from sdlora.training.resume import Checkpointer, DataPosition, trainable_by_name
 
 log = logging.getLogger(__name__)
@@ -124,7 +121,7 @@ class TrainingRun:
         models = prepare_for_training(self.base, cfg, accelerator.device, self.weight_dtype)
         if cfg.lora.init_from is not None:  # continue from an adapter file (initial_adapter.py)
             load_initial_adapter(cfg.lora, {"unet": self.base.unet, **models.trained_encoders})
-        self.parts = self._training_parts(models)
+        self.parts, self.trained_models = build_parts(cfg, accelerator, models, self.weight_dtype)
         self.checkpointer = Checkpointer(
             self.folder.checkpoints, cfg.train.keep_checkpoints, accelerator, self.parts, self.trained_models,
             trainable_by_name({self.base.denoiser_component: self.base.unet, **self.base.text_encoders}),
@@ -143,7 +140,8 @@ class TrainingRun:
                             self.adapter)
         self.released: dict[str, str] = {}
         if cfg.data.cache_latents or cfg.data.cache_text_embeddings:
-            self.cache_stats = self._attach_caches()
+            self.cache_stats = attach_caches(cfg, self.parts, self.base, accelerator, self.dataset,
+                                             cfg.data.cache_dir or self.folder.cache, self.weight_dtype)
             self.released = offload.release_cached_encoders(
                 self.base, accelerator.device, latents_cached=cfg.data.cache_latents,
                 text_cached=cfg.data.cache_text_embeddings, text_trained=cfg.lora.train_text_encoder,
@@ -192,73 +190,6 @@ class TrainingRun:
         base = base(frozen_dtype) if callable(base) else base
         freeze(base)
         return base
-
-    def _training_parts(self, models: TrainableModels) -> TrainingParts:
-        """The optimizer and schedule, the models prepared by accelerate, and everything the loop reads."""
-        cfg, accelerator, base = self.config, self.accelerator, models.base
-        unet_params = [(n, p) for n, p in base.unet.named_parameters() if p.requires_grad]
-        te_params = [(n, p) for e in models.trained_encoders.values() for n, p in e.named_parameters()
-                     if p.requires_grad]
-        optimizer = build_optimizer(cfg, unet_params, te_params)
-        from diffusers.optimization import get_scheduler
-
-        lr_scheduler = get_scheduler(
-            cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-            num_training_steps=cfg.train.steps,
-        )
-        distributed.check_strategy(accelerator, cfg)
-        distributed.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
-        # Only trained encoders are wrapped (SD3's T5 never trains); the conditioning gets every encoder, in order.
-        unet, *trained, optimizer = accelerator.prepare(base.unet, *models.trained_encoders.values(), optimizer)
-        wrapped = dict(zip(models.trained_encoders, trained))
-        text_encoders = [wrapped.get(name, encoder) for name, encoder in base.text_encoders.items()]
-        # The (wrapped) models whose LoRA is trained, by adapter-file component: what checkpoints and saves read.
-        self.trained_models = {base.denoiser_component: unet, **wrapped}
-        # FSDP replaces parameters with sharded ones: clip what the optimizer now holds.
-        params = [p for model in self.trained_models.values() for p in model.parameters() if p.requires_grad]
-        return TrainingParts(
-            accelerator=accelerator, unet=unet, text_encoder=text_encoders[0], vae=base.vae,
-            noise_scheduler=base.scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            params=params, generator=torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed),
-            prediction_type=models.prediction_type, weight_dtype=self.weight_dtype,
-            gradient_accumulation=cfg.train.gradient_accumulation, max_grad_norm=cfg.train.max_grad_norm,
-            noise_offset=cfg.train.noise_offset, snr_gamma=cfg.train.snr_gamma,
-            loss=LossSpec(cfg.train.loss_type, cfg.train.huber_c, cfg.train.huber_schedule),
-            timestep_range=(cfg.train.min_timestep, cfg.train.max_timestep),
-            train_text_encoder=cfg.lora.train_text_encoder,
-            conditioning=sd3.conditioning(base, text_encoders, accelerator.device, cfg.lora.train_text_encoder,
-                                          cfg.model.t5_max_length) if base.family == "sd3"
-            else families.conditioning_for(
-                base.family, base.tokenizers, text_encoders, accelerator.device, cfg.lora.train_text_encoder
-            ),
-            trained_models=tuple(self.trained_models.values()),
-            flow=FlowObjective.from_config(cfg.flow, base.scheduler.config) if base.family == "sd3" else None,
-        )
-
-    def _attach_caches(self) -> cache.CacheStats:
-        """Encode every image / caption not cached yet; training then reads the cache and skips those encoders."""
-        cfg, parts, base, accelerator = self.config, self.parts, self.base, self.accelerator
-        vae = base.vae
-
-        def encode_latents(pixels: torch.Tensor):
-            dist = vae.encode(pixels.to(accelerator.device, dtype=vae.dtype)).latent_dist
-            return dist.mean, dist.std
-
-        encoders = list(base.text_encoders.values())
-        return cache.attach_caches(
-            self.dataset, cfg.data.cache_dir or self.folder.cache,
-            latent_encoder=encode_latents if cfg.data.cache_latents else None,
-            latent_model_key=f"{cache.module_fingerprint(vae)}:{vae.dtype}",
-            # The family's own encoder: SDXL caches both encoders' states and the pooled embedding.
-            text_encoder=parts.conditioning.encode_text if cfg.data.cache_text_embeddings else None,
-            text_model_key=":".join(cache.module_fingerprint(e) for e in encoders)
-            + f":{len(base.tokenizer)}:{base.tokenizer.model_max_length}:{self.weight_dtype}"
-            + (f":t5-{cfg.model.t5_max_length}" if base.family == "sd3" else ""),
-            batch_size=cfg.train.batch_size, progress=tqdm if accelerator.is_main_process else None,
-            share=lambda work: distributed.shard_for_process(work, accelerator.num_processes,
-                                                             accelerator.process_index),
-            barrier=accelerator.wait_for_everyone,
-        )
 
     def _log_summary(self, models: TrainableModels) -> None:
         cfg, accelerator, base = self.config, self.accelerator, self.base

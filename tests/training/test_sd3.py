@@ -147,6 +147,9 @@ def test_t5_less_training_runs_and_saves(sd3_config):
     ("train.prediction_type=epsilon", "train.prediction_type"),
     ("output.kohya=true", "output.kohya"),
     ("lora.unet_targets=[to_q]", "lora.unet_targets"),
+    ("train.loss_type=huber", "train.loss_type"),
+    ("train.max_timestep=500", "train.max_timestep"),
+    ("data.masked_loss=true", "data.masked_loss"),
 ])
 def test_levers_without_meaning_for_flow_matching_are_refused_by_name(sd3_config, override, field):
     run = TrainingRun(sd3_config(override))
