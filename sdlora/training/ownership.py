@@ -31,12 +31,14 @@ from sdlora.training.folder import RunFolder
 log = logging.getLogger(__name__)
 
 # Config fields that do not change what is trained, or that a resume may change on purpose: where files go, samples
-# and uploads, the NaN policy, how long to train and how often to checkpoint, the batch layout (a resume on another
-# number of processes maps the data position and says so), how the same numbers are computed, and where the data
-# lives (the data itself is fingerprinted by content, so a moved dataset still resumes).
+# and uploads, live logs (TensorBoard), the NaN policy, how long to wait for a lost machine, how long to train and
+# how often to checkpoint, the batch layout (a resume on another number of processes maps the data position and says
+# so), how the same numbers are computed, and where the data lives (the data itself is fingerprinted by content, so
+# a moved dataset still resumes).
 NOT_TRAINING = re.compile(
-    r"^(output|sample|hub|safety)\.|^train\.(steps|checkpoint_every|keep_checkpoints|batch_size|gradient_accumulation"
-    r"|retain_host_memory|compile|attention|channels_last|gradient_checkpointing)$|^data\.(path|num_workers"
+    r"^(output|sample|hub|safety|logging)\.|^train\.(steps|checkpoint_every|keep_checkpoints|batch_size"
+    r"|gradient_accumulation|retain_host_memory|compile|attention|channels_last|gradient_checkpointing"
+    r"|distributed_timeout)$|^data\.(path|num_workers"
     r"|cache_latents|cache_text_embeddings|cache_dir)$|^data\.sources\.\d+\.path$|^model\.allow_pickle$"
 )
 
