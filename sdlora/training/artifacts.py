@@ -13,6 +13,7 @@ from sdlora.config import RunConfig, SampleSection
 from sdlora.config.names import public_name
 from sdlora.files.atomic import atomic_path
 from sdlora.formats import metadata as adapter_metadata
+from sdlora.formats.validate import check_fits
 from sdlora.models import BaseModel, families
 from sdlora.training import distributed, offload
 from sdlora.training.folder import RunFolder
@@ -57,8 +58,15 @@ class SampleRenderer:
     folder: RunFolder
 
     def __post_init__(self):
-        # Parsed now, at setup: a typo in sample.adapters fails before training, not at the first sample step.
+        # Parsed, read and fitted to the base now, at setup: a typo, a damaged file or an adapter for another family
+        # in sample.adapters fails before training, not at the first sample step an hour later.
         self.adapters = [inference.AdapterSpec.parse(text, option="sample.adapters") for text in self.sample.adapters]
+        models = {self.base.denoiser_component: self.unet, "text_encoder": self.text_encoder,
+                  "text_encoder_2": self.base.text_encoder_2}
+        models = {name: module for name, module in models.items() if module is not None}
+        for spec in self.adapters:
+            adapter = formats.read_adapter(spec.source)
+            check_fits(f"sample.adapters {spec.source}", adapter, models, self.base.family)
 
     def render(self, step: int) -> Path | None:
         sample, base = self.sample, self.base

@@ -208,6 +208,18 @@ def test_sample_adapters_of_a_run_go_through_the_same_checks(files, tiny_base):
     assert not any("preview" in n for n in inference.pipeline.lora.adapter_names(pipe.unet))
 
 
+@pytest.mark.parametrize("name", ["nonfinite", "sdxl_on_sd1"])
+def test_a_bad_sample_adapter_stops_the_run_before_its_first_step(files, make_config, name):
+    """Read and fitted at setup: the run fails in `build`, before any step is trained or logged."""
+    from sdlora.training.run import TrainingRun
+
+    config = make_config(f"sample.adapters=[{files[name][0]}:0.5]", "sample.prompts=[a cat]", "train.steps=2")
+    run = TrainingRun(config)
+    with pytest.raises((formats.AdapterFormatError, ValueError), match=f"sample.adapters .*{name}|{name}.*NaN"):
+        run.build()
+    assert not run.folder.step_log.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Issue 17, cases 4 to 6 one by one: what each command used to do, and the line it gives now
 
