@@ -9,6 +9,8 @@ built from diffusers' / transformers' config classes instead of loaded (the shap
     python scripts/bench.py --cached --quantize int8          # QLoRA: int8 weight-only frozen base (optimum-quanto)
     python scripts/bench.py --generate                        # base vs 2 stacked adapters, unfused vs fused, in rounds
     python scripts/bench.py --arch tiny --resolution 64 --steps 2 --warmup 1    # smoke test in seconds
+    python scripts/bench.py --arch sd3.5-medium --resolution 1024 --rank 16 --precision bf16 --checkpointing \
+        --cached --optimizer adamw8bit --quantize nf4                    # SD3.5 Medium QLoRA (CUDA)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ TRAIN_ROWS = [
     ("peak CUDA memory, allocated", "peak_cuda_gb", "{:.2f} GiB"),
     ("peak CUDA memory, reserved", "peak_cuda_reserved_gb", "{:.2f} GiB"),
     ("peak device memory used (driver)", "peak_device_used_gb", "{:.2f} GiB"),
-    ("frozen UNet weights", "frozen_unet_gb", "{:.3f} GiB"),
+    ("frozen UNet / transformer weights", "frozen_unet_gb", "{:.3f} GiB"),
     ("trainable LoRA params", "trainable_params", "{:,}"), ("FLOPs per step", "tflop_per_step", "{:.4g} TFLOP"),
     ("fp32 matmul rate", "matmul_gflops", "{:.1f} GFLOP/s"),
     ("achieved / matmul rate", "achieved_fraction", "{:.1%}"), ("losses finite", "losses_finite", "{}"),
@@ -58,14 +60,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "and captions once into a cache (counted in time to first step), frees the VAE and text encoder, and trains "
         "from the cache, exactly as `sdlora train` does with those options.",
     )
-    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny", "tiny-sdxl"],
-                        help="sd15 (default), sdxl (use --resolution 1024), tiny / tiny-sdxl (smoke tests)")
+    parser.add_argument("--arch", default="sd15",
+                        choices=["sd15", "sdxl", "sd3-medium", "sd3.5-medium", "sd3.5-large", "tiny", "tiny-sdxl",
+                                 "tiny-sd3"],
+                        help="sd15 (default), sdxl and the SD3 family (use --resolution 1024), tiny / tiny-sdxl / "
+                        "tiny-sd3 (smoke tests)")
+    parser.add_argument("--no-t5", action="store_true",
+                        help="SD3 archs: no T5-XXL text encoder (model.t5=false; 4.7 B parameters never built)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16", "auto"],
                         help="train.mixed_precision; with --generate, the pipeline's dtype")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet or transformer")
     parser.add_argument("--weight-storage", default="compute", choices=["compute", "bf16", "fp8"])
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--channels-last", action="store_true")
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
             arch=args.arch, resolution=args.resolution, batch=args.batch, rank=args.rank, precision=args.precision,
             checkpointing=args.checkpointing, weight_storage=args.weight_storage, quantize=args.quantize,
             channels_last=args.channels_last, compile=args.compile, optimizer=args.optimizer, cached=args.cached,
-            host_memory=args.host_memory,
+            host_memory=args.host_memory, t5=not args.no_t5,
             steps=args.steps, warmup=args.warmup, flops=not args.no_flops,
         )
         result = run_training_bench(options)

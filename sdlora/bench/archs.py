@@ -80,7 +80,7 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dtype = torch.float32,
-                      init_device: str | torch.device | None = None) -> BaseModel:
+                      init_device: str | torch.device | None = None, use_t5: bool = True) -> BaseModel:
     """A frozen BaseModel of the named architecture with seeded random weights on the CPU: the VAE in fp32, the UNet
     and text encoders created directly in `frozen_dtype`, as `load_base_model(frozen_dtype=...)` would load them.
 
@@ -91,8 +91,10 @@ def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dty
 
     from sdlora.models.tiny import make_tokenizer
 
+    if arch in SD3_TRAIN_ARCHS:
+        return build_random_sd3_base(arch, seed, frozen_dtype, init_device, use_t5)
     if arch not in ARCHS:
-        raise ValueError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        raise ValueError(f"--arch {arch!r}: choose one of {', '.join([*ARCHS, *SD3_TRAIN_ARCHS])}")
     unet_config, vae_config, text_config, text_config_2 = ARCHS[arch]
     length = text_config["max_position_embeddings"]
     tokenizer = make_tokenizer(max_length=length)
@@ -102,10 +104,7 @@ def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dty
         return cls(CLIPTextConfig(**config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id))
 
-    def on_init_device():
-        return torch.device(init_device) if init_device is not None else contextlib.nullcontext()
-
-    with _default_dtype(frozen_dtype), on_init_device():
+    with _default_dtype(frozen_dtype), _on(init_device):
         text_encoder = text_model(text_config, tokenizer, CLIPTextModel)
         extra = {}
         if text_config_2 is not None:  # SDXL: bigG with the projection that gives the pooled embedding
@@ -113,19 +112,30 @@ def build_random_base(arch: str = "sd15", seed: int = 0, frozen_dtype: torch.dty
             extra = {"tokenizer_2": tokenizer_2,
                      "text_encoder_2": text_model(text_config_2, tokenizer_2, CLIPTextModelWithProjection)}
         unet = UNet2DConditionModel(**unet_config)
-    with on_init_device():
+    with _on(init_device):
         vae = AutoencoderKL(**vae_config)
-    if init_device is not None:
-        for module in (unet, vae, text_encoder, *(m for m in extra.values() if isinstance(m, torch.nn.Module))):
-            module.to("cpu")
-        if torch.device(init_device).type == "cuda":
-            torch.cuda.empty_cache()
+    _to_host(init_device, unet, vae, text_encoder, *extra.values())
     base = BaseModel(
         unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=tokenizer, scheduler=families.noise_scheduler(), source=f"random:{arch}", **extra,
     )
     freeze(base)
     return base
+
+
+def _on(init_device):
+    return torch.device(init_device) if init_device is not None else contextlib.nullcontext()
+
+
+def _to_host(init_device, *modules) -> None:
+    """Weights drawn on an accelerator go to the CPU, where a loaded checkpoint arrives (meta ones stay shapes)."""
+    if init_device is None or torch.device(init_device).type == "meta":
+        return
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            module.to("cpu")
+    if torch.device(init_device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,3 +202,59 @@ def _sd3_encoder_shapes() -> dict[str, int]:
             "text_encoder_3": count(T5EncoderModel(T5Config(**T5_XXL))),
             "vae": count(AutoencoderKL(**SD3_VAE)),
         }
+
+
+# A small model of SD3.5 Medium's layout (MMDiT-X dual attention in its first block, qk RMS norm), for smoke tests of
+# the bench: both CLIPs' states (32 + 64) are zero-padded to the T5 width, their pooled projections give 96.
+TINY_SD3_TRANSFORMER = dict(SD35_MEDIUM_TRANSFORMER, sample_size=8, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=32,
+                            pooled_projection_dim=96, pos_embed_max_size=32, dual_attention_layers=(0,))
+TINY_T5 = dict(T5_XXL, d_model=128, d_kv=16, d_ff=256, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+TINY_SD3_VAE = dict(SD3_VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=16)
+# arch: (transformer, vae, CLIP-L, OpenCLIP-bigG, T5): what `scripts/bench.py --arch` trains for the SD3 family.
+SD3_TRAIN_ARCHS = {
+    "sd3-medium": (SD3_MEDIUM_TRANSFORMER, SD3_VAE, CLIP_L, CLIP_BIGG, T5_XXL),
+    "sd3.5-medium": (SD35_MEDIUM_TRANSFORMER, SD3_VAE, CLIP_L, CLIP_BIGG, T5_XXL),
+    "sd3.5-large": (SD35_LARGE_TRANSFORMER, SD3_VAE, CLIP_L, CLIP_BIGG, T5_XXL),
+    "tiny-sd3": (TINY_SD3_TRANSFORMER, TINY_SD3_VAE, TINY_CLIP, TINY_CLIP_2, TINY_T5),
+}
+
+
+def build_random_sd3_base(arch: str, seed: int = 0, frozen_dtype: torch.dtype = torch.float32,
+                          init_device: str | torch.device | None = None, use_t5: bool = True) -> BaseModel:
+    """An SD3-family BaseModel with seeded random weights, as `build_random_base` builds the UNet families: the
+    transformer and the three text encoders in `frozen_dtype` (T5-XXL left out with `use_t5=False`, as
+    `model.t5=false` loads it), the 16-channel VAE in fp32, SD3's flow-matching scheduler. `init_device="meta"`
+    builds the shapes only (parameter counts, no memory)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sdlora.models.tiny import make_tokenizer
+    from sdlora.models.tiny_sd3 import SD3_SCHEDULER, make_t5_tokenizer
+
+    transformer_config, vae_config, clip_l, clip_g, t5 = SD3_TRAIN_ARCHS[arch]
+    length = clip_l["max_position_embeddings"]
+    tokenizers = [make_tokenizer(max_length=length), make_tokenizer(max_length=length, pad_token="!")]
+    tokenizer_3 = make_t5_tokenizer() if use_t5 else None  # its ids all fall inside T5's 32128-token embedding
+    torch.manual_seed(seed)
+
+    def clip(config: dict, tok):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            **config, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    with _default_dtype(frozen_dtype), _on(init_device):
+        text_encoder, text_encoder_2 = clip(clip_l, tokenizers[0]), clip(clip_g, tokenizers[1])
+        text_encoder_3 = T5EncoderModel(T5Config(**t5, pad_token_id=tokenizer_3.pad_token_id,
+                                                 eos_token_id=tokenizer_3.eos_token_id)) if use_t5 else None
+        transformer = SD3Transformer2DModel(**transformer_config)
+    with _on(init_device):
+        vae = AutoencoderKL(**vae_config)
+    _to_host(init_device, transformer, vae, text_encoder, text_encoder_2, text_encoder_3)
+    base = BaseModel(
+        unet=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizers[0],
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), source=f"random:{arch}",
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizers[1], text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    freeze(base)
+    return base

@@ -50,6 +50,7 @@ class TrainBenchOptions:
     optimizer: str = "adamw"
     host_memory: str = "auto"
     cached: bool = False
+    t5: bool = True  # SD3 archs: build T5-XXL (model.t5); False trains with zeros in its place
     steps: int = 3
     warmup: int = 1
     flops: bool = True
@@ -65,6 +66,7 @@ class TrainBenchOptions:
             f"train.compile={self.compile}", f"train.optimizer={self.optimizer}", f"output.dir={out}",
             f"train.retain_host_memory={self.host_memory}",
             f"data.cache_latents={self.cached}", f"data.cache_text_embeddings={self.cached}",
+            f"model.t5={self.t5}",
         ]
 
 
@@ -186,7 +188,7 @@ def run_training_bench(options: TrainBenchOptions, workdir: Path | None = None) 
         # loaded checkpoint would arrive; the run then places them exactly as `sdlora train` does.
         init_device = "cuda" if torch.cuda.is_available() else None
         run = TrainingRun(config, base=lambda dtype: archs.build_random_base(
-            options.arch, frozen_dtype=dtype, init_device=init_device))
+            options.arch, frozen_dtype=dtype, init_device=init_device, use_t5=options.t5))
         run.build()  # with --cached this also fills the cache and frees the VAE and text encoder, as in a run
         built = time.perf_counter()
         setup_peak = window_peak_rss_gb()  # read before the reset below: building and caching count too
