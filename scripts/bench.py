@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16", "auto"],
                         help="train.mixed_precision; with --generate, the pipeline's dtype")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the UNet or transformer")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing in the UNet or transformer")
     parser.add_argument("--weight-storage", default="compute", choices=["compute", "bf16", "fp8"])
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--channels-last", action="store_true")
@@ -145,5 +146,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_main(argv=None) -> int:
+    """main(), with bad input (a CUDA-only lever on a CPU, a wrong option) as one line and exit status 2, as the
+    sdlora CLI reports it: gpu_check.sh's dry run on a CPU records that line as the row's failure."""
+    from sdlora.errors import UserError
+
+    try:
+        return main(argv)
+    except UserError as exc:
+        print(f"bench.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main())

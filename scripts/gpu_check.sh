@@ -10,8 +10,9 @@
 # `pytest -m gpu`), results.jsonl (one JSON object per measurement: its name, exact command, exit status, wall time
 # and the bench's own JSON result) and failures.txt (the last lines of each failed measurement's stderr). Each measurement runs in its own process
 # under its own `timeout`; a failure is recorded and the script goes on. Measurements run in priority order
-# (GPU tests; batch-1 training rows; generation; batch-4 rows) and stop being started once BUDGET_S seconds
-# (default 900) have passed: on a short lease set it lower, and the most important numbers still come first.
+# (GPU tests; SD3.5 Medium; CLI; batch-1 training rows; generation; batch-4 rows) and stop being started once
+# BUDGET_S seconds (default 900) have passed: on a short lease set it lower, and the most important numbers still come
+# first. SD3.5 Medium alone: ONLY='sd35m' BUDGET_S=600 OUT=gpu-check bash scripts/gpu_check.sh
 # (On the H200 of docs/performance-gpu.md, everything up to the batch-4 rows took 344 s.)
 #
 # QUICK=1 runs the same list on the tiny layouts at 64 px in seconds: a dry run of this script on a CPU (the
@@ -32,10 +33,11 @@ DEADLINE=$((SECONDS + BUDGET_S))
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 if [ "$QUICK" = 1 ]; then
-    SD15=(--arch tiny --resolution 64); SDXL=(--arch tiny-sdxl --resolution 64)
+    SD15=(--arch tiny --resolution 64); SDXL=(--arch tiny-sdxl --resolution 64); SD35M=(--arch tiny-sd3 --resolution 64)
     STEPS=(--steps 2 --warmup 1 --no-flops); GEN=(--gen-steps 2 --repeats 2)
 else
     SD15=(--arch sd15 --resolution 512); SDXL=(--arch sdxl --resolution 1024)
+    SD35M=(--arch sd3.5-medium --resolution 1024)
     STEPS=(--steps 5 --warmup 2 --no-flops); GEN=(--gen-steps 20 --repeats 3)
 fi
 
@@ -110,7 +112,17 @@ if [[ pytest-gpu =~ $ONLY ]]; then
     printf '{"name": "pytest-gpu", "rc": %d, "wall_s": %d}\n' "${PIPESTATUS[0]}" $((SECONDS - start)) >>"$RESULTS"
 fi
 
-# 2. The CLI as a user runs it: train the demo's style LoRA on the shipped base in bf16 and fp16 (with its sample
+B=($PYTHON scripts/bench.py --rank 16 --json "${STEPS[@]}")
+SAVE=(--checkpointing --cached --optimizer adamw8bit)
+
+# 2. SD3.5 Medium at 1024 px (issue 21's goal: an nf4-base LoRA in <= 10 GB), first after the tests so that a short
+# lease measures it: every saver + nf4 (T5-XXL included, freed after caching like the CLIPs), then plain bf16.
+# Drawing the 7.8 B random weights (transformer, T5, CLIPs) happens on the GPU in seconds; most of the time is
+# moving them to the CPU and back, as a loaded checkpoint would arrive.
+run_item sd35m-nf4-b1 300 "${B[@]}" "${SD35M[@]}" --batch 1 --precision bf16 "${SAVE[@]}" --quantize nf4
+run_item sd35m-bf16-b1 240 "${B[@]}" "${SD35M[@]}" --batch 1 --precision bf16
+
+# 3. The CLI as a user runs it: train the demo's style LoRA on the shipped base in bf16 and fp16 (with its sample
 # prompts), generate with the adapter on the GPU, then the whole offline demo. cli-images then checks every image
 # written for black or flat output.
 DEMO_STEPS=$([ "$QUICK" = 1 ] && echo 25 || echo 300)
@@ -124,10 +136,7 @@ run_item cli-generate 60 $PYTHON -m sdlora generate --base sdlora:shapes \
 run_item demo-gpu 240 $PYTHON scripts/demo.py --out "$OUT/demo" $([ "$QUICK" = 1 ] && echo --steps 25)
 run_item cli-images 30 $PYTHON scripts/image_check.py "$OUT"
 
-B=($PYTHON scripts/bench.py --rank 16 --json "${STEPS[@]}")
-SAVE=(--checkpointing --cached --optimizer adamw8bit)
-
-# 3. Batch 1: (a) bf16, (c) every saver + nf4, (b) every saver, (a) fp16 -- SD1.5 at 512 px, SDXL at 1024 px.
+# 4. Batch 1: (a) bf16, (c) every saver + nf4, (b) every saver, (a) fp16 -- SD1.5 at 512 px, SDXL at 1024 px.
 run_item sd15-bf16-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision bf16
 run_item sdxl-bf16-b1 90 "${B[@]}" "${SDXL[@]}" --batch 1 --precision bf16
 run_item sd15-nf4-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision bf16 "${SAVE[@]}" --quantize nf4
@@ -139,12 +148,12 @@ run_item sdxl-savers-b1 90 "${B[@]}" "${SDXL[@]}" --batch 1 --precision bf16 "${
 run_item sd15-fp16-nf4-b1 60 "${B[@]}" "${SD15[@]}" --batch 1 --precision fp16 "${SAVE[@]}" --quantize nf4
 run_item sdxl-fp16-nf4-b1 120 "${B[@]}" "${SDXL[@]}" --batch 1 --precision fp16 "${SAVE[@]}" --quantize nf4
 
-# 4. Generation: base vs two stacked rank-16 adapters, unfused and fused, fp16 pipeline.
+# 5. Generation: base vs two stacked rank-16 adapters, unfused and fused, fp16 pipeline.
 G=($PYTHON scripts/bench.py --generate --rank 16 --precision fp16 --json "${GEN[@]}")
 run_item gen-sd15-fp16 60 "${G[@]}" "${SD15[@]}"
 run_item gen-sdxl-fp16 90 "${G[@]}" "${SDXL[@]}"
 
-# 5. Batch 4.
+# 6. Batch 4.
 run_item sd15-bf16-b4 60 "${B[@]}" "${SD15[@]}" --batch 4 --precision bf16
 run_item sdxl-bf16-b4 90 "${B[@]}" "${SDXL[@]}" --batch 4 --precision bf16
 run_item sd15-nf4-b4 60 "${B[@]}" "${SD15[@]}" --batch 4 --precision bf16 "${SAVE[@]}" --quantize nf4

@@ -8,11 +8,23 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdlora.bench import archs
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one mixed precision per process (`sdlora train` runs one per process): the bf16 bench run
+    here must neither see nor leave another test's state."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _bench_script():
@@ -65,3 +77,14 @@ def test_bench_sd35_medium_is_built_with_the_published_parameter_counts():
     assert no_t5.text_encoder_3 is None and no_t5.tokenizer_3 is None
     assert archs.count(no_t5.unet) == 8_056_627_520
     assert set(no_t5.text_encoders) == {"text_encoder", "text_encoder_2"}
+
+
+def test_bench_script_reports_bad_input_in_one_line(capsys):
+    """--no-t5 on a UNet arch: the config's own refusal, one line and exit status 2 (no traceback in gpu_check's
+    failures.txt); the same path reports nf4 / adamw8bit on a machine without CUDA."""
+    bench = _bench_script()
+    assert bench.run_main(["--arch", "tiny", "--resolution", "64", "--no-t5", "--steps", "1", "--warmup", "0",
+                           "--no-flops"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "bench.py: error: model.t5: only SD3 bases read it, and this base is sd1; remove model.t5"
+    assert not any("Traceback" in line for line in err)
