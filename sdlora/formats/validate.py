@@ -26,7 +26,7 @@ from sdlora.models.lora import AdapterMismatchError, BaseTunerLayer
 
 SHOWN = 3  # layers named in a message before "and N more"
 
-_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3"}
 # Cross-attention width of the real families (the input of every `attn2.to_k`), and their text encoders' widths.
 _CROSS_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -122,7 +122,12 @@ def adapter_family(adapter: AdapterFile) -> tuple[str, str] | None:
 
 
 def base_family(models: dict[str, torch.nn.Module]) -> str:
-    """The family group of loaded components (`unet`, `text_encoder`, `text_encoder_2`)."""
+    """The family group of loaded components (`unet` or SD3's `transformer`, `text_encoder`, `text_encoder_2`)."""
+    from sdlora.models import sd3
+
+    transformer = models.get("transformer")
+    if transformer is not None and sd3.is_sd3_config(transformer.config):  # before SDXL: SD3 has two CLIPs too
+        return "sd3"
     if models.get("text_encoder_2") is not None:
         return "sdxl"
     text_config = getattr(models.get("text_encoder"), "config", None)

@@ -70,7 +70,7 @@ def merge_files(specs: list[AdapterSpec] | list[ReadAdapter], rank: int | None =
     its file's name. With `base` (a loaded BaseModel, for `--into-base`) each file is first checked to fit it."""
     read = [s if isinstance(s, ReadAdapter) else ReadAdapter(s, s.source, read_adapter(s.source)) for s in specs]
     if base is not None:
-        models = {"unet": base.unet, **base.text_encoders}
+        models = {base.denoiser_component: base.unet, **base.text_encoders}
         for item in read:
             check_fits(item.path, item.adapter, models, base.family)
     return merge_adapters([(item.adapter, item.spec.unet_weight) for item in read], rank,

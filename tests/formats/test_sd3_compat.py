@@ -152,3 +152,43 @@ def test_baking_an_sd3_adapter_into_the_base_equals_stacking_it(sd3_adapters):
     stacked_pipe = _sdlora_pipe()
     inference.stack_adapters(stacked_pipe, [inference.AdapterSpec(str(sd3_adapters[0]), 1.0)])
     assert (baked - _latents(stacked_pipe)).abs().max() < 1e-4
+
+
+def test_merging_two_sd3_adapters_generates_like_stacking_them(sd3_adapters, tmp_path):
+    """`sdlora merge` of two SD3 files (different ranks and targets, one with the CLIPs trained), no base baked:
+    the merged file is an SD3 adapter whose latents equal the two stacked at the same weights."""
+    from sdlora import cli
+
+    first, second = sd3_adapters
+    merged = tmp_path / "merged.safetensors"
+    assert cli.main(["merge", f"{first}:0.8", f"{second}:0.5", "-o", str(merged)]) == 0
+    adapter = read_adapter(merged)
+    assert adapter.components == ["transformer", "text_encoder", "text_encoder_2"]
+    assert any(k.endswith("ff.net.0.proj.lora_A.weight") for k in adapter.tensors["transformer"])  # second's only
+    from_merge, stacked = _sdlora_pipe(), _sdlora_pipe()
+    inference.stack_adapters(from_merge, [inference.AdapterSpec(str(merged), 1.0)])
+    inference.stack_adapters(stacked, [inference.AdapterSpec(str(first), 0.8), inference.AdapterSpec(str(second), 0.5)])
+    difference = (_latents(from_merge) - _latents(stacked)).abs().max()
+    assert difference < 1e-4, difference
+
+
+def test_grid_over_an_sd3_adapter_weight_matches_generate(sd3_adapters, tmp_path):
+    """`sdlora grid` on an SD3 adapter: each cell is the image `sdlora generate` makes at that weight."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora import cli
+
+    first = sd3_adapters[0]
+    common = ["--prompt", PROMPT, "--steps", "2", "--height", "64", "--width", "64", "--seed", "5"]
+    grid_path = tmp_path / "grid.png"
+    assert cli.main(["grid", *common, "--lora", f"{first}:1", "--x", "weight:0", "--x-values", "0,1",
+                     "-o", str(grid_path)]) == 0
+    grid = Image.open(grid_path).convert("RGB")
+    left, top = grid.width - 2 * 64, grid.height - 64  # labels in the left and top margins
+    cells = [np.asarray(grid.crop((left + 64 * x, top, left + 64 * x + 64, top + 64)), np.int16) for x in range(2)]
+    for weight, cell in zip((0, 1), cells):
+        out = tmp_path / f"cell{weight}.png"
+        assert cli.main(["generate", *common, "--lora", f"{first}:{weight}", "-o", str(out)]) == 0
+        assert np.array_equal(cell, np.asarray(Image.open(out).convert("RGB"), np.int16)), weight
+    assert np.abs(cells[0] - cells[1]).max() > 0  # the adapter changes the image
