@@ -155,8 +155,8 @@ def test_baking_an_sd3_adapter_into_the_base_equals_stacking_it(sd3_adapters):
 
 
 def test_merging_two_sd3_adapters_generates_like_stacking_them(sd3_adapters, tmp_path):
-    """`sdlora merge` of two SD3 files (different ranks and targets, one with the CLIPs trained), no base baked:
-    the merged file is an SD3 adapter whose latents equal the two stacked at the same weights."""
+    """`sdlora merge` of two SD3 files (different ranks and targets, one with the CLIPs trained): without a base, an
+    SD3 adapter whose latents equal the two stacked at the same weights; with --into-base, a folder that does too."""
     from sdlora import cli
 
     first, second = sd3_adapters
@@ -168,8 +168,16 @@ def test_merging_two_sd3_adapters_generates_like_stacking_them(sd3_adapters, tmp
     from_merge, stacked = _sdlora_pipe(), _sdlora_pipe()
     inference.stack_adapters(from_merge, [inference.AdapterSpec(str(merged), 1.0)])
     inference.stack_adapters(stacked, [inference.AdapterSpec(str(first), 0.8), inference.AdapterSpec(str(second), 0.5)])
-    difference = (_latents(from_merge) - _latents(stacked)).abs().max()
+    expected = _latents(stacked)
+    difference = (_latents(from_merge) - expected).abs().max()
     assert difference < 1e-4, difference
+    # The same two baked into the base: a diffusers SD3 folder that loads back and generates the same latents.
+    folder = tmp_path / "baked"
+    assert cli.main(["merge", f"{first}:0.8", f"{second}:0.5", "--into-base", "sdlora:tiny-sd3",
+                     "-o", str(folder)]) == 0
+    baked = load_base_model(str(folder))
+    assert baked.family == "sd3"
+    assert (_latents(inference.build_pipeline(baked)) - expected).abs().max() < 1e-4
 
 
 def test_grid_over_an_sd3_adapter_weight_matches_generate(sd3_adapters, tmp_path):
@@ -192,3 +200,16 @@ def test_grid_over_an_sd3_adapter_weight_matches_generate(sd3_adapters, tmp_path
         assert cli.main(["generate", *common, "--lora", f"{first}:{weight}", "-o", str(out)]) == 0
         assert np.array_equal(cell, np.asarray(Image.open(out).convert("RGB"), np.int16)), weight
     assert np.abs(cells[0] - cells[1]).max() > 0  # the adapter changes the image
+
+
+def test_an_sd3_adapter_on_an_sdxl_base_is_refused_by_family(sd3_adapters, tiny_sdxl_base):
+    """Both have two CLIP encoders: the base's transformer, not its encoders, says SD3 (base_family once said SDXL
+    for every two-encoder base, and refused SD3 adapters on their own base)."""
+    from sdlora.formats.validate import base_family
+    from sdlora.models import lora
+
+    sd3_base = load_base_model("sdlora:tiny-sd3")
+    assert base_family({"transformer": sd3_base.unet, **sd3_base.text_encoders}) == "sd3"
+    pipe = inference.build_pipeline(load_base_model(str(tiny_sdxl_base)))
+    with pytest.raises(lora.AdapterMismatchError, match="made for SD3 .* but the base is SDXL"):
+        inference.stack_adapters(pipe, [inference.AdapterSpec(str(sd3_adapters[0]), 1.0)])
