@@ -94,7 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sd3-shapes", choices=["sd3-medium", "sd3.5-medium", "sd3.5-large"],
                         help="print an SD3 / SD3.5 base's parameter counts per part (built on the meta device, "
                         "no memory used; with a LoRA of --rank on the default targets) and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    from sdlora.bench.archs import SD3_TRAIN_ARCHS
+
+    if args.generate and args.arch in SD3_TRAIN_ARCHS:
+        parser.error(f"--generate times UNet pipelines; --arch {args.arch} is measured in training only")
+    if args.no_t5 and args.arch not in SD3_TRAIN_ARCHS:
+        parser.error(f"--no-t5: only the SD3 archs have a T5 encoder, not --arch {args.arch}")
+    return args
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

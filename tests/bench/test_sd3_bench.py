@@ -79,12 +79,23 @@ def test_bench_sd35_medium_is_built_with_the_published_parameter_counts():
     assert set(no_t5.text_encoders) == {"text_encoder", "text_encoder_2"}
 
 
-def test_bench_script_reports_bad_input_in_one_line(capsys):
-    """--no-t5 on a UNet arch: the config's own refusal, one line and exit status 2 (no traceback in gpu_check's
-    failures.txt); the same path reports nf4 / adamw8bit on a machine without CUDA."""
+def test_bench_script_refuses_what_it_cannot_measure_in_one_line(capsys):
+    """Bad combinations stop before anything is built: one line naming the option, argparse's exit status 2."""
     bench = _bench_script()
-    assert bench.run_main(["--arch", "tiny", "--resolution", "64", "--no-t5", "--steps", "1", "--warmup", "0",
-                           "--no-flops"]) == 2
+    for argv, message in ((["--arch", "tiny-sd3", "--generate"], "--arch tiny-sd3 is measured in training only"),
+                          (["--arch", "tiny", "--no-t5"], "--no-t5: only the SD3 archs have a T5 encoder")):
+        with pytest.raises(SystemExit) as stopped:
+            bench.run_main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nf4 runs where there is CUDA")
+def test_bench_script_reports_run_errors_in_one_line(capsys):
+    """A refusal from the run itself (nf4 without CUDA, as on a dry run of gpu_check.sh) is one line and exit status
+    2 too, not a traceback in gpu_check's failures.txt."""
+    bench = _bench_script()
+    assert bench.run_main(["--arch", "tiny-sd3", "--resolution", "64", "--quantize", "nf4", "--steps", "1",
+                           "--warmup", "0", "--no-flops"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "bench.py: error: model.t5: only SD3 bases read it, and this base is sd1; remove model.t5"
+    assert err[-1].startswith("bench.py: error: model.quantize=nf4 needs a CUDA GPU")
     assert not any("Traceback" in line for line in err)
