@@ -61,12 +61,8 @@ def shape_from_tensors(tensors: dict[str, torch.Tensor], alpha: float | None = N
         raise AdapterFormatError("no lora_A tensors found")
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     rank_pattern = {module: r for module, r in ranks.items() if r != rank}
-    return AdapterShape(
-        rank=rank,
-        alpha=float(alpha if alpha is not None else rank),
-        target_modules=tuple(sorted(ranks)),
-        rank_pattern=rank_pattern,
-    )
+    return AdapterShape(rank=rank, alpha=float(alpha if alpha is not None else rank),
+                        target_modules=tuple(sorted(ranks)), rank_pattern=rank_pattern)
 
 
 # ---------------------------------------------------------------------------------------------------------------
