@@ -154,3 +154,65 @@ def test_two_processes_validate_and_average_as_one(tiny_base, style_dataset, tmp
            for folder in (tmp_path / "ddp", tmp_path / "single")]
     for key in ema[1]:
         torch.testing.assert_close(ema[0][key], ema[1][key], atol=1e-4, rtol=0)
+
+
+def _every_other_step(tiny_base, style_dataset, out, *extra):
+    global WATCHED
+    saved, WATCHED = WATCHED, ["ema.enabled=true", "ema.decay=0.8", "ema.every=2", "train.checkpoint_every=1",
+                               "train.keep_checkpoints=10", *extra]
+    try:
+        return _run(tiny_base, style_dataset, out)
+    finally:
+        WATCHED = saved
+
+
+def test_an_ema_every_n_steps_averages_those_steps_only_and_on_cpu_writes_the_same_file(
+        tiny_base, style_dataset, tmp_path):
+    device_run = _every_other_step(tiny_base, style_dataset, tmp_path / "device")
+    average = {name: t.float().clone() for name, t in device_run.initial.items()}
+    for step in (2, 4):  # steps 1 and 3 leave the average alone
+        raw = load_file(device_run.folder.checkpoints / f"step-{step:06d}" / "trainable.safetensors")
+        for name in average:
+            average[name] = 0.8 * average[name] + 0.2 * raw[name]
+    ema = read_adapter(device_run.folder.adapter("pytorch_lora_weights_ema"))
+    assert ema.metadata["sdlora.ema_updates"] == "2" and device_run.monitor.ema.updates == 2
+    for name, expected in average.items():
+        component, key = _adapter_key(name)
+        torch.testing.assert_close(ema.tensors[component][key], expected, rtol=1e-6, atol=1e-9)
+    # An every-step average of the same weights differs: the skipped steps really were skipped.
+    every_step = {name: t.float().clone() for name, t in device_run.initial.items()}
+    for step in range(1, STEPS + 1):
+        raw = load_file(device_run.folder.checkpoints / f"step-{step:06d}" / "trainable.safetensors")
+        every_step = {n: 0.8 * every_step[n] + 0.2 * raw[n] for n in every_step}
+    assert any(not torch.allclose(every_step[n], average[n], rtol=1e-4, atol=1e-7) for n in average)
+
+    cpu_run = _every_other_step(tiny_base, style_dataset, tmp_path / "cpu", "ema.on_cpu=true")
+    assert all(t.device.type == "cpu" for t in cpu_run.monitor.ema.shadow.values())
+    # A CPU run's on-CPU EMA is the on-device one: the same tensors bit for bit, the same header but for the
+    # training config it records (which names ema.on_cpu and its own output.dir).
+    a, b = (read_adapter(run.folder.adapter("pytorch_lora_weights_ema")) for run in (device_run, cpu_run))
+    for component in a.tensors:
+        assert a.tensors[component].keys() == b.tensors[component].keys()
+        assert all(torch.equal(t, b.tensors[component][k]) for k, t in a.tensors[component].items())
+    configs = [json.loads(f.metadata.pop("sdlora.training_config")) for f in (a, b)]
+    assert a.metadata == b.metadata
+    assert (configs[0]["ema"]["on_cpu"], configs[1]["ema"]["on_cpu"]) == (False, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the EMA must leave the GPU")
+def test_an_on_cpu_ema_of_gpu_weights_lives_on_the_cpu_and_equals_the_on_device_one():
+    torch.manual_seed(0)
+    weights = {"w": torch.nn.Parameter(torch.randn(64, 64, device="cuda"))}
+    on_gpu = AdapterEma(EmaSection(enabled=True, decay=0.9, every=2), weights)
+    on_cpu = AdapterEma(EmaSection(enabled=True, decay=0.9, every=2, on_cpu=True), weights)
+    assert on_gpu.shadow["w"].device.type == "cuda" and on_cpu.shadow["w"].device.type == "cpu"
+    for step in range(1, 7):
+        with torch.no_grad():
+            weights["w"].add_(torch.randn_like(weights["w"]))
+        on_gpu.after_step(step)
+        on_cpu.after_step(step)
+    assert on_cpu.updates == on_gpu.updates == 3
+    torch.testing.assert_close(on_cpu.shadow["w"], on_gpu.shadow["w"].cpu(), rtol=1e-6, atol=1e-6)
+    with on_cpu.applied():
+        assert weights["w"].device.type == "cuda"
+        torch.testing.assert_close(weights["w"].detach().cpu(), on_cpu.shadow["w"])
