@@ -76,7 +76,7 @@ class LoggingSection(Section):
     """Live logs beside `train_log.jsonl` (which stays the record): scalars and sample grids for TensorBoard."""
 
     tensorboard: bool = Field(
-        False, description="Write TensorBoard event files: loss, lr, validation loss and sample grids (needs the "
+        False, description="Write TensorBoard event files: loss, lr, grad norm, validation loss and sample grids (needs the "
         "`tensorboard` package)."
     )
     dir: Path | None = Field(None, description="Folder for the event files. Default: output.dir/logs.")

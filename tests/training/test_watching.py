@@ -216,3 +216,38 @@ def test_an_on_cpu_ema_of_gpu_weights_lives_on_the_cpu_and_equals_the_on_device_
     with on_cpu.applied():
         assert weights["w"].device.type == "cuda"
         torch.testing.assert_close(weights["w"].detach().cpu(), on_cpu.shadow["w"])
+
+
+def test_the_gradient_norm_before_clipping_is_logged_and_the_bar_shows_loss_lr_and_eta(
+        tiny_base, style_dataset, tmp_path, capfd):
+    """`grad_norm` is what accelerate's clip_grad_norm_ returns (the norm before clipping), in train_log.jsonl and
+    TensorBoard; a tiny max_grad_norm makes every step clip, so a clipped norm would show."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    config = load_config(None, [f"model.base={tiny_base}", f"data.path={style_dataset}", "data.resolution=64",
+                                f"train.steps={STEPS}", "train.batch_size=2", f"output.dir={tmp_path / 'run'}",
+                                "train.max_grad_norm=0.001", "logging.tensorboard=true"])
+    run = TrainingRun(config)
+    run.build()
+    clip, measured, returned = run.accelerator.clip_grad_norm_, [], []
+
+    def recording(params, max_norm):
+        params = list(params)
+        measured.append(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None])).item())
+        returned.append(clip(params, max_norm))
+        return returned[-1]
+
+    run.accelerator.clip_grad_norm_ = recording
+    run.fit()
+    log = [json.loads(line) for line in run.folder.step_log.read_text().splitlines()]
+    logged = [row["grad_norm"] for row in log]
+    assert logged == [float(norm) for norm in returned]
+    assert logged == pytest.approx(measured, rel=1e-5) and min(logged) > 0.01  # before clipping to 0.001
+    events = EventAccumulator(str(run.folder.root / "logs"), size_guidance={SCALARS: 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("grad_norm")] == [
+        (row["step"], pytest.approx(row["grad_norm"], rel=1e-6)) for row in log]
+    bar = capfd.readouterr().err.splitlines()[-1].split("\r")[-1]
+    assert f"{STEPS}/{STEPS} [" in bar and "<" in bar  # tqdm's elapsed<remaining (the ETA) ...
+    assert f"loss={log[-1]['loss']:.4f}" in bar and f"lr={log[-1]['lr']:.2e}" in bar  # ... loss and lr
