@@ -200,6 +200,9 @@ def test_a_validation_source_is_refused_beside_the_other_held_out_sets(tiny_base
                         f"    - {{path: {held}, validation: true, regularization: true}}\n")
     with pytest.raises(ConfigError, match="every source has regularization: true or validation: true"):
         _sources_config(tmp_path, tiny_base, f"    - {{path: {held}, validation: true}}\n")
+    with pytest.raises(ConfigError, match="validation.every needs a held-out set: .* or validation: true on a "
+                                          r"data.sources entry"):
+        _sources_config(tmp_path, tiny_base, f"    - {{path: {style_dataset}}}\n", "validation.every=2")
     # A held-out source sharing an image with the training sources is refused, naming the source.
     shutil.copy(style_dataset / "003.png", held / "copy.png")
     config = _sources_config(tmp_path, tiny_base, marked)
