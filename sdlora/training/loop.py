@@ -189,9 +189,9 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
                     loss = loss * float("inf")
                 accelerator.backward(loss)
             step_loss += loss.detach().float().item() / parts.gradient_accumulation
-        grad_norm = None  # the norm before clipping, as accelerate returns it (None when not clipping)
-        if parts.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
+        # The norm before clipping, as accelerate returns it (None under DeepSpeed, which clips in its own step).
+        # Without clipping it is still measured the same way: a limit of inf scales every gradient by exactly 1.0.
+        grad_norm = accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm or math.inf)
         # A non-finite step updates nothing; the hooks see its loss as NaN and decide about rollbacks. Under fp16
         # the scaler's step must still run (it skips non-finite gradients itself and lowers its scale).
         finite = _step_is_finite(parts, step_loss)

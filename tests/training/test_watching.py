@@ -251,3 +251,29 @@ def test_the_gradient_norm_before_clipping_is_logged_and_the_bar_shows_loss_lr_a
     bar = capfd.readouterr().err.splitlines()[-1].split("\r")[-1]
     assert f"{STEPS}/{STEPS} [" in bar and "<" in bar  # tqdm's elapsed<remaining (the ETA) ...
     assert f"loss={log[-1]['loss']:.4f}" in bar and f"lr={log[-1]['lr']:.2e}" in bar  # ... loss and lr
+
+
+def test_without_clipping_the_norm_is_still_logged_and_the_weights_are_those_of_no_measuring(
+        tiny_base, style_dataset, tmp_path):
+    """train.max_grad_norm=null: the norm is measured by clip_grad_norm_ with an infinite limit, which scales every
+    gradient by exactly 1.0: the adapter is bit for bit that of a run whose clip_grad_norm_ does nothing at all."""
+
+    def run(name, measure):
+        config = load_config(None, [f"model.base={tiny_base}", f"data.path={style_dataset}", "data.resolution=64",
+                                    f"train.steps={STEPS}", "train.batch_size=2", f"output.dir={tmp_path / name}",
+                                    "train.max_grad_norm=null", "train.learning_rate=1e-2"])
+        training = TrainingRun(config)
+        training.build()
+        if not measure:
+            training.accelerator.clip_grad_norm_ = lambda params, max_norm: None
+        training.fit()
+        return training
+
+    measured, untouched = run("measured", True), run("untouched", False)
+    log = [json.loads(line) for line in measured.folder.step_log.read_text().splitlines()]
+    assert len(log) == STEPS and all(row["grad_norm"] > 0 for row in log)
+    assert all("grad_norm" not in json.loads(line) for line in untouched.folder.step_log.read_text().splitlines())
+    a, b = (load_file(r.folder.adapter("pytorch_lora_weights")) for r in (measured, untouched))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [row["loss"] for row in log] == [json.loads(line)["loss"]
+                                            for line in untouched.folder.step_log.read_text().splitlines()]
