@@ -56,6 +56,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_class_images(args: argparse.Namespace) -> int:
+    from sdlora import inference
+
+    base = inference.choose_base(args.base, [])
+    done = inference.make_class_images(
+        lambda: _generation_pipeline(args, base), args.prompt, args.count, args.out, seed=args.seed, steps=args.steps,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+    )
+    print(f"class images: {args.out} ({len(done.made)} made, {len(done.kept)} already there)")
+    return 0
+
+
 def cmd_card(args: argparse.Namespace) -> int:
     from sdlora.hub.card import write_card
 
@@ -163,13 +175,18 @@ def _generation_pipeline(args: argparse.Namespace, base, progress: bool = False)
     return pipe
 
 
-def _generation_args(parser: argparse.ArgumentParser, prompt_help: str, prompt_required: bool = True) -> None:
+def _generation_args(parser: argparse.ArgumentParser, prompt_help: str, prompt_required: bool = True,
+                     adapters: bool = True) -> None:
     from sdlora.config import SampleSection
 
-    parser.add_argument("--base", help="base model: hub id, folder, .safetensors or sdlora:NAME (default: the base "
-                        "the adapters record, else sdlora:tiny)")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
-                        help="adapter with weight (and text-encoder weight); repeat to stack")
+    if adapters:
+        parser.add_argument("--base", help="base model: hub id, folder, .safetensors or sdlora:NAME (default: the "
+                            "base the adapters record, else sdlora:tiny)")
+        parser.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:W_TE]]",
+                            help="adapter with weight (and text-encoder weight); repeat to stack")
+    else:
+        parser.add_argument("--base", required=True, help="base model: hub id, folder, .safetensors or "
+                            "sdlora:NAME (the model the LoRA will be trained on)")
     parser.add_argument("--prompt", required=prompt_required, help=prompt_help)
     parser.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -206,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, default=Path("sdlora.png"), help="image file (default: %(default)s)")
     gen.add_argument("--lora-dir", type=Path, help="folder that <lora:name:w> tags in the prompt are looked up in")
     gen.set_defaults(func=cmd_generate)
+
+    images = commands.add_parser("class-images", help="make prior-preservation (regularization) images with the base "
+                                 "itself, each captioned with the class prompt; run again to make only missing ones")
+    _generation_args(images, "the class prompt, e.g. 'a photo of a dog' (also written as each image's caption)",
+                     adapters=False)
+    images.add_argument("--count", type=int, required=True, help="how many images (image i uses seed + i)")
+    images.add_argument("--out", type=Path, required=True, help="folder; images already in it are kept")
+    images.set_defaults(func=cmd_class_images)
 
     card = commands.add_parser("card", help="write the model card (README.md) of a run folder")
     card.add_argument("run_dir", type=Path, help="run folder (output.dir of a finished run)")

@@ -77,7 +77,7 @@ class StepClock:
         self.times: list[float] = []
         self.losses: list[float] = []
 
-    def after_step(self, step: int, loss: float, lr: float) -> None:
+    def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> None:
         _synchronize()
         self.times.append(time.perf_counter())
         self.losses.append(loss)

@@ -44,6 +44,10 @@ class SourceSection(Section):
         False, description="Regularization (prior-preservation) images: mixed in at data.regularization.ratio, "
         "their loss scaled by data.regularization.prior_loss_weight. Caption them with the class prompt."
     )
+    validation: bool = Field(
+        False, description="Held-out images: never trained on, scored as the validation loss (instead of "
+        "validation.path or validation.fraction; see the `validation:` section for when and how)."
+    )
 
 
 class RegularizationSection(Section):
@@ -134,17 +138,28 @@ class DataSection(Section):
         return value
 
     def resolved_sources(self) -> tuple[SourceSection, ...]:
-        """`sources`, or the single `path` folder with the data-level caption settings."""
+        """The sources trained on: `sources` less those marked `validation`, or the single `path` folder with the
+        data-level caption settings."""
         if self.sources:
-            return self.sources
+            return tuple(source for source in self.sources if not source.validation)
         return (SourceSection(path=self.path, caption_extension=self.caption_extension,
                               default_caption=self.default_caption, captions=self.captions),)
 
+    def validation_sources(self) -> list[tuple[int, SourceSection]]:
+        """The `sources` marked `validation: true`, with their index (for messages naming the field)."""
+        return [(number, source) for number, source in enumerate(self.sources) if source.validation]
+
     @model_validator(mode="after")
     def _something_to_learn(self) -> DataSection:
-        if self.sources and all(source.regularization for source in self.sources):
-            raise ValueError("data.sources: every source has regularization: true; mark the images to learn "
-                             "with regularization: false (the default)")
+        for number, source in enumerate(self.sources):
+            if source.regularization and source.validation:
+                raise ValueError(
+                    f"data.sources[{number}].regularization cannot be combined with data.sources[{number}].validation "
+                    "(a held-out image is never trained on, a regularization image is): set one of them"
+                )
+        if self.sources and all(source.regularization or source.validation for source in self.sources):
+            raise ValueError("data.sources: every source has regularization: true or validation: true; mark the "
+                             "images to learn with neither (the default)")
         return self
 
     @model_validator(mode="after")

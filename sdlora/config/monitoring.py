@@ -11,7 +11,8 @@ from sdlora.config.section import Section
 
 
 class ValidationSection(Section):
-    """A held-out set scored with fixed noise and timesteps, so its loss compares across steps, runs and resumes."""
+    """A held-out set scored with fixed noise and timesteps, so its loss compares across steps, runs and resumes.
+    The set is `path`, a `fraction` of the training images, or a `data.sources` entry with `validation: true`."""
 
     path: Path | None = Field(
         None, description="Folder of held-out images with captions; an image also in the training data is refused."
@@ -34,6 +35,7 @@ class ValidationSection(Section):
 
     @property
     def enabled(self) -> bool:
+        """A held-out set named in this section (a `data.sources` entry can name one too: RunConfig.validates)."""
         return self.path is not None or self.fraction > 0
 
     @model_validator(mode="after")
@@ -43,10 +45,6 @@ class ValidationSection(Section):
                 "validation.path cannot be combined with validation.fraction (both name the held-out set): "
                 "set one of them"
             )
-        for option, on in (("every", self.every), ("keep_best", self.keep_best)):
-            if on and not self.enabled:
-                raise ValueError(f"validation.{option} needs a held-out set: set validation.path or "
-                                 "validation.fraction")
         return self
 
 
@@ -78,7 +76,7 @@ class LoggingSection(Section):
     """Live logs beside `train_log.jsonl` (which stays the record): scalars and sample grids for TensorBoard."""
 
     tensorboard: bool = Field(
-        False, description="Write TensorBoard event files: loss, lr, validation loss and sample grids (needs the "
+        False, description="Write TensorBoard event files: loss, lr, grad norm, validation loss and sample grids (needs the "
         "`tensorboard` package)."
     )
     dir: Path | None = Field(None, description="Folder for the event files. Default: output.dir/logs.")

@@ -66,6 +66,27 @@ class RunConfig(Section):
             )
         return self
 
+    @property
+    def validates(self) -> bool:
+        """A held-out set is scored: validation.path, validation.fraction or a `validation: true` data source."""
+        return self.validation.enabled or bool(self.data.validation_sources())
+
+    @model_validator(mode="after")
+    def _one_held_out_set(self) -> RunConfig:
+        marked = self.data.validation_sources()
+        if marked:
+            field = f"data.sources[{marked[0][0]}].validation"
+            for option, on in (("validation.path", self.validation.path is not None),
+                               ("validation.fraction", self.validation.fraction > 0)):
+                if on:
+                    raise ValueError(f"{field} cannot be combined with {option} (both name the held-out set): "
+                                     "set one of them")
+        for option, on in (("every", self.validation.every), ("keep_best", self.validation.keep_best)):
+            if on and not self.validates:
+                raise ValueError(f"validation.{option} needs a held-out set: set validation.path, "
+                                 "validation.fraction or validation: true on a data.sources entry")
+        return self
+
     @model_validator(mode="after")
     def _one_small_base(self) -> RunConfig:
         if self.model.quantize != "none" and self.train.weight_storage != "compute":

@@ -4,6 +4,7 @@ grids, merges.
 The package's public names are re-exported here."""
 
 from sdlora.inference.base_choice import BaseChoice, BaseChoiceError, choose_base  # noqa: F401
+from sdlora.inference.class_images import ClassImages, make_class_images  # noqa: F401
 from sdlora.inference.grid import GridLayout, grid_layout, image_grid  # noqa: F401
 from sdlora.inference.pipeline import (  # noqa: F401
     SCHEDULERS,

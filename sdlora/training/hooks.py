@@ -38,10 +38,11 @@ class RunHooks:
     def __init__(self, run: TrainingRun):
         self.run = run
 
-    def after_step(self, step: int, loss: float, lr: float) -> None:
+    def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> None:
         run, train = self.run, self.run.config.train
         action = run.guard.record(step, loss, divergence.all_finite(run.parts.params))
-        watched = run.monitor.after_step(step, loss, lr) if action is None else {}  # EMA, validation, trackers
+        # EMA, validation, grad norm, trackers; nothing for a step that is rolled back or stops the run
+        watched = run.monitor.after_step(step, loss, lr, grad_norm) if action is None else {}
         if run.accelerator.is_main_process:
             steplog.append_step(run.folder.step_log, step, loss, lr, watched)
         if action is not None:  # rolling back or stopping: this step's state is not worth keeping

@@ -53,7 +53,7 @@ class TrainingParts:
 
 
 class Hooks(Protocol):
-    def after_step(self, step: int, loss: float, lr: float) -> None: ...
+    def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> None: ...
 
     def should_stop(self) -> bool: ...
 
@@ -189,8 +189,9 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
                     loss = loss * float("inf")
                 accelerator.backward(loss)
             step_loss += loss.detach().float().item() / parts.gradient_accumulation
-        if parts.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm)
+        # The norm before clipping, as accelerate returns it (None under DeepSpeed, which clips in its own step).
+        # Without clipping it is still measured the same way: a limit of inf scales every gradient by exactly 1.0.
+        grad_norm = accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm or math.inf)
         # A non-finite step updates nothing; the hooks see its loss as NaN and decide about rollbacks. Under fp16
         # the scaler's step must still run (it skips non-finite gradients itself and lowers its scale).
         finite = _step_is_finite(parts, step_loss)
@@ -205,7 +206,7 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        hooks.after_step(step, step_loss, lr)
+        hooks.after_step(step, step_loss, lr, None if grad_norm is None else float(grad_norm))
         if hooks.should_stop():
             break
     return losses

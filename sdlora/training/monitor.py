@@ -88,11 +88,14 @@ class Monitor:
         if self.config.logging.tensorboard and self.accelerator.is_main_process:
             self.tracker = trackers.TensorBoardTracker(self.log_dir, start + 1)
 
-    def after_step(self, step: int, loss: float, lr: float) -> dict[str, float]:
-        """EMA update and validation for this step (every process); returns what the step log adds."""
+    def after_step(self, step: int, loss: float, lr: float, grad_norm: float | None = None) -> dict[str, float]:
+        """EMA update and validation for this step (every process); returns what the step log adds: the gradient
+        norm before clipping (when clipping, so measured) and the validation loss (when scored)."""
         if self.ema is not None:
             self.ema.after_step(step)
         logged: dict[str, float] = {}
+        if grad_norm is not None and math.isfinite(grad_norm):
+            logged["grad_norm"] = grad_norm
         every, last = self.config.validation.every, self.config.train.steps
         if self.validator is not None and ((every and step % every == 0) or step == last):
             logged["val_loss"] = self.validator.score(self.parts)
@@ -100,6 +103,8 @@ class Monitor:
             self._keep_if_best(step, logged["val_loss"])
         if self.tracker is not None:
             scalars = {"loss/train": loss, "lr": lr} if math.isfinite(loss) else {"lr": lr}
+            if "grad_norm" in logged:
+                scalars["grad_norm"] = logged["grad_norm"]
             if "val_loss" in logged:
                 scalars["loss/validation"] = logged["val_loss"]
             self.tracker.scalars(step, scalars)

@@ -8,8 +8,9 @@ seed, and across a resume. Scoring runs with every trained model in eval mode (n
 the same with or without it.
 
 The held-out images are never trained on: a `fraction` is split off the training records (by content hash, so the
-choice depends on the seed and the images, not on file names or folder order), and a `path` folder that shares an
-image with the training data is refused.
+choice depends on the seed and the images, not on file names or folder order), and a `path` folder or a
+`data.sources` entry marked `validation: true` (left out of the training sources by the config) that shares an image
+with the training data is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from sdlora import rng
 from sdlora.config import RunConfig
+from sdlora.config.data import DataSection
 from sdlora.config.monitoring import ValidationSection
 from sdlora.data import CaptionedImageDataset, DatasetError, ImageRecord, collate, preflight
 from sdlora.training import diffusion
@@ -49,6 +51,8 @@ def split(config: RunConfig, report: preflight.PreflightReport, num_processes: i
     """Hold out `validation.fraction` of the checked training images, or read the `validation.path` folder."""
     section = config.validation
     records, buckets = list(report.records), list(report.buckets)
+    if config.data.validation_sources():
+        return _marked_sources(config, records, buckets)
     if not section.enabled:
         return HeldOut(records, buckets, [], [])
     if section.path is not None:
@@ -75,14 +79,31 @@ def split(config: RunConfig, report: preflight.PreflightReport, num_processes: i
 def _folder(config: RunConfig, records: list[ImageRecord], buckets: list[Bucket]) -> HeldOut:
     path = config.validation.path
     data = config.data.model_copy(update={"path": path, "sources": (), "cache_text_embeddings": False})
+    return _checked(data, "validation.path", path, records, buckets)
+
+
+def _marked_sources(config: RunConfig, records: list[ImageRecord], buckets: list[Bucket]) -> HeldOut:
+    """The `data.sources` entries with `validation: true`, each read with its own settings, as the held-out set."""
+    marked = config.data.validation_sources()
+    where = ", ".join(f"data.sources[{number}]" for number, _ in marked)
+    for number, source in marked:
+        if not source.path.is_dir():
+            raise DatasetError(f"data.sources[{number}].path: {source.path} is not a folder")
+    # Unmarked, they are what resolved_sources() returns for this one check.
+    unmarked = tuple(source.model_copy(update={"validation": False}) for _, source in marked)
+    data = config.data.model_copy(update={"sources": unmarked, "cache_text_embeddings": False})
+    return _checked(data, where, ", ".join(str(s.path) for _, s in marked), records, buckets)
+
+
+def _checked(data: DataSection, where: str, path: object, records: list[ImageRecord], buckets: list[Bucket]) -> HeldOut:
     report = preflight.check(data)
     if not report.records:
-        raise DatasetError(f"validation.path: no usable images in {path} (run `sdlora dataset check {path}`)")
+        raise DatasetError(f"{where}: no usable images in {path} (run `sdlora dataset check {path}`)")
     trained = {r.content_hash: r.path for r in records}
     for record in report.records:
         if record.content_hash in trained:
             raise DatasetError(
-                f"validation.path: {record.path} is the same image as the training image {trained[record.content_hash]}"
+                f"{where}: {record.path} is the same image as the training image {trained[record.content_hash]}"
                 "; a held-out image must never be trained on: remove it from one of the two folders"
             )
     return HeldOut(records, buckets, list(report.records), list(report.buckets))

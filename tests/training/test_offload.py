@@ -24,7 +24,7 @@ def test_cached_batches_run_no_vae_or_text_encoder_forward(make_config):
             sub.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
 
     class Quiet:
-        def after_step(self, step, loss, lr):
+        def after_step(self, step, loss, lr, grad_norm=None):
             pass
 
         def should_stop(self):

@@ -37,7 +37,7 @@ class _SameDraws:
     def __init__(self, generator):
         self.generator = generator
 
-    def after_step(self, step, loss, lr):
+    def after_step(self, step, loss, lr, grad_norm=None):
         self.generator.manual_seed(0)
 
     def should_stop(self):

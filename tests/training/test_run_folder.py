@@ -86,8 +86,8 @@ def test_a_new_run_never_adopts_or_resumes_another_runs_checkpoints(capsys, capl
     # Ctrl-C: no checkpoint for the step in flight), its rotation kept its own two newest checkpoints.
     after_step = RunHooks.after_step
 
-    def killed_at_6(hooks, step, loss, lr):
-        after_step(hooks, step, loss, lr)
+    def killed_at_6(hooks, step, loss, lr, grad_norm=None):
+        after_step(hooks, step, loss, lr, grad_norm)
         if step == 6:
             raise KeyboardInterrupt
 

@@ -154,3 +154,57 @@ def test_keep_best_writes_only_when_the_validation_loss_improves(make_config, tm
         monitor._keep_if_best(step, loss)
     assert len(made) == 3 and (monitor.best.loss, monitor.best.step) == (1.0, 5)
     assert components["best_validation"].state_dict() == {"loss": 1.0, "step": 5}
+
+
+def _sources_config(tmp_path, tiny_base, sources: str, *overrides: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{base: {tiny_base}}}\ndata:\n  resolution: 64\n  sources:\n{sources}", encoding="utf-8")
+    return load_config(path, ["train.steps=4", "train.batch_size=2", f"output.dir={tmp_path / 'run'}", *overrides])
+
+
+def test_a_source_marked_for_validation_is_scored_and_never_trained_on(tiny_base, style_dataset, tmp_path):
+    held = write_shapes_dataset(tmp_path / "held", 3, seed=5)
+    config = _sources_config(tmp_path, tiny_base, f"    - {{path: {style_dataset}}}\n"
+                             f"    - {{path: {held}, validation: true}}\n", "validation.every=2")
+    run = TrainingRun(config)
+    run.build()
+    seen: list = []
+    loader = run.data_loader
+
+    def recording(start):  # every batch the loop takes, by the record each item came from
+        for batch in loader(start):
+            seen.extend(run.dataset.records[i].path for i in batch["indices"].tolist())
+            yield batch
+
+    run.data_loader = recording
+    run.fit()
+    held_paths = set(held.glob("*.png"))
+    assert len(seen) == 4 * 2 and not held_paths & set(seen)  # four steps of two, none from the held-out source
+    assert not held_paths & {r.path for r in run.dataset.records}
+    assert {r.path for r in run.held_out.records} == held_paths  # the scored set is exactly that source
+    assert len(run.monitor.validator.items) == 3 and sorted(_val(run)) == [2, 4]
+
+
+def test_a_validation_source_is_refused_beside_the_other_held_out_sets(tiny_base, style_dataset, tmp_path):
+    from sdlora.config import ConfigError
+
+    held = write_shapes_dataset(tmp_path / "held", 2, seed=5)
+    marked = f"    - {{path: {style_dataset}}}\n    - {{path: {held}, validation: true}}\n"
+    for option in (f"validation.path={held}", "validation.fraction=0.25"):
+        field = option.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"data.sources\[1\].validation cannot be combined with {field}"):
+            _sources_config(tmp_path, tiny_base, marked, option)
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].regularization cannot be combined with "
+                                          r"data.sources\[1\].validation"):
+        _sources_config(tmp_path, tiny_base, f"    - {{path: {style_dataset}}}\n"
+                        f"    - {{path: {held}, validation: true, regularization: true}}\n")
+    with pytest.raises(ConfigError, match="every source has regularization: true or validation: true"):
+        _sources_config(tmp_path, tiny_base, f"    - {{path: {held}, validation: true}}\n")
+    with pytest.raises(ConfigError, match="validation.every needs a held-out set: .* or validation: true on a "
+                                          r"data.sources entry"):
+        _sources_config(tmp_path, tiny_base, f"    - {{path: {style_dataset}}}\n", "validation.every=2")
+    # A held-out source sharing an image with the training sources is refused, naming the source.
+    shutil.copy(style_dataset / "003.png", held / "copy.png")
+    config = _sources_config(tmp_path, tiny_base, marked)
+    with pytest.raises(DatasetError, match=r"data.sources\[1\]: .*copy.png is the same image as the training image"):
+        split(config, preflight.check(config.data))
