@@ -11,5 +11,13 @@ python3 -m venv .venv
 echo "setup.sh [2/3] installing torch 2.13.0 (CPU build, the largest download)"
 pip_install torch==2.13.0
 echo "setup.sh [3/3] installing sdlora and its tested dependencies (diffusers, transformers, peft, ...)"
-pip_install -e ".[test,quant]"
+pip_install -e ".[test,quant,ui-test]"
+# The web UI's browser test drives Debian's chromium through playwright (never `playwright install`, which downloads
+# a browser build from outside the package registries). Installed only where apt and root are at hand; elsewhere that
+# test skips and says why.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "setup.sh: installing Debian's chromium for the web UI's browser test"
+  (apt-get update && apt-get install -y --no-install-recommends chromium) \
+    || echo "setup.sh: chromium could not be installed; the browser test will skip"
+fi
 echo "setup.sh: done"

@@ -354,6 +354,10 @@ COVERED_ELSEWHERE = {
                                          "only an image deleted mid-run reaches the CLI as this error",
     "sdlora.files.untrusted.UnsafeFileError": "test_hostile_files.py; at the CLI it arrives wrapped as "
                                               "AdapterFormatError / ModelLoadError / CheckpointError (above)",
+    "sdlora.ui.server.UIStartError": "ui/test_server.py: `sdlora ui` on a taken port or a public --host without "
+                                     "--auth, one line and exit 2",
+    "sdlora.ui.paths.OutsideRootError": "ui/test_paths.py: `..`, absolute paths and symlinks out of --root",
+    "sdlora.ui.runs.RunStateError": "ui/test_app_api.py: stopping a run that is not training",
 }
 
 
