@@ -244,15 +244,16 @@ def build(settings: Settings) -> gr.Blocks:
 
 
 def _widget(item: form.Field):
-    label, info = item.key.split(".", 1)[1], item.description or None
+    label, info, elem_id = item.key.split(".", 1)[1], item.description or None, "field-" + item.key.replace(".", "-")
     if item.kind == "bool":
-        return gr.Checkbox(item.default, label=label, info=info)
+        return gr.Checkbox(item.default, label=label, info=info, elem_id=elem_id)
     if item.kind in ("int", "float"):
-        return gr.Number(item.default, label=label, info=info, precision=0 if item.kind == "int" else None)
+        return gr.Number(item.default, label=label, info=info, precision=0 if item.kind == "int" else None,
+                         elem_id=elem_id)
     if item.kind == "choice":
-        return gr.Dropdown(list(item.choices), value=item.default, label=label, info=info)
+        return gr.Dropdown(list(item.choices), value=item.default, label=label, info=info, elem_id=elem_id)
     return gr.Textbox(item.default, label=label + (" (YAML)" if item.kind == "yaml" else ""), info=info,
-                      elem_id="field-" + item.key.replace(".", "-"))
+                      elem_id=elem_id)
 
 
 def _share_tab(settings: Settings) -> None:

@@ -21,6 +21,7 @@ from sdlora.training.folder import RunFolder
 STATE = "ui_run.json"  # which process trains this folder; written by the UI when it starts one
 CONFIG = "ui_config.yaml"  # the config the UI handed to `sdlora train`
 OUTPUT = "ui_train.log"  # the training process's stdout and stderr
+LAUNCHED = "=== sdlora ui launched: "  # the line each launch appends to OUTPUT before the process's own lines
 
 _children: dict[int, subprocess.Popen] = {}  # processes this UI started: polled so they never linger as zombies
 
@@ -103,6 +104,7 @@ def info(folder: str | Path) -> RunInfo:
     step = max((r.get("step", 0) for r in rows), default=0)
     pid = state.get("pid")
     output = (folder / OUTPUT).read_text(encoding="utf-8", errors="replace") if (folder / OUTPUT).is_file() else ""
+    output = output.rsplit(LAUNCHED, 1)[-1]  # only the latest process's lines say how it ended
     if alive(pid):
         status = "running"
     elif "stopped by" in output:
@@ -148,6 +150,8 @@ def _launch(folder: Path, steps: int, resume: bool) -> RunInfo:
     command = [sys.executable, "-m", "sdlora", "train", str(folder / CONFIG), *(["--resume", "latest"] if resume else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(training_threads()), "PYTHONUNBUFFERED": "1"}
     with open(folder / OUTPUT, "a", encoding="utf-8") as output:
+        output.write(f"{LAUNCHED}{' '.join(command)}\n")
+        output.flush()
         # Its own session: a Ctrl-C or a kill of the UI's process group never reaches the training.
         child = subprocess.Popen(command, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=output,
                                  stderr=subprocess.STDOUT, start_new_session=True)

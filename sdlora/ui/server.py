@@ -41,10 +41,6 @@ def check_port_free(host: str, port: int) -> None:
 def serve(roots: list[Path], runs_root: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
           block: bool = True):
     """Build and launch the app; returns the gradio app (when `block` is False) for tests to close."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UIStartError("the web UI needs gradio: pip install 'sdlora[ui]'") from None
     credentials = parse_auth(auth or os.environ.get(AUTH_ENV))
     if host not in LOCAL_HOSTS and credentials is None:
         raise UIStartError(f"--host {host} makes the UI reachable from other machines: give --auth USER:PASSWORD "
@@ -52,7 +48,11 @@ def serve(roots: list[Path], runs_root: Path, host: str = "127.0.0.1", port: int
     missing = [str(r) for r in roots if not r.is_dir()]
     if missing:
         raise UIStartError(f"--root {missing[0]}: no such folder; give folders that exist")
-    check_port_free(host, port)
+    check_port_free(host, port)  # before importing gradio (seconds): a second UI is told at once
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UIStartError("the web UI needs gradio: pip install 'sdlora[ui]'") from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves this machine
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes are not the user's news
     from sdlora.ui.app import Settings, build
