@@ -91,6 +91,19 @@ def ui(ui_root, tmp_path_factory):
     app = start_ui(ui_root, tmp_path_factory.mktemp("ui-runs"))
     yield app
     app.close()
+    end_runs(app.runs)
+
+
+def end_runs(runs_root: Path) -> None:
+    """Kill every training a test started and left running (a failed test must not leave a process behind)."""
+    import json
+
+    from sdlora.ui.runs import alive
+
+    for state in runs_root.glob("*/ui_run.json"):
+        pid = json.loads(state.read_text()).get("pid")
+        if alive(pid):
+            os.kill(pid, 9)
 
 
 @pytest.fixture(scope="session")
