@@ -33,7 +33,7 @@ class Settings:
 
 
 def _problem(exc: Exception) -> str:
-    return "❌ " + str(exc).replace("\n", "\n\n❌ ")
+    return "error: " + str(exc).replace("\n", "\n\nerror: ")
 
 
 def _config(settings: Settings, source: str, yaml_text: str, values) -> RunConfig:
@@ -130,25 +130,12 @@ def build(settings: Settings) -> gr.Blocks:
                     written = dataset.save_caption(path_of_image, text, settings.roots)
                 except UserError as exc:
                     return _problem(exc)
-                return f"✅ saved {written.name}"
+                return f"ok: saved {written.name}"
 
             save_button.click(save, [image_path, caption], caption_status, api_name="save_caption")
 
         with gr.Tab("Train", id="train"):
-            source = gr.Radio(["Form", "YAML"], value="Form", label="Config from", elem_id="config-source")
-            widgets = []
-            with gr.Accordion("Form (every field of the config schema, with its default)", open=True):
-                for section in dict.fromkeys(f.section for f in settings.schema):
-                    with gr.Accordion(section, open=section in ("model", "data", "train")):
-                        for item in (f for f in settings.schema if f.section == section):
-                            widgets.append(_widget(item))
-            with gr.Accordion("YAML", open=False):
-                yaml_text = gr.Code(language="yaml", label="Config YAML", elem_id="config-yaml")
-                to_form = gr.Button("Load YAML into the form")
-            with gr.Row():
-                validate_button = gr.Button("Validate", elem_id="validate")
-                start_button = gr.Button("Start", variant="primary", elem_id="start")
-            message = gr.Markdown(elem_id="train-message")
+            # The runs first (what a returning user looks for), the config of a new run below.
             with gr.Row():
                 run_list = gr.Dropdown(_run_choices(settings), label="Runs", allow_custom_value=True, scale=4,
                                        elem_id="run-list")
@@ -159,6 +146,20 @@ def build(settings: Settings) -> gr.Blocks:
                 loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss-chart")
                 lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-chart")
             sample_gallery = gr.Gallery(label="Samples", columns=4, height="auto", elem_id="samples")
+            source = gr.Radio(["Form", "YAML"], value="Form", label="New run: config from", elem_id="config-source")
+            widgets = []
+            with gr.Accordion("Form (every field of the config schema, with its default)", open=True):
+                for section in dict.fromkeys(f.section for f in settings.schema):
+                    with gr.Accordion(section, open=True, elem_id=f"section-{section}"):
+                        for item in (f for f in settings.schema if f.section == section):
+                            widgets.append(_widget(item))
+            with gr.Accordion("YAML", open=False):
+                yaml_text = gr.Code(language="yaml", label="Config YAML", elem_id="config-yaml")
+                to_form = gr.Button("Load YAML into the form")
+            with gr.Row():
+                validate_button = gr.Button("Validate", elem_id="validate")
+                start_button = gr.Button("Start", variant="primary", elem_id="start")
+            message = gr.Markdown(elem_id="train-message")
 
             def to_form_values(text):
                 try:
@@ -174,14 +175,14 @@ def build(settings: Settings) -> gr.Blocks:
                     config = _config(settings, kind, text, values)
                 except UserError as exc:
                     return _problem(exc)
-                return f"✅ valid: {config.train.steps} steps into {config.output.dir}"
+                return f"ok: valid: {config.train.steps} steps into {config.output.dir}"
 
             def start(kind, text, *values):
                 try:
                     run = runs.start(_config(settings, kind, text, values), settings.runs_root)
                 except UserError as exc:
                     return _problem(exc), gr.update()
-                return (f"✅ started {run.folder.name} (process {run.pid})",
+                return (f"ok: started {run.folder.name} (process {run.pid})",
                         gr.update(choices=_run_choices(settings), value=str(run.folder)))
 
             validate_button.click(validate, [source, yaml_text, *widgets], message, api_name="validate")
@@ -192,12 +193,13 @@ def build(settings: Settings) -> gr.Blocks:
                     action(inside_roots(folder_text, [settings.runs_root]))
                 except UserError as exc:
                     return _problem(exc)
-                return f"✅ {action.__name__}: {Path(folder_text).name}"
+                return f"ok: {action.__name__}: {Path(folder_text).name}"
 
             stop_button.click(lambda f: act(runs.stop, f), run_list, message, api_name="stop")
             resume_button.click(lambda f: act(runs.resume, f), run_list, message, api_name="resume")
             watched = [progress, loss_plot, lr_plot, sample_gallery, run_list]
-            gr.Timer(POLL_SECONDS).tick(lambda f: _watch(settings, f), run_list, watched, api_name=False)
+            gr.Timer(POLL_SECONDS).tick(lambda f: _watch(settings, f), run_list, watched, api_name=False,
+                                        show_progress="hidden")  # a poll every second: no spinner flashing
             run_list.change(lambda f: _watch(settings, f), run_list, watched, api_name="watch")
 
         with gr.Tab("Generate", id="generate"):
@@ -261,10 +263,10 @@ def _share_tab(settings: Settings) -> None:
     from sdlora.hub.card import build_card
 
     with gr.Row():
-        run = gr.Dropdown(_run_choices(settings), label="Run", allow_custom_value=True, scale=3)
+        run = gr.Dropdown(_run_choices(settings), label="Run", allow_custom_value=True, scale=3, elem_id="share-run")
         repo = gr.Textbox(label="Hub repository (user/name)", scale=2)
     with gr.Row():
-        preview_button = gr.Button("Preview card")
+        preview_button = gr.Button("Preview card", elem_id="card-button")
         push_button = gr.Button("Push", variant="primary")
     gr.Markdown("The token comes from `HF_TOKEN` or `hf auth login`; it is never shown or written by this page.")
     card = gr.Markdown(elem_id="card-preview")
@@ -278,7 +280,7 @@ def _share_tab(settings: Settings) -> None:
 
     def push(folder, repo_id):
         try:
-            return f"✅ pushed: {hub.push(inside_roots(folder, [settings.runs_root]), repo_id)}"
+            return f"ok: pushed: {hub.push(inside_roots(folder, [settings.runs_root]), repo_id)}"
         except UserError as exc:
             return _problem(exc)
 

@@ -25,26 +25,26 @@ def test_open_a_dataset_and_edit_one_caption(client, ui):
     assert "images found 24, usable 24" in report and problems["data"] == []
     image = ui.root / "demo-style" / "001.png"
     before = image.read_bytes()
-    assert client.predict(str(image), "a new caption, striped style", api_name="/save_caption") == "✅ saved 001.txt"
+    assert client.predict(str(image), "a new caption, striped style", api_name="/save_caption") == "ok: saved 001.txt"
     assert (ui.root / "demo-style" / "001.txt").read_text() == "a new caption, striped style\n"
     assert image.read_bytes() == before
     refused = client.predict("../", 64, api_name="/open_dataset")[1]
-    assert refused.startswith("❌ ../: '..' is not allowed")
+    assert refused.startswith("error: ../: '..' is not allowed")
 
 
 def test_validation_errors_name_the_field(client):
     bad = client.predict("YAML", "train: {steps: -3}\n", *_defaults(), api_name="/validate")
-    assert bad.startswith("❌") and "train.steps" in bad
+    assert bad.startswith("error:") and "train.steps" in bad
     values = [(-3 if f.key == "train.steps" else f.default) for f in form.fields()]
     assert "train.steps" in client.predict("Form", "", *values, api_name="/validate")
     good = client.predict("YAML", training_yaml("api-check", 2), *_defaults(), api_name="/validate")
-    assert good.startswith("✅ valid: 2 steps")
+    assert good.startswith("ok: valid: 2 steps")
 
 
 def test_a_run_trains_in_its_own_process_and_its_adapter_generates(client, ui):
     message, listing = client.predict("YAML", training_yaml("api-run", 2, name="api"), *_defaults(),
                                       api_name="/start")
-    assert message.startswith("✅ started api-run"), message
+    assert message.startswith("ok: started api-run"), message
     folder = ui.runs / "api-run"
     state = json.loads((folder / "ui_run.json").read_text())
     assert state["command"][-2:] == ["train", str(folder / "ui_config.yaml")]
@@ -57,7 +57,7 @@ def test_a_run_trains_in_its_own_process_and_its_adapter_generates(client, ui):
     assert progress.startswith("**api-run: finished, step 2/2")
     assert [row[0] for row in loss["data"]] == [1, 2]  # the chart's rows are train_log.jsonl's steps
     assert samples and Path(folder / "samples" / "step-000002.png").is_file()
-    assert client.predict(str(folder), api_name="/stop").startswith("❌")
+    assert client.predict(str(folder), api_name="/stop").startswith("error:")
 
     adapter = folder / "api.safetensors"
     picture, info = client.predict("sdlora:tiny", "a red circle", 3, 2, 5.0, str(adapter), 0.7, "", 1.0, "", 1.0,

@@ -19,7 +19,7 @@ def test_killing_the_ui_leaves_its_run_training_and_another_ui_finds_it(ui, clie
         other = Client(first.url, verbose=False)
         message, _ = other.predict("YAML", training_yaml("detached", 200, every=1000), *[f.default for f in form.fields()],
                                    api_name="/start")
-        assert message.startswith("✅ started detached"), message
+        assert message.startswith("ok: started detached"), message
         folder = ui.runs / "detached"
         pid = json.loads((folder / "ui_run.json").read_text())["pid"]
         assert os.getsid(pid) == pid  # its own session: a signal to the UI's process group never reaches it
@@ -31,7 +31,7 @@ def test_killing_the_ui_leaves_its_run_training_and_another_ui_finds_it(ui, clie
     os.kill(pid, 0)  # still there
     progress = client.predict(str(folder), api_name="/watch")[0]
     assert progress.startswith("**detached: running, step "), progress
-    assert client.predict(str(folder), api_name="/stop") == "✅ stop: detached"
+    assert client.predict(str(folder), api_name="/stop") == "ok: stop: detached"
 
     def stopped_line():
         line = client.predict(str(folder), api_name="/watch")[0]
