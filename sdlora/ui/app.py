@@ -145,7 +145,8 @@ def build(settings: Settings) -> gr.Blocks:
             with gr.Row():
                 loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss-chart")
                 lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-chart")
-            sample_gallery = gr.Gallery(label="Samples", columns=4, height="auto", elem_id="samples")
+            sample_gallery = gr.Gallery(label="Samples", columns=4, height=320, object_fit="contain",
+                                        elem_id="samples")
             source = gr.Radio(["Form", "YAML"], value="Form", label="New run: config from", elem_id="config-source")
             widgets = []
             with gr.Accordion("Form (every field of the config schema, with its default)", open=True):

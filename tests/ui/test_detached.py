@@ -7,12 +7,14 @@ import json
 import os
 import signal
 
+import pytest
 from gradio_client import Client
 
 from sdlora.ui import form
 from tests.ui.conftest import start_ui, training_yaml, wait_for
 
 
+@pytest.mark.slow  # a second gradio UI and a second training process: 88 s of the UI tests' 348 s on a loaded machine
 def test_killing_the_ui_leaves_its_run_training_and_another_ui_finds_it(ui, client):
     first = start_ui(ui.root, ui.runs)
     try:
