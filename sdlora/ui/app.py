@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,7 +228,8 @@ def build(settings: Settings) -> gr.Blocks:
                     for path, weight in zip(pairs[::2], pairs[1::2]):
                         if path:
                             chosen.append((str(inside_roots(path, settings.readable)), float(weight)))
-                    threads = 1 if runs.live_pids() else None  # a training has the cores; share, never fight
+                    # A training has the cores: generate on one thread beside it, never fight it for all of them.
+                    threads = 1 if runs.training(settings.runs_root) else (os.cpu_count() or 1)
                     out = generation.generate(base_text, prompt_text, seed_value, step_count, scale, chosen,
                                               settings.images, threads)
                 except UserError as exc:

@@ -62,15 +62,16 @@ def alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"sdlora" in cmdline
 
 
-def training_threads(cpus: int | None = None) -> int:
-    """Threads for one new training process: the cores shared with the runs already training, so two torch
-    processes never each take every core (on 2 cores that made both about 5x slower per step)."""
+def training_threads(runs_root: Path, cpus: int | None = None) -> int:
+    """Threads for one new training process: the cores shared with the runs already training under `runs_root`
+    (this UI's or an earlier one's), so two torch processes never each take every core (on 2 cores that made both
+    about 5x slower per step)."""
     cpus = cpus or os.cpu_count() or 1
-    return max(1, cpus // (1 + len(live_pids())))
+    return max(1, cpus // (1 + len(training(runs_root))))
 
 
-def live_pids() -> list[int]:
-    return [pid for pid in list(_children) if alive(pid)]
+def training(runs_root: Path) -> list[RunInfo]:
+    return [run for run in list_runs(runs_root) if run.status == "running"]
 
 
 def _state(folder: Path) -> dict:
@@ -148,7 +149,7 @@ def resume(folder: str | Path) -> RunInfo:
 
 def _launch(folder: Path, steps: int, resume: bool) -> RunInfo:
     command = [sys.executable, "-m", "sdlora", "train", str(folder / CONFIG), *(["--resume", "latest"] if resume else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(training_threads()), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(training_threads(folder.parent)), "PYTHONUNBUFFERED": "1"}
     with open(folder / OUTPUT, "a", encoding="utf-8") as output:
         output.write(f"{LAUNCHED}{' '.join(command)}\n")
         output.flush()
