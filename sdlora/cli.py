@@ -161,6 +161,13 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from sdlora.ui import serve
+
+    serve(args.root or [Path.cwd()], args.runs, host=args.host, port=args.port, auth=args.auth)
+    return 0
+
+
 def _generation_pipeline(args: argparse.Namespace, base, progress: bool = False):
     from sdlora import inference
     from sdlora.hostmem import settle_host_memory
@@ -286,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--y-values", default="", help="values of the row axis, as --x-values")
     grid.add_argument("-o", "--output", type=Path, default=Path("grid.png"), help="image file (default: %(default)s)")
     grid.set_defaults(func=cmd_grid)
+
+    ui = commands.add_parser("ui", help="the local web UI: dataset, training, generation, sharing")
+    ui.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; any other needs "
+                    "--auth)")
+    ui.add_argument("--root", type=Path, action="append", help="a folder the page may open (repeat; default: the "
+                    "current folder)")
+    ui.add_argument("--runs", type=Path, default=Path("runs"), help="folder of the UI's runs (default: %(default)s)")
+    ui.add_argument("--auth", help="USER:PASSWORD required by the page (or set SDLORA_UI_AUTH)")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -21,7 +21,7 @@ LAYERS = [
     {"training"},
     {"hub"},
     {"bench", "workflow"},
-    {"cli", "__main__"},
+    {"cli", "__main__", "ui"},  # ui/ is a front end beside the CLI: it may import anything, nothing imports it
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

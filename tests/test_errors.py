@@ -361,6 +361,10 @@ COVERED_ELSEWHERE = {
                                                 "another run's checkpoints, through the CLI (one line, exit 2)",
     "sdlora.training.distributed.PeerLostError": "training/test_multinode.py: a machine killed mid-run stops the "
                                                  "other with this one line (slow: two accelerate launches)",
+    "sdlora.ui.server.UIStartError": "ui/test_server.py: `sdlora ui` on a taken port or a public --host without "
+                                     "--auth, one line and exit 2",
+    "sdlora.ui.paths.OutsideRootError": "ui/test_paths.py: `..`, absolute paths and symlinks out of --root",
+    "sdlora.ui.runs.RunStateError": "ui/test_app_api.py: stopping a run that is not training",
 }
 
 

@@ -1,0 +1,128 @@
+"""The whole job in a real headless browser (Debian's chromium through playwright): open the page, open the demo
+dataset, edit a caption, start a run on the tiny base, watch its loss chart and first sample, stop and resume it,
+generate with two adapters at two weights, preview the card; a screenshot of each tab goes to test-artifacts/
+(and, with SDLORA_UI_DOCS_SCREENSHOT=1, the Train tab's to docs/images/ui-train.png)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.ui.conftest import ARTIFACTS, REPO, wait_for
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _max_step(folder: Path) -> int:
+    from sdlora.ui.runs import read_log
+
+    return max((row["step"] for row in read_log(folder)), default=0)
+
+
+def _negated_copy(adapter: Path, target: Path) -> Path:
+    """A second, different adapter for the same base: the run's with every up-projection negated."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(adapter, "pt") as handle:
+        tensors = {k: (-handle.get_tensor(k) if "lora_B" in k or "lora_up" in k else handle.get_tensor(k))
+                   for k in handle.keys()}
+        metadata = handle.metadata()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, target, metadata)
+    return target
+
+
+def _fill(page, elem_id: str, value) -> None:
+    field = page.locator(f"#{elem_id}").locator("textarea, input").first
+    field.fill(str(value))
+    field.press("Tab")  # gradio takes a field's value when it loses focus
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed: as root, `apt-get install chromium` "
+                    "(scripts/setup.sh does it where it can)")
+def test_the_whole_job_in_a_headless_browser(ui):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[ui-test]' (playwright)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    caption_file = ui.root / "demo-style" / "002.txt"
+    folder = ui.runs / "browser-run"
+    with sync_api.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(120_000)
+        expect = sync_api.expect
+        expect.set_options(timeout=180_000)  # a loaded 2-core machine: steps and samples take seconds each
+        page.goto(ui.url)
+
+        # Dataset: open the demo copy, pick the third image, change its caption.
+        _fill(page, "dataset-folder", "demo-style")
+        page.locator("#dataset-open").click()
+        expect(page.locator("#caption-status")).to_contain_text("24 images")
+        page.locator("#dataset-gallery img").nth(2).click()
+        expect(page.locator("#caption-text textarea")).to_have_value(caption_file.read_text().strip())
+        page.locator("#caption-text textarea").fill("a hand-edited caption, striped style")
+        page.locator("#caption-save").click()
+        expect(page.locator("#caption-status")).to_contain_text("saved 002.txt")
+        assert caption_file.read_text() == "a hand-edited caption, striped style\n"
+        expect(page.locator("#preflight")).to_contain_text("usable 24")
+        page.screenshot(path=ARTIFACTS / "ui-dataset.png", full_page=False)
+
+        # Train: the schema's form, filled in; a long run so it can be stopped and resumed mid-way.
+        page.get_by_role("tab", name="Train").click()
+        for elem_id, value in [("field-model-base", "sdlora:tiny"), ("field-data-path", "demo-style"),
+                               ("field-data-resolution", 64), ("field-train-steps", 200),
+                               ("field-train-batch_size", 2), ("field-train-checkpoint_every", 1000),
+                               ("field-sample-prompts", "[a red circle on a blue background]"),
+                               ("field-sample-every", 2), ("field-sample-steps", 1),
+                               ("field-output-dir", "browser-run"), ("field-output-name", "browser")]:
+            _fill(page, elem_id, value)
+        page.locator("#start").click()
+        expect(page.locator("#train-message")).to_contain_text("started browser-run")
+        expect(page.locator("#run-progress")).to_contain_text(re.compile(r"running, step [2-9]"))
+        expect(page.locator("#loss-chart canvas, #loss-chart svg").first).to_be_visible()
+        expect(page.locator("#samples img").first).to_be_visible()
+        page.evaluate("window.scrollTo(0, 0)")  # the top of the tab: the run, its charts and samples
+        page.screenshot(path=ARTIFACTS / "ui-train.png", full_page=False)
+        if os.environ.get("SDLORA_UI_DOCS_SCREENSHOT") == "1":
+            shutil.copy(ARTIFACTS / "ui-train.png", REPO / "docs" / "images" / "ui-train.png")
+
+        page.locator("#stop").click()
+        expect(page.locator("#run-progress")).to_contain_text("stopped")
+        stopped_at = _max_step(folder)
+        assert (folder / "checkpoints" / f"step-{stopped_at:06d}").is_dir() and stopped_at < 200
+        page.locator("#resume").click()
+        expect(page.locator("#run-progress")).to_contain_text("running")
+        wait_for(lambda: _max_step(folder) > stopped_at, 180, "the resumed run to pass its checkpoint")
+        page.locator("#stop").click()
+        expect(page.locator("#run-progress")).to_contain_text("stopped")
+
+        # Generate: the run's adapter at 0.8 and a different one at -0.4, two denoising steps.
+        first = folder / "browser.safetensors"
+        second = _negated_copy(first, ui.root / "adapters" / "negated.safetensors")
+        page.get_by_role("tab", name="Generate").click()
+        _fill(page, "gen-base", "sdlora:tiny")
+        _fill(page, "gen-prompt", "a red circle on a blue background")
+        _fill(page, "gen-steps", 2)
+        for number, (path, weight) in enumerate([(first, 0.8), (second, -0.4)]):
+            _fill(page, f"adapter-{number}", path)
+            _fill(page, f"weight-{number}", weight)
+        page.locator("#generate").click()
+        expect(page.locator("#gen-result img")).to_be_visible()
+        saved = sorted((ui.runs / "generated").glob("*.png"))[-1]
+        meta = json.loads(Image.open(saved).text["sdlora"])
+        assert meta["adapters"] == [{"path": str(first), "weight": 0.8}, {"path": str(second), "weight": -0.4}]
+        page.screenshot(path=ARTIFACTS / "ui-generate.png", full_page=False)
+
+        page.get_by_role("tab", name="Share").click()
+        _fill(page, "share-run", folder)
+        page.locator("#card-button").click()
+        expect(page.locator("#card-preview")).to_contain_text("browser")
+        page.screenshot(path=ARTIFACTS / "ui-share.png", full_page=False)
+        browser.close()
