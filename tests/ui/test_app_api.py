@@ -22,7 +22,7 @@ def test_open_a_dataset_and_edit_one_caption(client, ui):
     gallery, status, problems, report = client.predict("demo-style", 64, api_name="/open_dataset")
     assert status == "24 images" and len(gallery) == 24
     assert gallery[0]["caption"] == (ui.root / "demo-style" / "000.txt").read_text().strip()
-    assert "images found 24, usable 24" in report and problems["data"] == []
+    assert "files found 24 (24 image(s), 0 other), usable 24" in report and problems["data"] == []
     image = ui.root / "demo-style" / "001.png"
     before = image.read_bytes()
     assert client.predict(str(image), "a new caption, striped style", api_name="/save_caption") == "ok: saved 001.txt"
