@@ -119,7 +119,8 @@ def test_the_fingerprint_names_what_changed_and_ignores_what_does_not(make_confi
     # Where files go, how long to train, the batch layout and where the data lives may change on a resume.
     moved = [ImageRecord(Path(f"/elsewhere/{i}.png"), f"caption {i}", content_hash=f"h{i}") for i in range(3)]
     same = ownership.fingerprint(make_config("train.steps=50", "train.checkpoint_every=7", "train.batch_size=1",
-                                             "output.dir=/other", "sample.every=3", "data.path=/moved"), moved)
+                                             "output.dir=/other", "sample.every=3", "data.path=/moved",
+                                             "logging.tensorboard=true", "train.distributed_timeout=60"), moved)
     assert ownership.differences(base, same) == []
     recaptioned = [*records[:2], ImageRecord(Path("/data/2.png"), "a new caption", content_hash="h2")]
     changed = ownership.fingerprint(make_config("lora.rank=8", "train.seed=1"), recaptioned)
