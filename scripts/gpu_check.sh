@@ -6,6 +6,9 @@
 #
 #     OUT=gpu-check bash scripts/gpu_check.sh          # the whole list: about 10 minutes on an H200
 #
+# On the lent machines, install missing packages with `python3 -m pip install --no-deps WHEELS` (their `pip` belongs
+# to another Python than `python3`: a lease was lost to that) and run with PYTHONPATH=$PWD instead of installing sdlora.
+#
 # It writes, under $OUT: env.txt (nvidia-smi, driver, CUDA, torch and package versions), pytest.txt (the output of
 # `pytest -m gpu`), results.jsonl (one JSON object per measurement: its name, exact command, exit status, wall time
 # and the bench's own JSON result) and failures.txt (the last lines of each failed measurement's stderr). Each measurement runs in its own process
