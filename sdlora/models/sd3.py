@@ -137,6 +137,8 @@ def check_training(config) -> str:
         "train.min_timestep": (train.min_timestep, "SD3 draws sigmas, set by flow.timestep_sampling"),
         "train.max_timestep": (train.max_timestep is not None, "SD3 draws sigmas, set by flow.timestep_sampling"),
         "data.masked_loss": (config.data.masked_loss, "masks are not applied to the flow loss yet"),
+        "validation": (config.validation.enabled or bool(config.data.validation_sources()),
+                       "the validation loss is scored with a noise schedule, not the flow objective, yet"),
     }
     for field, (value, why) in refused.items():
         if value:

@@ -150,6 +150,7 @@ def test_t5_less_training_runs_and_saves(sd3_config):
     ("train.loss_type=huber", "train.loss_type"),
     ("train.max_timestep=500", "train.max_timestep"),
     ("data.masked_loss=true", "data.masked_loss"),
+    ("validation.fraction=0.25", "validation"),
 ])
 def test_levers_without_meaning_for_flow_matching_are_refused_by_name(sd3_config, override, field):
     run = TrainingRun(sd3_config(override))
