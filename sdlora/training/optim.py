@@ -121,8 +121,15 @@ def evaluation_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     if not hasattr(inner, "eval"):
         yield
         return
+    # train() recomputes the training point from the average by arithmetic that need not round back to the same
+    # bits: the exact tensors are put back instead, so rendering samples never moves the run.
+    params = [p for group in inner.param_groups for p in group["params"]]
+    saved = [p.detach().clone() for p in params]
     optimizer.eval()
     try:
         yield
     finally:
         optimizer.train()
+        with torch.no_grad():
+            for param, exact in zip(params, saved):
+                param.copy_(exact)

@@ -238,3 +238,22 @@ def test_prodigy_with_two_rates_is_refused_at_load(make_config):
         make_config("train.optimizer=prodigy", "train.lora_plus_ratio=16")
     with pytest.raises(ConfigError, match=r"train\.text_encoder_learning_rate must equal train\.learning_rate"):
         make_config("train.optimizer=prodigy", "train.learning_rate=1.0", "train.text_encoder_learning_rate=0.5")
+
+
+def test_schedule_free_evaluation_weights_are_the_average_and_the_training_point_comes_back_bit_exact():
+    """Samples render inside `evaluation_weights`: the averaged point within, the exact training tensors after."""
+    pytest.importorskip("schedulefree")
+    import schedulefree
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 64) * 1e3)  # large values: train() arithmetic rounds off
+    optimizer = schedulefree.AdamWScheduleFree([weight], lr=0.5, warmup_steps=0)
+    optimizer.train()
+    for _ in range(5):
+        optimizer.zero_grad()
+        (weight.sin() * torch.randn(64, 64)).sum().backward()
+        optimizer.step()
+    before = weight.detach().clone()
+    with optim.evaluation_weights(optimizer):
+        assert not torch.equal(weight, before)  # the averaged point, not the training one
+    assert torch.equal(weight, before)
