@@ -60,6 +60,11 @@ class RunConfig(Section):
                 "data.cache_text_embeddings cannot be combined with lora.train_text_encoder (a trained text encoder "
                 "changes its outputs every step): drop one of data.cache_text_embeddings or lora.train_text_encoder"
             )
+        if self.output.kohya and self.lora.type != "lora":
+            raise ValueError(
+                f"output.kohya: a lora.type={self.lora.type} adapter is always written in the kohya/LyCORIS layout "
+                "(there is no diffusers layout for it), so there is no second copy to write; remove output.kohya"
+            )
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_scheduler != "constant":
             raise ValueError(
                 f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.steps ({self.train.steps})"
