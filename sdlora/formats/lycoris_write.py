@@ -4,7 +4,7 @@ one ComfyUI, AUTOMATIC1111/Forge, kohya sd-scripts and the LyCORIS package read.
 Keys are `<kohya name>.<part>`, names from `formats.kohya.module_name` (`lora_unet_…`, `lora_te_…`,
 `lora_te1_…`/`lora_te2_…`), parts as LyCORIS writes them (lycoris/modules/{locon,loha,lokr}.py):
 - DoRA: `lora_down.weight`, `lora_up.weight`, `alpha`, `dora_scale`. peft's magnitude (`lora_magnitude_vector`,
-  [out]) is the norm of each OUTPUT row of W + ΔW; LyCORIS keeps the same vector as `dora_scale` of shape
+  [out], or [1, out, 1, 1] on a convolution) is the norm of each OUTPUT row of W + ΔW; LyCORIS keeps the same vector as `dora_scale` of shape
   [out, 1] ([out, 1, 1, 1] for a convolution), its default `wd_on_out=True` orientation, which ComfyUI recognises by
   `dora_scale.shape[0] == out`. (AUTOMATIC1111 applies only the older input-axis orientation, [1, in].)
 - LoHa: `hada_w1_a` [out, r], `hada_w1_b` [r, in·k·k], `hada_w2_a`, `hada_w2_b`, `alpha`; ΔW = (w1a w1b) ⊙ (w2a w2b)
@@ -86,8 +86,9 @@ def _module_tensors(kind: str, parts: dict[str, torch.Tensor], rank: int, alpha:
         alpha = float(rank)
     for part, tensor in parts.items():
         if part == "lora_magnitude_vector":
-            down = parts["lora_A.weight"]  # [r, in] or [r, in, k, k]: the magnitude broadcasts over the rest
-            tensor = tensor.reshape(tensor.shape[0], *[1] * (down.dim() - 1))
+            # peft holds [out] for a Linear, [1, out, 1, 1] for a Conv2d; LyCORIS [out, 1] / [out, 1, 1, 1]
+            down = parts["lora_A.weight"]
+            tensor = tensor.reshape(-1, *[1] * (down.dim() - 1))
         out[_TO_KOHYA.get(part, part)] = tensor.contiguous()
     reference = next(iter(parts.values()))
     out["alpha"] = torch.tensor(alpha, dtype=reference.dtype)
