@@ -317,6 +317,9 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     header = meta.shareable({k: v for k, v in adapter.metadata.items()
                              if k.startswith(("sdlora.", "ss_", "modelspec."))})
     header.update(meta.kohya_header(adapter.metadata, main.rank, main.alpha, family, title or Path(path).stem))
+    conv_args = meta.conv_network_args(main)
+    if conv_args:  # LoCon: kohya records conv_dim / conv_alpha in its network args
+        header["ss_network_args"] = json.dumps(conv_args, sort_keys=True)
     header["sdlora.version"] = __version__
     header["sshs_model_hash"] = meta.tensor_bytes_hash(tensors, {})
     save_safetensors_atomic(tensors, path, header)

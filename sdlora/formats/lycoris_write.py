@@ -110,12 +110,11 @@ def to_lycoris_state_dict(adapter: AdapterFile, family: str) -> dict[str, torch.
 
 def network_args(shape: AdapterShape) -> dict[str, str]:
     """LyCORIS's `network_args` for this adapter, as kohya records them in `ss_network_args` (strings)."""
-    convs = [m for m in shape.target_modules if is_conv_target(m)]
-    algo = {"loha": "loha", "lokr": "lokr"}.get(shape.kind, "locon" if convs else "lora")
-    args = {"algo": algo}
-    if convs:
-        args["conv_dim"] = str(shape.rank_pattern.get(convs[0], shape.rank))
-        args["conv_alpha"] = str(float(shape.alpha_pattern.get(convs[0], shape.alpha)))
+    from sdlora.formats.metadata import conv_network_args
+
+    conv_args = conv_network_args(shape)
+    algo = {"loha": "loha", "lokr": "lokr"}.get(shape.kind, "locon" if conv_args else "lora")
+    args = {"algo": algo, **conv_args}
     if shape.kind == "dora":
         args.update(dora_wd="True", wd_on_output="True")
     if shape.kind == "lokr":

@@ -91,6 +91,18 @@ def kohya_header(metadata: dict[str, str], rank: int, alpha: float, family: str,
     return header
 
 
+def conv_network_args(shape) -> dict[str, str]:
+    """kohya's `conv_dim` / `conv_alpha` network args (strings, as kohya stores them) of an adapter with LoCon
+    convolutions (`models.lora.is_conv_target`); empty without."""
+    from sdlora.models.lora import is_conv_target
+
+    convs = [m for m in shape.target_modules if is_conv_target(m)]
+    if not convs:
+        return {}
+    return {"conv_dim": str(shape.rank_pattern.get(convs[0], shape.rank)),
+            "conv_alpha": str(float(shape.alpha_pattern.get(convs[0], shape.alpha)))}
+
+
 def tag_frequency(captions: list[str], folder_name: str) -> str:
     """kohya's `ss_tag_frequency`: JSON `{folder: {tag: count}}`, tags being the comma-separated caption parts."""
     counts: dict[str, int] = {}
