@@ -44,8 +44,9 @@ def nonzero(model: torch.nn.Module, seed: int) -> None:
             param.copy_(param * (1 + 0.2 * noise) if "lora_magnitude_vector" in name else 0.3 * noise)
 
 
-def save_case(case: str, family: str, models: dict[str, torch.nn.Module], path):
-    """Attach the case's adapter as a run does, make it non-zero, and write it as a run does."""
+def save_case(case: str, family: str, models: dict[str, torch.nn.Module], path, layout: str = "kohya"):
+    """Attach the case's adapter as a run does, make it non-zero, and write it: `layout` "run" as a run writes its
+    adapter (plain LoRA / LoCon in diffusers layout), "kohya" as the kohya/LyCORIS file (`output.kohya` for those)."""
     section = LoraSection(**CASES[case])
     tensors, shapes = {}, {}
     for seed, (component, model) in enumerate(models.items()):
@@ -63,6 +64,6 @@ def save_case(case: str, family: str, models: dict[str, torch.nn.Module], path):
                 conv_alpha=section.effective_conv_alpha, factor=section.factor,
                 decompose_both=section.decompose_both)
     adapter = AdapterFile(tensors, shapes, {"sdlora.family": family})
-    if section.type == "lora":  # plain LoRA and LoCon: the kohya copy (`output.kohya`) is their kohya layout
+    if section.type == "lora" and layout == "kohya":  # plain LoRA and LoCon: the `output.kohya` copy
         return formats.save_kohya(path, adapter)
     return lycoris_write.save_trained(path, adapter)

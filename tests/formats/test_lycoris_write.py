@@ -93,3 +93,28 @@ def test_saved_file_applied_by_lycoris_matches_sdlora(case, family, tmp_path):
         diff = float((value - theirs[name]).abs().max())
         print(f"{family} {case} {name}: max |sdlora - LyCORIS| = {diff:.2e}")
         assert diff < 1e-5, (case, family, name, diff)
+
+
+def test_locon_run_file_loads_in_diffusers_with_sdlora_outputs(tmp_path):
+    """LoCon keeps the diffusers layout a plain LoRA has: `load_lora_weights` reads its convolution LoRA at the conv
+    rank and conv alpha (lora_adapter_metadata's rank/alpha patterns) and gives the peft model's outputs."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora.models.tiny import build_tiny_components
+
+    parts = build_tiny_components(seed=0)
+    pristine = copy.deepcopy(parts)
+    encoders = {"text_encoder": parts["text_encoder"]}
+    path = save_case("locon", "sd1", {"unet": parts["unet"], **encoders}, tmp_path / "locon.safetensors", layout="run")
+    ids = torch.randint(0, parts["text_encoder"].config.vocab_size - 2, (1, 8), generator=torch.Generator().manual_seed(3))
+    ours = _outputs("sd1", parts["unet"], encoders, ids)
+
+    pipe = StableDiffusionPipeline(**pristine, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    assert any("conv1.lora_A" in name for name, _ in pipe.unet.named_parameters())
+    theirs = _outputs("sd1", pipe.unet, {"text_encoder": pipe.text_encoder}, ids)
+    for name, value in ours.items():
+        diff = float((value - theirs[name]).abs().max())
+        print(f"locon diffusers {name}: max |sdlora - diffusers| = {diff:.2e}")
+        assert diff < 1e-5, (name, diff)
