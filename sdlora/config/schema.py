@@ -65,6 +65,11 @@ class RunConfig(Section):
                 f"output.kohya: a lora.type={self.lora.type} adapter is always written in the kohya/LyCORIS layout "
                 "(there is no diffusers layout for it), so there is no second copy to write; remove output.kohya"
             )
+        if self.train.lora_plus_ratio is not None and self.lora.type in ("loha", "lokr"):
+            raise ValueError(
+                f"train.lora_plus_ratio: LoRA+ gives LoRA's B matrices a higher rate, and a lora.type="
+                f"{self.lora.type} adapter has none; remove train.lora_plus_ratio"
+            )
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_scheduler != "constant":
             raise ValueError(
                 f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.steps ({self.train.steps})"

@@ -317,9 +317,7 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     header = meta.shareable({k: v for k, v in adapter.metadata.items()
                              if k.startswith(("sdlora.", "ss_", "modelspec."))})
     header.update(meta.kohya_header(adapter.metadata, main.rank, main.alpha, family, title or Path(path).stem))
-    conv_args = meta.conv_network_args(main)
-    if conv_args:  # LoCon: kohya records conv_dim / conv_alpha in its network args
-        header["ss_network_args"] = json.dumps(conv_args, sort_keys=True)
+    header.update(meta.kohya_extras(main))  # LoCon's conv_dim / conv_alpha, the tools that load the file
     header["sdlora.version"] = __version__
     header["sshs_model_hash"] = meta.tensor_bytes_hash(tensors, {})
     save_safetensors_atomic(tensors, path, header)

@@ -37,13 +37,6 @@ LYCORIS_KINDS = ("dora", "loha", "lokr")
 PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|hada_w[12]_[ab]"
                       r"|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2)$")
 _TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora_magnitude_vector": "dora_scale"}
-LOADS_IN = {
-    "lora": "diffusers (load_lora_weights), ComfyUI, AUTOMATIC1111/Forge, kohya sd-scripts, LyCORIS, sdlora",
-    "dora": "LyCORIS, ComfyUI, sdlora (output-axis dora_scale; AUTOMATIC1111 applies only input-axis DoRA; "
-            "diffusers drops dora_scale)",
-    "loha": "LyCORIS, ComfyUI, AUTOMATIC1111/Forge, sdlora (not diffusers: `sdlora convert --to lora` makes one)",
-    "lokr": "LyCORIS, ComfyUI, AUTOMATIC1111/Forge, sdlora (not diffusers: `sdlora convert --to lora` makes one)",
-}
 
 
 def modules_of(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -145,7 +138,7 @@ def save_lycoris(path: str | Path, adapter: AdapterFile, title: str | None = Non
         "ss_network_module": "lycoris.kohya",
         "ss_network_args": json.dumps(network_args(main), sort_keys=True),
         "sdlora.adapter_type": main.kind,
-        "sdlora.loads_in": LOADS_IN.get(main.kind, LOADS_IN["lora"]),
+        "sdlora.loads_in": meta.LOADS_IN[main.kind],
         "sdlora.version": __version__,
         "sshs_model_hash": meta.tensor_bytes_hash(tensors, {}),
     })
@@ -159,5 +152,7 @@ def save_trained(path: str | Path, adapter: AdapterFile, title: str | None = Non
     kinds = {shape.kind for shape in adapter.shapes.values()}
     if kinds & set(LYCORIS_KINDS):
         return save_lycoris(path, adapter, title)
-    adapter.metadata["sdlora.loads_in"] = LOADS_IN["lora"]
+    from sdlora.formats.metadata import LOADS_IN
+
+    adapter.metadata["sdlora.loads_in"] = LOADS_IN["diffusers"]
     return save_diffusers(path, adapter)

@@ -17,6 +17,7 @@ from sdlora.config import ConfigError, load_config
     (["lora.type=dora", "lora.init_from=x.safetensors"], "lora.init_from"),
     (["lora.type=loha", "output.kohya=true"], "output.kohya"),
     (["lora.type=bogus"], "lora.type"),
+    (["lora.type=loha", "train.lora_plus_ratio=16"], "train.lora_plus_ratio"),
 ])
 def test_options_that_do_not_belong_are_refused_by_name(overrides, field):
     with pytest.raises(ConfigError) as error:
