@@ -18,6 +18,8 @@ from sdlora.config import ConfigError, load_config
     (["lora.type=loha", "output.kohya=true"], "output.kohya"),
     (["lora.type=bogus"], "lora.type"),
     (["lora.type=loha", "train.lora_plus_ratio=16"], "train.lora_plus_ratio"),
+    (["lora.type=lokr", "model.quantize=nf4"], "model.quantize"),
+    (["lora.type=dora", "lora.conv_rank=2", "model.quantize=int8"], "model.quantize"),
 ])
 def test_options_that_do_not_belong_are_refused_by_name(overrides, field):
     with pytest.raises(ConfigError) as error:
