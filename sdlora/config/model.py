@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from sdlora.config.section import Section
 
@@ -56,10 +56,38 @@ TEXT_ENCODER_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SD3_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
+# Options that belong to one adapter type only, with their defaults: set on another type they would do nothing.
+TYPE_OPTIONS = {"factor": ("lokr", -1), "decompose_both": ("lokr", False)}
+
+
 class LoraSection(Section):
-    rank: int = Field(4, ge=1, description="LoRA rank r.")
+    type: Literal["lora", "dora", "loha", "lokr"] = Field(
+        "lora",
+        description="Adapter type, trained through peft: 'lora' (B @ A), 'dora' (LoRA with a learned magnitude per "
+        "output, Liu et al. 2024), 'loha' (Hadamard product of two low-rank products, LyCORIS), 'lokr' (Kronecker "
+        "product, LyCORIS). Files of dora/loha/lokr are written in the kohya/LyCORIS layout that ComfyUI, "
+        "AUTOMATIC1111/Forge and LyCORIS read (docs/adapter-types.md).",
+    )
+    rank: int = Field(4, ge=1, description="LoRA rank r (LoHa: the rank of each of its two products; LoKr: the "
+                      "rank of its decomposed factor).")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch (lora and dora only).")
+    conv_rank: int | None = Field(
+        None, ge=1,
+        description="LoCon: also adapt the UNet's ResNet, downsampler and upsampler convolutions at this rank "
+        "(kohya's conv_dim). Default: convolutions are left alone.",
+    )
+    conv_alpha: float | None = Field(
+        None, gt=0, description="Alpha of the convolution adapters (kohya's conv_alpha). Default: conv_rank.",
+    )
+    factor: int = Field(
+        -1, description="LoKr only: the Kronecker factor each dimension is split by (-1: as square as the "
+        "dimension allows; peft decompose_factor, LyCORIS factor).",
+    )
+    decompose_both: bool = Field(
+        False, description="LoKr only: also decompose the smaller Kronecker factor into a low-rank product.",
+    )
     unet_targets: tuple[str, ...] = Field(UNET_ATTENTION_TARGETS, description="UNet module names that get LoRA.")
     transformer_targets: tuple[str, ...] = Field(
         SD3_ATTENTION_TARGETS,
@@ -78,6 +106,33 @@ class LoraSection(Section):
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def effective_conv_alpha(self) -> float | None:
+        if self.conv_rank is None:
+            return None
+        return float(self.conv_alpha if self.conv_alpha is not None else self.conv_rank)
+
+    @model_validator(mode="after")
+    def _options_of_its_type(self) -> LoraSection:
+        """An option of another adapter type would be silently ignored: refused, naming the field."""
+        for name, (owner, default) in TYPE_OPTIONS.items():
+            if self.type != owner and getattr(self, name) != default:
+                raise ValueError(f"lora.{name} is a lora.type={owner} option and this adapter is "
+                                 f"lora.type={self.type}; remove lora.{name} or set lora.type={owner}")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"lora.factor must be -1 (automatic) or a positive integer, got {self.factor}")
+        if self.type in ("loha", "lokr") and self.dropout:
+            raise ValueError(f"lora.dropout: peft's {self.type} has no dropout on its branch; remove lora.dropout "
+                             "(it applies to lora.type=lora and dora)")
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ValueError("lora.conv_alpha needs lora.conv_rank (the convolutions get an adapter only with a "
+                             "conv rank); set lora.conv_rank or remove lora.conv_alpha")
+        if self.init_from is not None and (self.type != "lora" or self.conv_rank is not None):
+            raise ValueError(f"lora.init_from: starting from a file works for plain LoRA only (this run is "
+                             f"lora.type={self.type}{' with lora.conv_rank' if self.conv_rank else ''}); remove "
+                             "lora.init_from")
+        return self
 
     @field_validator("unet_targets", "transformer_targets", "text_encoder_targets")
     @classmethod

@@ -60,6 +60,26 @@ class RunConfig(Section):
                 "data.cache_text_embeddings cannot be combined with lora.train_text_encoder (a trained text encoder "
                 "changes its outputs every step): drop one of data.cache_text_embeddings or lora.train_text_encoder"
             )
+        if self.output.kohya and self.lora.type != "lora":
+            raise ValueError(
+                f"output.kohya: a lora.type={self.lora.type} adapter is always written in the kohya/LyCORIS layout "
+                "(there is no diffusers layout for it), so there is no second copy to write; remove output.kohya"
+            )
+        if self.model.quantize == "nf4" and self.lora.type in ("loha", "lokr"):
+            raise ValueError(
+                f"model.quantize=nf4: peft's {self.lora.type} reshapes its update to the base weight's shape, which "
+                "nf4 stores packed; use model.quantize=int8 (tested) or none, or lora.type=lora/dora"
+            )
+        if self.model.quantize != "none" and self.lora.type == "dora" and self.lora.conv_rank is not None:
+            raise ValueError(
+                f"model.quantize={self.model.quantize}: peft's DoRA on convolutions needs their full-precision "
+                "weights (it fails on a quantized base); remove lora.conv_rank, or set model.quantize=none"
+            )
+        if self.train.lora_plus_ratio is not None and self.lora.type in ("loha", "lokr"):
+            raise ValueError(
+                f"train.lora_plus_ratio: LoRA+ gives LoRA's B matrices a higher rate, and a lora.type="
+                f"{self.lora.type} adapter has none; remove train.lora_plus_ratio"
+            )
         if self.train.lr_warmup_steps >= self.train.steps and self.train.lr_scheduler != "constant":
             raise ValueError(
                 f"train.lr_warmup_steps ({self.train.lr_warmup_steps}) must be below train.steps ({self.train.steps})"

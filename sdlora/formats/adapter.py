@@ -317,6 +317,7 @@ def save_kohya(path: str | Path, adapter: AdapterFile, dtype: torch.dtype | None
     header = meta.shareable({k: v for k, v in adapter.metadata.items()
                              if k.startswith(("sdlora.", "ss_", "modelspec."))})
     header.update(meta.kohya_header(adapter.metadata, main.rank, main.alpha, family, title or Path(path).stem))
+    header.update(meta.kohya_extras(main))  # LoCon's conv_dim / conv_alpha, the tools that load the file
     header["sdlora.version"] = __version__
     header["sshs_model_hash"] = meta.tensor_bytes_hash(tensors, {})
     save_safetensors_atomic(tensors, path, header)

@@ -18,6 +18,17 @@ import torch
 from sdlora.config.names import public_name
 from sdlora.models import families
 
+# `sdlora.loads_in`: the tools that apply a file, by its layout (plain LoRA / LoCon) or adapter type.
+LOADS_IN = {
+    "diffusers": "diffusers (load_lora_weights), ComfyUI, sdlora; the kohya copy (output.kohya) for "
+                 "AUTOMATIC1111/Forge, kohya sd-scripts and LyCORIS",
+    "kohya": "AUTOMATIC1111/Forge, ComfyUI, kohya sd-scripts, LyCORIS, diffusers (load_lora_weights), sdlora",
+    "dora": "LyCORIS, ComfyUI, sdlora (dora_scale on the output axis: AUTOMATIC1111 applies only input-axis DoRA, "
+            "diffusers drops dora_scale)",
+    "loha": "LyCORIS, ComfyUI, AUTOMATIC1111/Forge, sdlora (not diffusers: `sdlora convert --to lora` makes one)",
+    "lokr": "LyCORIS, ComfyUI, AUTOMATIC1111/Forge, sdlora (not diffusers: `sdlora convert --to lora` makes one)",
+}
+
 
 def family_key(metadata: dict[str, str], components: list[str]) -> str:
     """A name in `families.TABLE` from sdlora's provenance, kohya's or modelspec's header, else from the parts."""
@@ -89,6 +100,28 @@ def kohya_header(metadata: dict[str, str], rank: int, alpha: float, family: str,
     if "ss_tag_frequency" in metadata:
         header["ss_tag_frequency"] = metadata["ss_tag_frequency"]
     return header
+
+
+def conv_network_args(shape) -> dict[str, str]:
+    """kohya's `conv_dim` / `conv_alpha` network args (strings, as kohya stores them) of an adapter with LoCon
+    convolutions (`models.lora.is_conv_target`); empty without."""
+    from sdlora.models.lora import is_conv_target
+
+    convs = [m for m in shape.target_modules if is_conv_target(m)]
+    if not convs:
+        return {}
+    return {"conv_dim": str(shape.rank_pattern.get(convs[0], shape.rank)),
+            "conv_alpha": str(float(shape.alpha_pattern.get(convs[0], shape.alpha)))}
+
+
+def kohya_extras(shape) -> dict[str, str]:
+    """Header fields of a kohya-layout plain LoRA / LoCon file beyond `kohya_header`: the tools that load it and,
+    with LoCon convolutions, kohya's network args."""
+    extras = {"sdlora.loads_in": LOADS_IN["kohya"]}
+    conv_args = conv_network_args(shape)
+    if conv_args:
+        extras["ss_network_args"] = json.dumps(conv_args, sort_keys=True)
+    return extras
 
 
 def tag_frequency(captions: list[str], folder_name: str) -> str:

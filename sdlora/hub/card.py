@@ -286,6 +286,9 @@ def _settings(facts: RunFacts) -> list[tuple[str, str]]:
         ("steps", str(facts.steps_done if facts.steps_done is not None else cfg.train.steps)),
         ("batch size", f"{cfg.train.batch_size} x {cfg.train.gradient_accumulation} accumulation"),
         ("rank / alpha", f"{cfg.lora.rank} / {cfg.lora.effective_alpha:g}"),
+        *([("adapter type", cfg.lora.type + (f", LoCon convolutions at rank {cfg.lora.conv_rank} / alpha "
+                                              f"{cfg.lora.effective_conv_alpha:g}" if cfg.lora.conv_rank else ""))]
+          if cfg.lora.type != "lora" or cfg.lora.conv_rank else []),
         *([("transformer targets", ", ".join(cfg.lora.transformer_targets))] if facts.family == "sd3"
           else [("UNet targets", ", ".join(cfg.lora.unet_targets))]),
         ("text encoder", "trained (" + ", ".join(cfg.lora.text_encoder_targets) + ")" if cfg.lora.train_text_encoder else "frozen"),

@@ -2,7 +2,9 @@
 
 State dicts are keyed by module path relative to the model, peft-style: `<module>.lora_A.weight` ([r, in]) and
 `<module>.lora_B.weight` ([out, r]). Each adapter is applied as W + w * (alpha / r) * B @ A, the arithmetic that
-diffusers, ComfyUI and AUTOMATIC1111 share.
+diffusers, ComfyUI and AUTOMATIC1111 share. The LyCORIS types train through peft's own tuners too
+(`AdapterShape.kind`): DoRA (`LoraConfig(use_dora=True)`, adds `<module>.lora_magnitude_vector`), LoHa
+(`LoHaConfig`: `<module>.hada_w1_a` ...) and LoKr (`LoKrConfig`: `<module>.lokr_w1` ...).
 
 Adapters go in through peft's own functions, the same on a diffusers UNet and a transformers text encoder, not
 through the models' `add_adapter`/`load_adapter` integrations: those wrap the same peft calls but refuse to run
@@ -12,11 +14,12 @@ that does not exist yet), so a bare `pip install` broke every text-encoder LoRA.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -37,17 +40,25 @@ class AdapterShape:
     dropout: float = 0.0
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    kind: str = "lora"  # lora | dora | loha | lokr (config `lora.type`)
+    factor: int = -1  # LoKr: peft decompose_factor
+    decompose_both: bool = False  # LoKr: the smaller Kronecker factor is a low-rank product too
 
-    def peft_config(self, init: str | bool = True) -> LoraConfig:
-        return LoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            rank_pattern=dict(self.rank_pattern),
-            alpha_pattern=dict(self.alpha_pattern),
-            init_lora_weights=init,
-        )
+    def peft_config(self, init: str | bool = True):
+        common = dict(r=self.rank, target_modules=list(self.target_modules), rank_pattern=dict(self.rank_pattern),
+                      alpha_pattern=dict(self.alpha_pattern))
+        if self.kind in ("lora", "dora"):
+            return LoraConfig(lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights=init,
+                              use_dora=self.kind == "dora", **common)
+        # LoHa / LoKr start with a zero update either way (peft zeroes one factor); "gaussian" is a LoRA init.
+        # use_effective_conv2d=False keeps a convolution's factors flat ([out, r] x [r, in*k*k]), LyCORIS's non-Tucker
+        # layout, so a file holds the same tensors that LyCORIS, ComfyUI and A1111 read.
+        lyco = dict(alpha=self.alpha, init_weights=init is not False, use_effective_conv2d=False, **common)
+        if self.kind == "loha":
+            return LoHaConfig(**lyco)
+        if self.kind == "lokr":
+            return LoKrConfig(decompose_both=self.decompose_both, decompose_factor=self.factor, **lyco)
+        raise AdapterMismatchError(f"adapter type {self.kind!r}: sdlora attaches lora, dora, loha or lokr")
 
 
 def attach(model: torch.nn.Module, shape: AdapterShape, adapter_name: str = "default", init="gaussian") -> None:
@@ -56,7 +67,23 @@ def attach(model: torch.nn.Module, shape: AdapterShape, adapter_name: str = "def
     peft's default init makes B zero, so the adapter starts as the identity and training moves it; "gaussian"
     (diffusers' training scripts) initialises A with a small normal and keeps B zero.
     """
-    _inject(model, shape.peft_config(init=init), adapter_name)
+    _inject(model, shape.peft_config(init=init if shape.kind in ("lora", "dora") else True), adapter_name)
+
+
+# LoCon's convolutions (kohya's conv_dim): the Conv2d layers of the UNet's ResNet blocks (conv1, conv2,
+# conv_shortcut) and of its down- and upsamplers (kohya: ResnetBlock2D, Downsample2D, Upsample2D).
+_CONV_TARGET = re.compile(r"^(down_blocks|up_blocks|mid_block)\..*(resnets\.\d+\.(conv1|conv2|conv_shortcut)"
+                          r"|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$")
+
+
+def is_conv_target(module_path: str) -> bool:
+    return bool(_CONV_TARGET.match(module_path))
+
+
+def conv_targets(unet: torch.nn.Module) -> tuple[str, ...]:
+    """LoCon's convolutions of this UNet, by full module path."""
+    return tuple(name for name, module in unet.named_modules()
+                 if isinstance(module, torch.nn.Conv2d) and is_conv_target(name))
 
 
 def _inject(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
@@ -143,18 +170,35 @@ def lora_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _adapters_of(layer: BaseTunerLayer):
+    """The layer's adapters by name (LoRA's `lora_A`, LoHa's `hada_w1_a`, LoKr's `lokr_w1` or `lokr_w1_a`)."""
+    names: dict[str, None] = {}
+    for attr in layer.adapter_layer_names:
+        names.update(dict.fromkeys(getattr(layer, attr, {}) or {}))
+    return names
+
+
+def _adapter_params(layer: BaseTunerLayer, name: str) -> list[torch.nn.Parameter]:
+    params = []
+    for attr in layer.adapter_layer_names:
+        held = getattr(layer, attr, None)
+        if held is not None and name in held:
+            item = held[name]
+            params.extend(item.parameters() if isinstance(item, torch.nn.Module) else [item])
+    return params
+
+
 def adapter_names(model: torch.nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for layer in lora_layers(model):
-        for name in layer.lora_A.keys():
-            names[name] = None
+        names.update(_adapters_of(layer))
     return list(names)
 
 
 def set_weights(model: torch.nn.Module, weights: dict[str, float]) -> None:
     """Activate exactly the adapters in `weights`, each scaled to w * alpha / r. An empty dict disables all."""
     for layer in lora_layers(model):
-        present = [name for name in weights if name in layer.lora_A]
+        present = [name for name in weights if name in _adapters_of(layer)]
         if not present:
             layer.enable_adapters(False)
             continue
@@ -164,16 +208,15 @@ def set_weights(model: torch.nn.Module, weights: dict[str, float]) -> None:
             layer.set_scale(name, weights[name])
         # set_adapter marks the active adapters trainable; generation never trains them.
         for name in present:
-            for param in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+            for param in _adapter_params(layer, name):
                 param.requires_grad_(False)
 
 
 def set_trainable(model: torch.nn.Module, adapter_name: str) -> None:
     """Make one adapter's LoRA weights trainable again (peft's set_adapter toggles requires_grad)."""
     for layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            for param in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight):
-                param.requires_grad_(True)
+        for param in _adapter_params(layer, adapter_name):
+            param.requires_grad_(True)
 
 
 def delete_adapter(model: torch.nn.Module, adapter_name: str) -> None:
@@ -183,7 +226,7 @@ def delete_adapter(model: torch.nn.Module, adapter_name: str) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted", category=UserWarning)
         for layer in lora_layers(model):
-            if adapter_name in layer.lora_A:
+            if adapter_name in _adapters_of(layer):
                 layer.delete_adapter(adapter_name)
     config = getattr(model, "peft_config", None)
     if isinstance(config, dict):

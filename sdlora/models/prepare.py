@@ -27,8 +27,14 @@ class TrainableModels:
     attention: str  # the attention backend in use
 
 
-def adapter_shape(section: LoraSection, targets: tuple[str, ...]) -> lora.AdapterShape:
-    return lora.AdapterShape(section.rank, section.effective_alpha, targets, section.dropout)
+def adapter_shape(section: LoraSection, targets: tuple[str, ...], convs: tuple[str, ...] = ()) -> lora.AdapterShape:
+    """The adapter `section` asks for on these targets; `convs` (LoCon, full module paths) at conv rank / alpha."""
+    rank_pattern = {m: section.conv_rank for m in convs if section.conv_rank != section.rank}
+    conv_alpha = section.effective_conv_alpha
+    alpha_pattern = {m: conv_alpha for m in convs if conv_alpha != section.effective_alpha}
+    return lora.AdapterShape(section.rank, section.effective_alpha, targets + convs, section.dropout, rank_pattern,
+                             alpha_pattern, kind=section.type, factor=section.factor,
+                             decompose_both=section.decompose_both)
 
 
 def check_resolution(base: BaseModel, data: DataSection) -> None:
@@ -62,7 +68,9 @@ def prepare_for_training(base: BaseModel, config: RunConfig, device: torch.devic
         )
     if train.zero_terminal_snr:
         base.scheduler = families.with_zero_terminal_snr(base.scheduler, prediction_type)
-    lora.attach(base.unet, adapter_shape(lora_cfg, lora_cfg.transformer_targets if sd3_base else lora_cfg.unet_targets))
+    convs = lora.conv_targets(base.unet) if lora_cfg.conv_rank is not None and not sd3_base else ()
+    lora.attach(base.unet, adapter_shape(lora_cfg, lora_cfg.transformer_targets if sd3_base else lora_cfg.unet_targets,
+                                         convs))
     # "Train the text encoder" means every CLIP text encoder of the base: SDXL's and SD3's two (kohya's te1 / te2);
     # SD3's T5 never trains (diffusers' script does not train it either).
     trained_encoders = ({name: encoder for name, encoder in base.text_encoders.items() if name != sd3.T5_COMPONENT}

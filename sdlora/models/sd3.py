@@ -146,6 +146,12 @@ def check_training(config) -> str:
                               "flow: section)")
     if config.lora.unet_targets != type(config.lora)().unet_targets:
         raise ConfigError("lora.unet_targets: an SD3 base has a transformer, not a UNet; set lora.transformer_targets")
+    if config.lora.type != "lora":
+        raise ConfigError(f"lora.type: {config.lora.type} is not trained on SD3 bases (SD3 adapters are written in "
+                          "diffusers layout, which has no LyCORIS types); set lora.type=lora")
+    if config.lora.conv_rank is not None:
+        raise ConfigError("lora.conv_rank: an SD3 base has no ResNet convolutions to adapt (its transformer is "
+                          "linear layers); remove lora.conv_rank")
     if config.output.kohya:
         raise ConfigError("output.kohya: SD3 adapters are written in diffusers layout only (`transformer.` keys, "
                           "which diffusers and ComfyUI both load as they are); set output.kohya=false")

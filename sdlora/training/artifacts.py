@@ -12,6 +12,7 @@ from sdlora import formats, inference
 from sdlora.config import RunConfig, SampleSection
 from sdlora.config.names import public_name
 from sdlora.files.atomic import atomic_path
+from sdlora.formats import lycoris_write
 from sdlora.formats import metadata as adapter_metadata
 from sdlora.formats.validate import check_fits
 from sdlora.models import BaseModel, families
@@ -26,14 +27,24 @@ def adapter_file(accelerator, trained_models: dict[str, torch.nn.Module], config
     The file is made to be shared, so its metadata names the base by hub id or built-in name, a local base by its
     folder or file name, and records the config with every local path cut to its final name."""
     tensors = {name: distributed.lora_tensors(accelerator, model) for name, model in trained_models.items()}
-    alpha = config.lora.effective_alpha
-    shapes = {component: formats.shape_from_tensors(t, alpha) for component, t in tensors.items()}
+    section = config.lora
+    alpha = section.effective_alpha
+    if section.type == "lora" and section.conv_rank is None:
+        shapes = {component: formats.shape_from_tensors(t, alpha) for component, t in tensors.items()}
+    else:  # the type's own tensors (hada_*, lokr_*, lora_magnitude_vector) and LoCon's conv ranks and alphas
+        shapes = {component: lycoris_write.trained_shape(
+            t, kind=section.type, rank=section.rank, alpha=alpha, dropout=section.dropout,
+            conv_rank=section.conv_rank if component == "unet" else None, conv_alpha=section.effective_conv_alpha,
+            factor=section.factor, decompose_both=section.decompose_both) for component, t in tensors.items()}
     metadata = {
         "sdlora.base_model": public_name(base.source),
         "sdlora.family": base.family,
         "sdlora.prediction_type": prediction_type,
         "sdlora.rank": str(config.lora.rank),
         "sdlora.alpha": str(alpha),
+        "sdlora.adapter_type": section.type,
+        **({"sdlora.conv_rank": str(section.conv_rank), "sdlora.conv_alpha": str(section.effective_conv_alpha)}
+           if section.conv_rank is not None else {}),
         "sdlora.training_config": json.dumps(config.to_public_dict(), sort_keys=True),
         **families.adapter_metadata(base.family, prediction_type, config.data.resolution),
     }

@@ -18,6 +18,7 @@ import torch
 
 from sdlora import formats
 from sdlora.config import ConfigError, RunConfig
+from sdlora.formats import lycoris_write
 from sdlora.training import distributed, divergence, trackers
 from sdlora.training.ema import AdapterEma
 from sdlora.training.folder import RunFolder
@@ -149,7 +150,7 @@ class Monitor:
         divergence.require_finite({f"{c}.{k}": t for c, ts in adapter.tensors.items() for k, t in ts.items()},
                                   f"adapter {path}")
         adapter.metadata.update(metadata)
-        formats.save_diffusers(path, adapter)
+        lycoris_write.save_trained(path, adapter, title=name)
         log.info("adapter written: %s", path)
         if output.kohya:
             formats.save_kohya(self.folder.kohya_adapter(name), adapter, title=name)

@@ -24,6 +24,7 @@ from sdlora.config import RunConfig, dump_config
 from sdlora.data import CaptionedImageDataset, preflight
 from sdlora.data.loader import training_loader
 from sdlora.files.atomic import write_text_atomic
+from sdlora.formats import lycoris_write
 from sdlora.hostmem import retention_wanted, settle_host_memory
 from sdlora.models import (
     BaseModel,
@@ -326,7 +327,7 @@ class TrainingRun:
                 {f"{c}.{k}": t for c, tensors in adapter.tensors.items() for k, t in tensors.items()},
                 f"adapter {adapter_path}",
             )
-            formats.save_diffusers(adapter_path, adapter)
+            lycoris_write.save_trained(adapter_path, adapter, title=cfg.output.name)
             log.info("adapter written: %s", adapter_path)
             self._write_config()
             if cfg.output.kohya:

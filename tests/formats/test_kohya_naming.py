@@ -206,3 +206,42 @@ def test_sgm_mapping_reads_diffusers_paths_unchanged():
         "unet", "down_blocks.1.attentions.0.proj_in")
     assert kohya.parse_module_name("lora_te1_text_model_encoder_layers_3_mlp_fc2") == (
         "text_encoder", "encoder.layers.3.mlp.fc2")
+
+
+def _as_type(adapter, kind: str):
+    """The same modules as a DoRA / LoHa / LoKr adapter: size-one tensors under each type's peft names (names are
+    what these tests check; tests/formats/test_lycoris_write.py checks the numbers)."""
+    from sdlora.formats.adapter import AdapterFile
+    from sdlora.models.lora import AdapterShape
+
+    parts = {"dora": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"),
+             "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+             "lokr": ("lokr_w1", "lokr_w2_a", "lokr_w2_b")}[kind]
+    tensors = {c: {f"{m}.{p}": torch.ones(1, 1) for m in s.target_modules for p in parts}
+               for c, s in adapter.shapes.items()}
+    shapes = {c: AdapterShape(s.rank, s.alpha, s.target_modules, kind=kind) for c, s in adapter.shapes.items()}
+    return AdapterFile(tensors, shapes, dict(adapter.metadata))
+
+
+def _lycoris_names(tmp_path, adapter, kind):
+    from sdlora.formats import lycoris_write
+
+    path = lycoris_write.save_lycoris(tmp_path / f"{kind}.safetensors", _as_type(adapter, kind))
+    with safe_open(str(path), framework="pt") as handle:
+        return {key.partition(".")[0] for key in handle.keys()}
+
+
+def test_lycoris_types_use_the_same_a1111_and_comfyui_names(tmp_path):
+    """DoRA / LoHa / LoKr files name every SD1.5 and SDXL module (attention, ResNet convolutions, text encoders)
+    exactly as the kohya LoRA file does, so the maps checked above hold for them too."""
+    unet, (text_encoder,) = _build(SD15_UNET, CLIP_L)
+    sd15 = make_adapter(unet, text_encoder, rank=1, unet_targets=None, te_targets=None, size_one=True)
+    unet, (te1, te2) = _sdxl()
+    sdxl = make_adapter(unet, te1, text_encoder_2=te2, rank=1, unet_targets=None, te_targets=None, family="sdxl",
+                        size_one=True)
+    sd15_names, sdxl_names = _kohya_keys(tmp_path, sd15)[0], _kohya_keys(tmp_path, sdxl)[0]
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in sd15_names
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in sdxl_names  # SGM name of down_blocks.0.resnets.0.conv1
+    for kind in ("dora", "loha", "lokr"):
+        assert _lycoris_names(tmp_path, sd15, kind) == sd15_names, kind
+        assert _lycoris_names(tmp_path, sdxl, kind) == sdxl_names, kind
