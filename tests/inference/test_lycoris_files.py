@@ -8,15 +8,19 @@ its UNet / text-encoder outputs are compared with sdlora's `stack_adapters` on t
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 from adapter_factory import make_adapter
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sdlora import formats, inference
+from sdlora import cli, formats, inference
 from sdlora.formats import kohya, lycoris
 from sdlora.models import load_base_model
+from sdlora.models.lora import AdapterMismatchError
 
 lk = pytest.importorskip("lycoris.kohya")
 
@@ -200,3 +204,132 @@ def test_sdxl_lycoris_file_with_both_text_encoders_and_sgm_names(tiny_sdxl_base,
         got = _outputs(pipe.unet, pipe.text_encoder_2, inputs)
         torch.testing.assert_close(got[0], want[0], **TOL)
         torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands: merge --into-base, generate with <lora:...> tags, grid, info; and the refusals
+
+
+def test_merge_into_base_bakes_the_stack(sd1, tiny_base, tmp_path):
+    base, files = sd1
+    loha, plain = files["loha"], files["plain"]
+    assert cli.main(["merge", f"{loha}:0.7", f"{plain}:0.4", "--into-base", str(tiny_base),
+                     "-o", str(tmp_path / "baked")]) == 0
+    baked = load_base_model(str(tmp_path / "baked"))
+    want = _reference(base, loha, 0.7, plain=(plain, 0.4))
+    got = _outputs(baked.unet, baked.text_encoder, _inputs(base))
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+def test_merge_into_another_adapter_is_refused_and_writes_nothing(sd1, tmp_path, capsys):
+    _, files = sd1
+    out = tmp_path / "m.safetensors"
+    assert cli.main(["merge", f"{files['loha']}:0.7", f"{files['plain']}:0.4", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loha.safetensors is a loha adapter, which merges only into a base" in err[0]
+    assert not out.exists()
+
+
+def test_generate_with_a_prompt_tag_and_grid(sd1, tiny_base, tmp_path):
+    _, files = sd1
+    common = ["--base", str(tiny_base), "--steps", "2", "--height", "64", "--width", "64", "--seed", "1"]
+    images = {}
+    for name, prompt in (("base", "a red circle"), ("tagged", "a red circle <lora:loha:0.7>")):
+        out = tmp_path / f"{name}.png"
+        assert cli.main(["generate", *common, "--prompt", prompt, "--lora-dir", str(files["loha"].parent),
+                         "-o", str(out)]) == 0
+        images[name] = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    direct = tmp_path / "direct.png"
+    assert cli.main(["generate", *common, "--prompt", "a red circle", "--lora", f"{files['loha']}:0.7",
+                     "-o", str(direct)]) == 0
+    assert np.array_equal(np.asarray(Image.open(direct).convert("RGB"), np.int16), images["tagged"])
+    assert np.abs(images["tagged"] - images["base"]).max() > 2  # 2 steps on the tiny base: small, never 0
+    # a grid over the LoHa's weight: its weight-0 cell is the base, its 0.7 cell the tagged image
+    assert cli.main(["grid", *common, "--prompt", "a red circle", "--lora", f"{files['loha']}:1",
+                     "--x", "weight:0", "--x-values", "0,0.7", "-o", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    left, top = grid.width - 128, grid.height - 64
+    cells = [np.asarray(grid.crop((left + 64 * i, top, left + 64 * i + 64, top + 64)), np.int16) for i in (0, 1)]
+    assert np.array_equal(cells[0], images["base"]) and np.array_equal(cells[1], images["tagged"])
+
+
+def test_info_names_type_rank_alpha_and_options(sd1, tmp_path, capsys):
+    _, files = sd1
+    assert cli.main(["info", str(files["loha"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["type"] == "loha" and info["format"] == "lycoris"
+    assert info["components"]["unet"]["rank"] == 4 and info["components"]["unet"]["alpha"] == 2.0
+    assert info["options"] == {"algo": "loha", "conv_dim": 4, "conv_alpha": 2, "use_tucker": True}
+    assert info["options_from"] == "ss_network_args"
+    # without a header the options are read off the keys
+    save_file(load_file(str(files["dora"])), str(tmp_path / "bare.safetensors"))
+    assert cli.main(["info", str(tmp_path / "bare.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["type"] == "dora" and info["options_from"] == "keys"
+    assert info["options"]["dora_wd"] is True and info["options"]["wd_on_out"] is True
+    assert info["options"]["conv_dim"] == 4 and info["options"]["conv_alpha"] == 2.0
+    assert cli.main(["info", str(files["locon"])]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "locon"
+
+
+def _edited(source, out, edit, metadata=None):
+    state = load_file(str(source))
+    edit(state)
+    save_file(state, str(out), metadata)
+    return out
+
+
+LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize("case,source,message", [
+    ("mixed", "loha", f"layer {LAYER} ({LAYER}.alpha, {LAYER}.hada_w1_a"),
+    ("lokr_inner", "lokr", "impossible LoKr factor shapes"),
+    ("dora_missing", "dora", "the header declares DoRA (ss_network_args dora_wd) but this layer has no dora_scale"),
+    ("dora_shape", "dora", "dora_scale has shape [3, 1]; DoRA magnitudes are one per output channel"),
+    ("partial", "loha", f"layer {LAYER} ({LAYER}.alpha, {LAYER}.hada_w1_a, {LAYER}.hada_w1_b, {LAYER}.hada_w2_a): "
+                        "missing hada_w2_b"),
+    ("unknown", "loha", "1 key(s) match no known adapter layout"),
+])
+def test_bad_files_are_refused_in_one_line_and_nothing_is_written(sd1, tmp_path, capsys, case, source, message):
+    _, files = sd1
+    header = {"ss_network_args": json.dumps({"algo": "lora", "dora_wd": True})} if case == "dora_missing" else None
+    edits = {
+        "mixed": lambda s: s.__setitem__(f"{LAYER}.lokr_w1", torch.ones(2, 2)),
+        "lokr_inner": lambda s: (s.pop(f"{LAYER}.lokr_w2"), s.update({f"{LAYER}.lokr_w2_a": torch.ones(8, 4),
+                                                                      f"{LAYER}.lokr_w2_b": torch.ones(3, 8)})),
+        "dora_missing": lambda s: [s.pop(k) for k in list(s) if k.endswith(".dora_scale")],
+        "dora_shape": lambda s: s.__setitem__(f"{LAYER}.dora_scale", torch.ones(3, 1)),
+        "partial": lambda s: s.pop(f"{LAYER}.hada_w2_b"),
+        "unknown": lambda s: s.__setitem__(f"{LAYER}.hada_w3", torch.ones(1)),
+    }
+    bad = _edited(files[source], tmp_path / f"{case}.safetensors", edits[case], header)
+    out = tmp_path / "baked"
+    assert cli.main(["merge", f"{bad}:1", "--into-base", "sdlora:tiny", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdlora: error: ") and "Traceback" not in err[0]
+    assert str(bad) in err[0] and message in err[0], err[0]
+    assert not out.exists()
+
+
+def test_lokr_whose_kronecker_does_not_fit_the_base_is_refused_before_any_weight_changes(sd1, tiny_base, tmp_path,
+                                                                                         capsys):
+    base, files = sd1
+    # both factors well-formed, but 4x4 ⊗ 8x6 is a [32, 24] weight where the layer is [32, 32]
+    bad = _edited(files["lokr"], tmp_path / "kron.safetensors",
+                  lambda s: (s.update({f"{LAYER}.lokr_w2": torch.ones(8, 6)}),
+                             [s.pop(f"{LAYER}.{p}", None) for p in ("lokr_w2_a", "lokr_w2_b")]))
+    out = tmp_path / "baked"
+    assert cli.main(["merge", f"{bad}:1", "--into-base", str(tiny_base), "-o", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("sdlora: error: ")]  # the rest: load progress
+    assert len(err) == 1 and "Traceback" not in stderr
+    assert "impossible LoKr factor shapes for the base layer [32, 32]: kron of w1 [.., 4] and w2 [.., 6] gives 24 " \
+           "inputs, the layer has 32" in err[0], err
+    assert str(bad) in err[0] and not out.exists()
+    pipe = inference.build_pipeline(copy.deepcopy(base), scheduler="ddim")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(AdapterMismatchError, match="impossible LoKr"):
+        inference.stack_adapters(pipe, [inference.AdapterSpec(str(bad), 1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
