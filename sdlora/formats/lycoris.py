@@ -345,8 +345,9 @@ def inferred_options(adapter: LycorisFile) -> dict:
 
 
 def describe(path: str | Path, full: bool = False) -> dict:
-    """`sdlora info` for any adapter file: `formats.describe`'s report with the adapter type, its options (from
-    `ss_network_args` when the header has it, else read off the keys) and, for LyCORIS types, rank and alpha."""
+    """`sdlora info` (exported as `formats.describe`) for any adapter file: `adapter.describe`'s report plus the
+    adapter type, its options (from `ss_network_args` when the header has it, else read off the keys) and, for
+    LyCORIS types, rank and alpha."""
     from sdlora.formats.adapter import describe as describe_plain
     from sdlora.formats.adapter import read_adapter
 

@@ -240,12 +240,8 @@ def test_generate_with_a_prompt_tag_and_grid(sd1, tiny_base, tmp_path):
         assert cli.main(["generate", *common, "--prompt", prompt, "--lora-dir", str(files["loha"].parent),
                          "-o", str(out)]) == 0
         images[name] = np.asarray(Image.open(out).convert("RGB"), np.int16)
-    direct = tmp_path / "direct.png"
-    assert cli.main(["generate", *common, "--prompt", "a red circle", "--lora", f"{files['loha']}:0.7",
-                     "-o", str(direct)]) == 0
-    assert np.array_equal(np.asarray(Image.open(direct).convert("RGB"), np.int16), images["tagged"])
     assert np.abs(images["tagged"] - images["base"]).max() > 2  # 2 steps on the tiny base: small, never 0
-    # a grid over the LoHa's weight: its weight-0 cell is the base, its 0.7 cell the tagged image
+    # a grid over the LoHa's weight (--lora FILE:1, x = weight): its 0 cell is the base, its 0.7 cell the tagged image
     assert cli.main(["grid", *common, "--prompt", "a red circle", "--lora", f"{files['loha']}:1",
                      "--x", "weight:0", "--x-values", "0,0.7", "-o", str(tmp_path / "grid.png")]) == 0
     grid = Image.open(tmp_path / "grid.png").convert("RGB")
@@ -333,3 +329,12 @@ def test_lokr_whose_kronecker_does_not_fit_the_base_is_refused_before_any_weight
     with pytest.raises(AdapterMismatchError, match="impossible LoKr"):
         inference.stack_adapters(pipe, [inference.AdapterSpec(str(bad), 1.0)])
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_a_lycoris_file_as_lora_init_from_is_refused_not_ignored(sd1):
+    from sdlora.config import ConfigError, LoraSection
+    from sdlora.training.initial_adapter import load_initial_adapter
+
+    base, files = sd1
+    with pytest.raises(ConfigError, match="holds no plain LoRA layers"):
+        load_initial_adapter(LoraSection(init_from=files["loha"]), {"unet": base.unet})
