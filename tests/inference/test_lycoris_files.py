@@ -338,3 +338,23 @@ def test_a_lycoris_file_as_lora_init_from_is_refused_not_ignored(sd1):
     base, files = sd1
     with pytest.raises(ConfigError, match="holds no plain LoRA layers"):
         load_initial_adapter(LoraSection(init_from=files["loha"]), {"unet": base.unet})
+
+
+def test_preview_adapters_apply_and_then_restore_the_weights_exactly(sd1):
+    """sample.adapters during training: a LyCORIS file previews at its weight, and the model is left untouched."""
+    base, files = sd1
+    pipe = inference.build_pipeline(copy.deepcopy(base), scheduler="ddim")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with inference.preview_adapters(pipe, [inference.AdapterSpec(str(files["lokr"]), 0.7)]):
+        inside = _outputs(pipe.unet, pipe.text_encoder, _inputs(base))[0]
+    torch.testing.assert_close(inside, _reference(base, files["lokr"], 0.7)[0], **TOL)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_sd2_lycoris_file(tiny_sd2v_base, tmp_path):
+    base = load_base_model(str(tiny_sd2v_base))
+    path = _write(base, tmp_path / "loha_sd2.safetensors", 5, algo="loha", conv_dim=4, conv_alpha=2)
+    want = _reference(base, path)
+    got = _sdlora(base, [inference.AdapterSpec(str(path), 1.0)])[2]
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
