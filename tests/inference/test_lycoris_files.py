@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdlora import cli, formats, inference
-from sdlora.formats import kohya, lycoris
+from sdlora.formats import kohya, ldm, lycoris
 from sdlora.models import load_base_model
 from sdlora.models.lora import AdapterMismatchError
 
@@ -163,21 +163,31 @@ def test_stacks_with_a_plain_lora_at_weights(sd1, kind):
         assert (both_unet - alone).abs().max() > 1e-2
 
 
-def test_onetrainer_dotted_names_load_the_same_layers(sd1, tmp_path):
-    """The same LoHa under OneTrainer's dotted names (`unet.<module>.hada_w1_a`) reads into the same layers."""
-    _, files = sd1
+def test_onetrainer_and_comfyui_names_load_the_same_layers(sd1, tmp_path):
+    """The same LoHa under OneTrainer's dotted names (`unet.<module>.hada_w1_a`) and under ComfyUI's (OneTrainer's
+    "comfy" output: `diffusion_model.<SGM module>`, `text_encoders.clip_l.transformer.<module>`) reads the same."""
+    base, files = sd1
+    up_attention = ldm.up_attention(name for name, _ in base.unet.named_modules())
     state = load_file(str(files["loha"]))
-    dotted = {}
+    dotted, comfy = {}, {}
     for key, value in state.items():
         name, _, part = key.partition(".")
         component, path = kohya.parse_module_name(name)
         dotted[f"{component}.{path}.{part}"] = value
+        comfy_name = (f"diffusion_model.{ldm.to_sgm(path, up_attention_blocks=up_attention)}" if component == "unet"
+                      else f"text_encoders.clip_l.transformer.text_model.{path}")
+        comfy[f"{comfy_name}.{part}"] = value
+    assert any(k.startswith("diffusion_model.input_blocks.1.1.") for k in comfy)
     save_file(dotted, str(tmp_path / "onetrainer.safetensors"))
-    a, b = formats.read_adapter(files["loha"]), formats.read_adapter(tmp_path / "onetrainer.safetensors")
-    assert a.layers.keys() == b.layers.keys() and len(list(a.layer_items())) > 30
-    for component, path, parts in a.layer_items():
-        other = b.layers[component][path]
-        assert parts.keys() == other.keys() and all(torch.equal(parts[k], other[k]) for k in parts)
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    a = formats.read_adapter(files["loha"])
+    assert len(list(a.layer_items())) > 30
+    for other in (tmp_path / "onetrainer.safetensors", tmp_path / "comfy.safetensors"):
+        b = formats.read_adapter(other)
+        assert a.layers.keys() == b.layers.keys()
+        for component, path, parts in a.layer_items():
+            theirs = b.layers[component][path]
+            assert parts.keys() == theirs.keys() and all(torch.equal(parts[k], theirs[k]) for k in parts)
 
 
 def test_sdxl_lycoris_file_with_both_text_encoders_and_sgm_names(tiny_sdxl_base, tmp_path):
