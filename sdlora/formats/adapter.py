@@ -242,7 +242,7 @@ def _unmatched_message(unmatched: list[str]) -> str:
     return (
         f"{len(unmatched)} key(s) match no known LoRA layout (diffusers/peft `unet.<module>.lora_A.weight`, or "
         f"kohya `lora_unet_<module>.lora_down.weight`): " + ", ".join(shown) + more
-        + ". Nothing was loaded; LoCon/LoHa/LoKr/DoRA files are not supported"
+        + ". Nothing was loaded"
     )
 
 
@@ -270,10 +270,12 @@ def from_kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read a LoRA file in any supported layout into an `AdapterFile`; unknown keys are an error, listed."""
+    """Read an adapter file in any supported layout (LyCORIS types: a `lycoris.LycorisFile`); unknown keys are refused."""
+    from sdlora.formats import lycoris
     from sdlora.formats.validate import check_read
-
     tensors, metadata = read_safetensors(path)
+    if lycoris.is_lycoris(tensors, metadata):  # LoHa/LoKr/DoRA/Tucker parts: read per layer, not into peft's form
+        return lycoris.from_state_dict(path, tensors, metadata)
     try:
         if detect_format(tensors) == "kohya":
             adapter = from_kohya_state_dict(tensors, metadata)
@@ -285,7 +287,6 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return adapter
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # kohya / AUTOMATIC1111 / ComfyUI
 
 
@@ -337,7 +338,9 @@ def check_target(path: str | Path, option: str = "output") -> Path:
 
 
 def _refuse_non_finite(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
-    """Never write a NaN/inf tensor: reading refuses them, and a cast to fp16 overflows values above 65504."""
+    """Never write a NaN/inf tensor (reading refuses them; fp16 overflows above 65504), nor an empty adapter."""
+    if not tensors:  # e.g. a LoHa/LoKr/DoRA file read by formats.lycoris: it has no lora_A/lora_B pairs to write
+        raise AdapterFormatError(f"{path}: not written: the adapter holds no plain LoRA (lora_A/lora_B) layers")
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if bad:
         why = f" after the cast to {str(dtype).removeprefix('torch.')} (values beyond its range)" if dtype else ""
