@@ -241,8 +241,7 @@ def _unmatched_message(unmatched: list[str]) -> str:
     more = f" (and {len(unmatched) - len(shown)} more)" if len(unmatched) > len(shown) else ""
     return (
         f"{len(unmatched)} key(s) match no known LoRA layout (diffusers/peft `unet.<module>.lora_A.weight`, or "
-        f"kohya `lora_unet_<module>.lora_down.weight`): " + ", ".join(shown) + more
-        + ". Nothing was loaded"
+        f"kohya `lora_unet_<module>.lora_down.weight`): " + ", ".join(shown) + more + ". Nothing was loaded"
     )
 
 
