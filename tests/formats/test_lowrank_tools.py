@@ -180,24 +180,36 @@ CHANGED = {  # UNet weight -> the rank-2 change added to it
 }
 
 
+TE_CHANGED = "encoder.layers.1.self_attn.v_proj.weight"  # `text_model.` before it under transformers < 5
+
+
+def _add_low_rank(weights, keys, generator) -> dict[str, torch.Tensor]:
+    """Add a random rank-2 change to each of `keys` in a safetensors file; module -> the change."""
+    state = load_file(str(weights))
+    changes = {}
+    for key in keys:
+        flat = state[key].reshape(state[key].shape[0], -1)
+        change = torch.randn(flat.shape[0], 2, generator=generator) @ torch.randn(2, flat.shape[1], generator=generator)
+        changes[key.removesuffix(".weight")] = (change * 0.05).reshape(state[key].shape)
+        state[key] = state[key] + changes[key.removesuffix(".weight")]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return changes
+
+
 @pytest.fixture(scope="module")
 def tuned(tiny_base, tmp_path_factory):
-    """A copy of the tiny base with a known rank-2 change added to four UNet layers; (folder, changes)."""
+    """A copy of the tiny base with a known rank-2 change added to four UNet layers and one text-encoder layer;
+    (folder, {layer: change})."""
     folder = tmp_path_factory.mktemp("tuned") / "pipe"
     shutil.copytree(tiny_base, folder)
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(weights))
     generator = torch.Generator().manual_seed(7)
-    changes = {}
-    for key in CHANGED:
-        weight = state[key]
-        flat = weight.reshape(weight.shape[0], -1)
-        change = (torch.randn(flat.shape[0], 2, generator=generator) @ torch.randn(2, flat.shape[1], generator=generator)
-                  * 0.05).reshape(weight.shape)
-        state[key] = weight + change
-        changes[key.removesuffix(".weight")] = change
-    save_file(state, str(weights), metadata={"format": "pt"})
-    return folder, changes
+    changes = _add_low_rank(folder / "unet" / "diffusion_pytorch_model.safetensors", CHANGED, generator)
+    changes = {f"unet.{k}": v for k, v in changes.items()}
+    te_file = folder / "text_encoder" / "model.safetensors"
+    with safe_open(str(te_file), framework="pt") as handle:
+        key = next(k for k in handle.keys() if k.endswith(TE_CHANGED))
+    te = _add_low_rank(te_file, [key], generator)
+    return folder, {**changes, **{f"text_encoder.{k.removeprefix('text_model.')}": v for k, v in te.items()}}
 
 
 def test_extract_recovers_a_known_low_rank_change_and_generates_as_the_tuned_base(tiny_base, tuned, tmp_path,
@@ -206,17 +218,28 @@ def test_extract_recovers_a_known_low_rank_change_and_generates_as_the_tuned_bas
     out = tmp_path / "extracted.safetensors"
     assert main(["extract", str(tiny_base), str(folder), str(out), "--rank", "2", "--conv-rank", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "text_encoder left out" in printed  # the text encoder did not change
+    assert "left out" not in printed  # the text encoder changed (by more than --min-diff): it is extracted too
     updates = _raw_updates(out)
-    assert set(updates) == {_name(f"unet.{m}") for m in changes}  # only the changed layers, all four of them
+    assert set(updates) == {_name(m) for m in changes}  # only the changed layers, all five of them
     for module, change in changes.items():
-        error = float((updates[_name(f"unet.{module}")] - change.double().reshape(change.shape[0], -1)).norm() / change.norm())
+        error = float((updates[_name(module)] - change.double().reshape(change.shape[0], -1)).norm() / change.norm())
         assert error < 1e-4, (module, error)
     assert float(re.search(r"^overall\s+(\S+)", printed, re.M)[1]) < 1e-4
     extracted = _diffusers_image(tiny_base, out)
     tuned_image = _diffusers_image(folder)
     assert np.abs(extracted - tuned_image).max() < 1e-4
     assert np.abs(tuned_image - _diffusers_image(tiny_base)).max() > 5 / 255, "the change is too small to test"
+
+
+def test_extract_leaves_out_a_text_encoder_that_moved_less_than_min_diff(tiny_base, tuned, tmp_path, capsys):
+    folder, changes = tuned
+    out = tmp_path / "unet-only.safetensors"
+    assert main(["extract", str(tiny_base), str(folder), str(out), "--rank", "2", "--min-diff", "10",
+                 "--to", "kohya"]) == 0
+    assert "text_encoder left out: no weight moved by more than --min-diff 10" in capsys.readouterr().out
+    keys = load_file(str(out))
+    assert not [k for k in keys if k.startswith("lora_te") or "resnets" in k] and len(keys) == 3 * 3
+    assert len(_raw_updates(out)) == 3  # no --conv-rank: the 3x3 ResNet convolution is not extracted
 
 
 def test_extract_refuses_different_architectures_in_one_line(tiny_base, tiny_sd2v_base, tmp_path, capsys):
