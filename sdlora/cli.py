@@ -10,6 +10,7 @@ from pathlib import Path
 import sdlora
 
 log = logging.getLogger("sdlora")
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -105,9 +106,10 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from sdlora.formats.resize import convert_file
+    from sdlora.formats.to_lora import convert_file
 
-    path, report = convert_file(args.input, args.output, args.to, args.dtype, args.rank, args.error, progress=True)
+    path, report = convert_file(args.input, args.output, args.to, args.dtype, args.rank, args.error, args.base,
+                                progress=True)
     if report is not None:
         print(report.table())
     print(f"wrote: {path}")
@@ -297,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="layout of the output: kohya (A1111 / ComfyUI) or diffusers; lora: a plain LoRA in "
                          "diffusers layout, each layer's update re-factored by SVD (needs --rank or --error)")
     _rank_args(convert, "with --to lora: ")
-    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                         help="tensor dtype of the output file (default: the input's)")
+    convert.add_argument("--base", help="with --to lora: the base the adapter was made for (needed for a DoRA)")
+    convert.add_argument("--dtype", choices=DTYPE_NAMES, help="tensor dtype of the output file (default: the input's)")
     convert.set_defaults(func=cmd_convert)
 
     resize = commands.add_parser("resize", help="a LoRA at a lower rank (or a target error) by SVD of each layer, "
@@ -307,8 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("output", type=Path, help="file to write")
     _rank_args(resize, "")
     resize.add_argument("--to", choices=("kohya", "diffusers"), help="layout of the output (default: the input's)")
-    resize.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                        help="tensor dtype of the output file (default: the input's)")
+    resize.add_argument("--dtype", choices=DTYPE_NAMES, help="tensor dtype of the output file (default: the input's)")
     resize.set_defaults(func=cmd_resize)
 
     extract = commands.add_parser("extract", help="a LoRA from the difference of two checkpoints of the same "
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "as kohya does with 0.99 (default: no clipping, the exact truncated SVD)")
     extract.add_argument("--to", choices=("diffusers", "kohya"), default="diffusers",
                          help="layout of the output (default: %(default)s)")
-    extract.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="tensor dtype (default: fp32)")
+    extract.add_argument("--dtype", choices=DTYPE_NAMES, help="tensor dtype (default: fp32)")
     extract.set_defaults(func=cmd_extract)
 
     info = commands.add_parser("info", help="show an adapter's format, rank, alpha and metadata")

@@ -21,7 +21,8 @@ from sdlora.formats.adapter import save_adapter as _save
 
 PROGRESS_FROM = 64  # layers: a file with more shows a progress bar on stderr (an SDXL LoRA has ~700)
 # Header fields that describe the old tensors; the writers put back fresh ones.
-_STALE = ("ss_network_dim", "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256",
+_STALE = ("ss_network_module", "ss_network_args", "ss_network_dim", "ss_network_alpha", "sshs_model_hash",
+          "sshs_legacy_hash", "modelspec.hash_sha256",
           "lora_adapter_metadata", "format")
 
 
@@ -122,7 +123,7 @@ def _progress(items: list, enabled: bool):
     return tqdm(items, desc="layers", unit="layer", file=sys.stderr, leave=False)
 
 
-def _check_target_args(rank: int | None, error: float | None, option: str) -> None:
+def check_target_args(rank: int | None, error: float | None, option: str) -> None:
     if rank is None and error is None:
         raise AdapterFormatError(f"{option}: give --rank R (a fixed rank) or --error E (a target relative error)")
     if rank is not None and rank < 1:
@@ -131,11 +132,11 @@ def _check_target_args(rank: int | None, error: float | None, option: str) -> No
         raise AdapterFormatError(f"{option} --error {error}: give a relative error between 0 and 1, e.g. 0.05")
 
 
-def _record(metadata: dict[str, str], what: str, before: str, rank: int | None, report: Report) -> None:
+def record(metadata: dict[str, str], what: str, before: str, rank: int | None, report: Report) -> None:
     """What was done, in the header: sdlora's own JSON field and kohya's training comment (as resize_lora writes)."""
-    record = {"from_rank": before, "rank": rank, "target_error": report.target, "overall_error": report.overall,
+    fields = {"from_rank": before, "rank": rank, "target_error": report.target, "overall_error": report.overall,
               "max_layer_error": max(row.error for row in report.layers)}
-    metadata[f"sdlora.{what}"] = json.dumps(record, sort_keys=True)
+    metadata[f"sdlora.{what}"] = json.dumps(fields, sort_keys=True)
     target = f"rank {rank}" if report.target is None else f"error {report.target:g}" + (
         f" (at most rank {rank})" if rank is not None else "")
     comment = metadata.get("ss_training_comment", "")
@@ -143,7 +144,7 @@ def _record(metadata: dict[str, str], what: str, before: str, rank: int | None, 
     metadata["ss_training_comment"] = f"{note}; {comment}" if comment else note
 
 
-def _original_rank(adapter: AdapterFile) -> str:
+def original_rank(adapter: AdapterFile) -> str:
     ranks = sorted({int(t.shape[0]) for c in adapter.components for k, t in adapter.tensors[c].items()
                     if k.endswith(".lora_A.weight")})
     return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
@@ -153,37 +154,18 @@ def resize_file(source: str | Path, target: str | Path, rank: int | None = None,
                 to: str | None = None, dtype=None, progress: bool = False) -> tuple[Path, Report]:
     """`sdlora resize`: a LoRA file at a lower rank (or at a target error), in its own layout and dtype unless
     `to` / `dtype` (a torch dtype) say otherwise."""
-    _check_target_args(rank, error, "resize")
+    check_target_args(rank, error, "resize")
     check_target(target, "resize: output")
     adapter = read_adapter(source)
-    before = _original_rank(adapter)
+    if getattr(adapter, "layers", None):  # a LyCORIS type (formats.lycoris.LycorisFile)
+        raise AdapterFormatError(f"{source}: resize re-ranks plain LoRA and LoCon files; for a LoHa, LoKr or DoRA "
+                                 "use convert --to lora --rank R (a plain LoRA of that rank)")
+    before = original_rank(adapter)
     resized, report = rebuild(lora_layers(adapter), rank, error, adapter.metadata, progress)
-    _record(resized.metadata, "resize", before, rank, report)
-    return _save(target, resized, to or adapter.format, dtype or _input_dtype(adapter)), report
+    record(resized.metadata, "resize", before, rank, report)
+    return _save(target, resized, to or adapter.format, dtype or input_dtype(adapter)), report
 
 
-def _input_dtype(adapter: AdapterFile):
+def input_dtype(adapter: AdapterFile):
     return next(iter(adapter.tensors[adapter.components[0]].values())).dtype
 
-
-def convert_file(source: str | Path, target: str | Path, to: str, dtype=None, rank: int | None = None,
-                 error: float | None = None, progress: bool = False) -> tuple[Path, Report | None]:
-    """`sdlora convert`: `to` kohya / diffusers rewrites the layout (no report); `to` lora re-factors every layer
-    into a plain LoRA at `rank` (or at a target `error`), written in the diffusers layout plain diffusers loads."""
-    from sdlora.formats.adapter import convert
-
-    if to != "lora":
-        if rank is not None or error is not None:
-            raise AdapterFormatError(f"convert --to {to}: --rank and --error only go with --to lora (convert --to "
-                                     f"{to} rewrites the layout and keeps the tensors as they are)")
-        return convert(source, target, to, dtype), None
-    _check_target_args(rank, error, "convert --to lora")
-    check_target(target, "convert: output")
-    adapter = read_adapter(source)
-    before = _original_rank(adapter)
-    plain, report = rebuild(lora_layers(adapter), rank, error, adapter.metadata, progress)
-    _record(plain.metadata, "converted", before, rank, report)
-    from sdlora.formats.adapter import DTYPES
-
-    torch_dtype = DTYPES[dtype] if dtype else _input_dtype(adapter)
-    return _save(target, plain, "diffusers", torch_dtype), report

@@ -160,7 +160,7 @@ def test_bad_rank_options_are_one_line_and_write_nothing(rank16, tmp_path, capsy
     for argv, said in (
         (["resize", rank16, out], "give --rank R (a fixed rank) or --error E"),
         (["resize", rank16, out, "--error", "1.5"], "--error 1.5: give a relative error between 0 and 1"),
-        (["convert", rank16, out, "--to", "kohya", "--rank", "4"], "--rank and --error only go with --to lora"),
+        (["convert", rank16, out, "--to", "kohya", "--rank", "4"], "--rank, --error and --base only go with --to lora"),
         (["convert", rank16, out, "--to", "lora", "--rank", "0"], "the rank must be at least 1"),
     ):
         assert main([str(a) for a in argv]) == 2
