@@ -29,6 +29,7 @@ from sdlora.formats.resize import (
     rebuild,
     record,
 )
+from sdlora.formats.validate import _CROSS_WIDTH as CROSS_WIDTH
 from sdlora.formats.validate import declared_family
 
 _CONV_3X3 = {"conv1", "conv2", "conv", "conv_in", "conv_out"}  # UNet ResNet, sampler and outer convolutions
@@ -71,6 +72,20 @@ def _base_weights(base_source: str) -> dict[str, dict[str, torch.Tensor]]:
             for component, model in models.items()}
 
 
+def _family(adapter, items) -> str | None:
+    """sd1 / sd2 / sdxl from the header, else from the layout: a second text encoder, or the cross-attention width
+    (the input of any `attn2.to_k`, 768 / 1024 / 2048 in the real families)."""
+    found = declared_family(adapter.metadata)
+    if found:
+        return found[0]
+    if any(component == "text_encoder_2" for component, _, _ in items):
+        return "sdxl"
+    for component, module, parts in items:
+        if component == "unet" and module.endswith("attn2.to_k") and "dora_scale" not in parts:
+            return CROSS_WIDTH.get(int(deltas.layer_delta(parts).shape[-1]))
+    return None
+
+
 def lycoris_layers(source, adapter, base: str | None) -> list[Layer]:
     """The layers of a LyCORIS-type file (`formats.lycoris`: per-layer parts) with their ΔW; refused, naming the
     layer, before anything is computed when one needs a base that was not given."""
@@ -80,8 +95,7 @@ def lycoris_layers(source, adapter, base: str | None) -> list[Layer]:
         raise AdapterFormatError(f"{source}: convert --to lora of a DoRA needs --base BASE (the model it was trained "
                                  f"on): its update rescales the base's weights ({dora[0]} and {len(dora) - 1} more)")
     weights = _base_weights(base) if base is not None else None
-    found = declared_family(adapter.metadata)
-    family = found[0] if found else None
+    family = _family(adapter, items)
     layers = []
     for component, module, parts in items:
         where = f"{component}.{module}"
