@@ -141,9 +141,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from sdlora import formats
+    from sdlora.formats import lycoris
 
-    print(json.dumps(formats.describe(args.file, full=args.full), indent=2))
+    print(json.dumps(lycoris.describe(args.file, full=args.full), indent=2))
     return 0
 
 
@@ -159,8 +159,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from sdlora.models import load_base_model
 
         base = load_base_model(args.into_base)
-        merged = merge.merge_files(adapters, args.rank, base=base)
-        merge.bake_into({base.denoiser_component: base.unet, **base.text_encoders}, merged)
+        merge.bake_files_into(base, adapters, args.rank)
         print(f"base with the adapter baked in: {merge.save_base(base, args.output)}")
         return 0
     merged = merge.merge_files(adapters, args.rank)

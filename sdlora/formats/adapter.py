@@ -242,7 +242,7 @@ def _unmatched_message(unmatched: list[str]) -> str:
     return (
         f"{len(unmatched)} key(s) match no known LoRA layout (diffusers/peft `unet.<module>.lora_A.weight`, or "
         f"kohya `lora_unet_<module>.lora_down.weight`): " + ", ".join(shown) + more
-        + ". Nothing was loaded; LoCon/LoHa/LoKr/DoRA files are not supported"
+        + ". Nothing was loaded"
     )
 
 
@@ -270,10 +270,12 @@ def from_kohya_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read a LoRA file in any supported layout into an `AdapterFile`; unknown keys are an error, listed."""
+    """Read an adapter file in any supported layout (LyCORIS types: a `lycoris.LycorisFile`); unknown keys are refused."""
+    from sdlora.formats import lycoris
     from sdlora.formats.validate import check_read
-
     tensors, metadata = read_safetensors(path)
+    if lycoris.is_lycoris(tensors, metadata):  # LoHa/LoKr/DoRA/Tucker parts: read per layer, not into peft's form
+        return lycoris.from_state_dict(path, tensors, metadata)
     try:
         if detect_format(tensors) == "kohya":
             adapter = from_kohya_state_dict(tensors, metadata)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, lowrank, read_adapter
+from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, lowrank, lycoris, read_adapter
+from sdlora.formats.lycoris import LycorisFile
 from sdlora.formats.validate import adapter_family, check_fits
 from sdlora.inference.pipeline import AdapterSpec, ReadAdapter
 from sdlora.models import lora
@@ -75,6 +76,11 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
     if not items:
         raise AdapterFormatError("merge: give at least one adapter")
     sources = sources or [f"adapter {n}" for n in range(len(items))]
+    for (adapter, _), source in zip(items, sources):
+        if isinstance(adapter, LycorisFile):  # its layers are not lora_A/lora_B pairs: merging would drop them
+            raise AdapterFormatError(f"merge: {source} is a {lycoris.adapter_type(adapter)} adapter, which merges "
+                                     "only into a base (--into-base); make it a plain LoRA first to merge it with "
+                                     "others into one adapter")
     _same_family(items, sources)
     components = [c for c in COMPONENTS if any(c in a.components for a, _ in items)]
     tensors, shapes = {}, {}
@@ -155,3 +161,25 @@ def save_base(base, output) -> Path:
         return save_single_file(base, output)
     base.pipeline().save_pretrained(output, safe_serialization=True)
     return output
+
+
+def bake_files_into(base, read: list[ReadAdapter], rank: int | None = None) -> None:
+    """`merge --into-base`: every file at its weight baked into the loaded `base`'s weights, nothing left attached.
+
+    LyCORIS types (`formats.lycoris`) are patched first, each update taken from the original weights as generation
+    applies them (`inference.weight_patches`); the plain LoRAs, merged into one, are then added on top. Every
+    file is checked to fit before any weight changes."""
+    from sdlora.inference.weight_patches import WeightPatches
+
+    models = {base.denoiser_component: base.unet, **base.text_encoders}
+    plain = [item for item in read if not isinstance(item.adapter, LycorisFile)]
+    merged = merge_files(plain, rank, base=base) if plain else None
+    patches = WeightPatches(models)
+    weights = {}
+    for number, item in enumerate(read):
+        if isinstance(item.adapter, LycorisFile):
+            patches.add(str(number), item.adapter, item.path)
+            weights[str(number)] = (item.spec.unet_weight, item.spec.unet_weight)
+    patches.set_weights(weights)  # the originals it keeps are simply dropped: the base is saved as patched
+    if merged is not None:
+        bake_into(models, merged)

@@ -18,6 +18,8 @@ from PIL import Image
 
 from sdlora import formats, rng
 from sdlora.errors import UserError
+from sdlora.formats.lycoris import LycorisFile
+from sdlora.inference.weight_patches import WeightPatches
 from sdlora.models import BaseModel, lora
 
 SCHEDULERS = {
@@ -154,6 +156,7 @@ class AdapterStack:
         self.pipe = pipe
         self.names: list[str] = []
         self._fused: _Fused | None = None
+        self.patches: WeightPatches | None = None  # LyCORIS-type adapters (LoHa, LoKr, DoRA, ...): weight_patches.py
 
     def _module(self, component: str) -> torch.nn.Module:
         module = getattr(self.pipe, self.COMPONENT_ATTRS.get(component, ""), None)
@@ -176,6 +179,11 @@ class AdapterStack:
             raise ValueError(f"adapter name {name!r} is already loaded")
         models = dict(self._present())
         check_fits(source or name, adapter, models, base_family(models))
+        if isinstance(adapter, LycorisFile):
+            self.patches = self.patches or WeightPatches(models)
+            self.patches.add(name, adapter, source or name)
+            self.names.append(name)
+            return
         device, dtype = denoiser(self.pipe).device, denoiser(self.pipe).dtype
         for component in adapter.components:
             module = self._module(component)
@@ -194,6 +202,8 @@ class AdapterStack:
         for component, module in self._present():
             index = 0 if component in DENOISERS else 1  # the text-encoder weight applies to both SDXL encoders
             lora.set_weights(module, {name: w[index] for name, w in weights.items()})
+        if self.patches is not None:
+            self.patches.set_weights(weights)
 
     def fuse(self, reversible: bool = True) -> None:
         """Merge the active adapters at their weights into the base weights, then take peft's wrappers out of the
@@ -268,8 +278,12 @@ def preview_adapters(pipe, specs: list[AdapterSpec], trained: str = "default"):
             own = {trained: 1.0} if trained in lora.adapter_names(module) else {}
             weights = {name: (spec.unet_weight, spec.te_weight)[index] for name, spec in zip(names, specs)}
             lora.set_weights(module, {**own, **weights})
+        if stack.patches is not None:
+            stack.patches.set_weights({name: (spec.unet_weight, spec.te_weight) for name, spec in zip(names, specs)})
         yield stack
     finally:
+        if stack.patches is not None:
+            stack.patches.restore()  # the trained model's weights exactly as they were
         for component in (_denoiser_name(pipe), "text_encoder"):
             module = getattr(pipe, component)
             for name in names:
