@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.cli import main
-from sdlora.formats import deltas, read_adapter
+from sdlora.formats import kohya
 from sdlora.models import load_base_model
 
 lk = pytest.importorskip("lycoris.kohya")
@@ -50,10 +50,21 @@ def files(tiny_base, tmp_path_factory):
                         param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
             out[kind] = folder / f"{kind}.safetensors"
             args = str(options).replace("'", '"').replace("True", "true")
-            network.save_weights(str(out[kind]), torch.float32, {"ss_network_args": args})
+            # the header names the family, as kohya and LyCORIS trainers write it: SD1's proj_in/proj_out are 1x1
+            # convolutions, which a flattened LoHa/LoKr layer does not say by itself
+            network.save_weights(str(out[kind]), torch.float32, {"ss_network_args": args,
+                                                                 "ss_base_model_version": "sd_v1"})
     finally:
         del lk.PRESET["sdlora-convert"]
     return base, out
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base):
+    """Plain diffusers, loaded once: each test loads its converted file as a named adapter and deletes it after."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
 
 
 def _inputs(base):
@@ -70,11 +81,29 @@ def _outputs(unet, encoder, inputs):
         return unet(latents, 10, hidden).sample, encoder(ids)[0]
 
 
-def _lycoris_outputs(base, path):
+def _lycoris_reference(base, path):
+    """What LyCORIS makes of the file: (`component.module` -> ΔW flattened, from the modules it builds: the weight
+    its forward adds, `make_weight`/`get_weight` scaled once (its `merge_to` scales LoHa/LoKr twice, so it is not
+    used), DoRA through its own `apply_weight_decompose`; and the UNet / text-encoder outputs with it applied)."""
+    from lycoris.modules.locon import LoConModule
+
     unet, te = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
     network, _ = lk.create_network_from_weights(1.0, str(path), None, te, unet, for_inference=True)
+    out = {}
+    with torch.no_grad():
+        for module in network.unet_loras + network.text_encoder_loras:
+            weight = module.org_module[0].weight.float()
+            if isinstance(module, LoConModule):
+                diff = module.make_weight() * module.scale
+            else:
+                diff = module.get_weight(module.shape) * module.scalar
+            diff = diff.reshape(weight.shape)
+            if module.wd:
+                diff = module.apply_weight_decompose(weight + diff, 1.0) - weight
+            component, name = kohya.parse_module_name(module.lora_name)
+            out[f"{component}.{name}"] = diff.double().reshape(weight.shape[0], -1)
     network.apply_to(te, unet, True, True)
-    return _outputs(unet, te, _inputs(base))
+    return out, _outputs(unet, te, _inputs(base))
 
 
 def _converted_updates(path) -> dict[str, torch.Tensor]:
@@ -90,42 +119,40 @@ def _converted_updates(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", list(TYPES))
-def test_convert_reports_each_layers_error_and_plain_diffusers_matches_lycoris(files, tiny_base, tmp_path, capsys,
-                                                                                 kind):
-    from diffusers import StableDiffusionPipeline
-
+def test_convert_reports_each_layers_error_and_plain_diffusers_matches_lycoris(files, pipe, tiny_base, tmp_path,
+                                                                                 capsys, kind):
     base, paths = files
     # 1. at rank 2 the printed errors are the measured ones, against ΔW as LyCORIS applies it
     low = tmp_path / "low.safetensors"
-    assert main(["convert", str(paths[kind]), str(low), "--to", "lora", "--rank", "2", "--base", str(tiny_base)]) == 0
+    base_option = ["--base", str(tiny_base)] if kind == "dora" else []  # only a DoRA needs the base's weights
+    assert main(["convert", str(paths[kind]), str(low), "--to", "lora", "--rank", "2", *base_option]) == 0
     printed = capsys.readouterr().out
-    rows = {m[1]: float(m[2]) for m in re.finditer(r"^(\S+)\s+\S+ \S+(?: \+dora)? -> \d+\s+(\S+)$", printed, re.M)}
-    weights = {"unet": dict(base.unet.named_modules()), "text_encoder": dict(base.text_encoder.named_modules())}
-    ours = _converted_updates(low)
+    rows = {m[1]: float(m[2]) for m in re.finditer(r"^(\S+)\s+.+? -> \d+\s+(\S+)$", printed, re.M)}
+    (references, reference_outputs), ours = _lycoris_reference(base, paths[kind]), _converted_updates(low)
+    assert set(rows) == set(ours) == set(references) and len(rows) > 20
     residual = total = 0.0
-    for component, module, parts in read_adapter(paths[kind]).layer_items():
-        weight = weights[component][module].weight
-        reference = deltas.layer_delta(parts, shape=tuple(weight.shape), base=weight).double().reshape(
-            weight.shape[0], -1)
-        gap = float((reference - ours[f"{component}.{module}"]).norm())
-        assert gap / float(reference.norm()) == pytest.approx(rows[f"{component}.{module}"], rel=2e-3, abs=1e-6)
+    for layer, reference in references.items():
+        gap = float((reference - ours[layer]).norm())
+        assert gap / float(reference.norm()) == pytest.approx(rows[layer], rel=2e-3, abs=1e-6), layer
         residual, total = residual + gap ** 2, total + float(reference.norm()) ** 2
-    assert len(rows) == len(ours) > 20
     overall = float(re.search(r"^overall\s+(\S+)", printed, re.M)[1])
     assert (residual / total) ** 0.5 == pytest.approx(overall, rel=2e-3)
     assert overall > 1e-3  # rank 2 is lossy for these: the table is not trivially zero
 
-    # 2. at a tight error target the plain LoRA is the adapter: diffusers' outputs equal LyCORIS' own
+    # 2. at a tight error target the plain LoRA is the adapter: diffusers' outputs equal LyCORIS' own (a LoCon goes
+    # the plain LoRA path, whose diffusers load test_lowrank_tools.py checks)
+    if kind == "locon":
+        return
     exact = tmp_path / "exact.safetensors"
-    assert main(["convert", str(paths[kind]), str(exact), "--to", "lora", "--error", "1e-5",
-                 "--base", str(tiny_base)]) == 0
+    assert main(["convert", str(paths[kind]), str(exact), "--to", "lora", "--error", "1e-5", *base_option]) == 0
     capsys.readouterr()
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_base), safety_checker=None)
-    pipe.load_lora_weights(str(exact.parent), weight_name=exact.name)
-    theirs = _outputs(pipe.unet, pipe.text_encoder, _inputs(base))
-    reference = _lycoris_outputs(base, paths[kind])
+    pipe.load_lora_weights(str(exact.parent), weight_name=exact.name, adapter_name=kind)
+    try:
+        theirs = _outputs(pipe.unet, pipe.text_encoder, _inputs(base))
+    finally:
+        pipe.delete_adapters(kind)
     plain = _outputs(base.unet, base.text_encoder, _inputs(base))
-    for got, want, before in zip(theirs, reference, plain):
+    for got, want, before in zip(theirs, reference_outputs, plain):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())
         assert float((want - before).abs().max()) > 1e-2, "the adapter changed nothing"
 
@@ -140,15 +167,19 @@ def test_dora_without_base_is_one_line_and_writes_nothing(files, tmp_path, capsy
     assert not out.exists()
 
 
-def test_loha_converts_without_a_base_when_the_header_names_the_family(files, tmp_path, capsys):
-    """SD1's proj_in/proj_out are 1x1 convolutions: the header's family says so, no base needed."""
+def test_a_flattened_conv_of_unknown_kernel_asks_for_the_base(files, tiny_base, tmp_path, capsys):
+    """Without a family in the header (and a cross-attention width no real family has), SD1's 1x1 proj_in stored
+    flattened by LoHa could be a Linear: refused, naming the layer and --base; with --base it converts to 1x1."""
     from safetensors.torch import save_file
 
     _, paths = files
-    tagged = tmp_path / "loha_sd1.safetensors"
-    save_file(load_file(str(paths["loha"])), str(tagged), metadata={"ss_base_model_version": "sd_v1"})
+    bare = tmp_path / "loha_bare.safetensors"
+    save_file(load_file(str(paths["loha"])), str(bare))
     out = tmp_path / "plain.safetensors"
-    assert main(["convert", str(tagged), str(out), "--to", "lora", "--rank", "2"]) == 0
-    capsys.readouterr()
-    proj = [k for k, v in load_file(str(out)).items() if "proj_in.lora_A" in k]
-    assert proj and all(load_file(str(out))[k].dim() == 4 for k in proj)
+    assert main(["convert", str(bare), str(out), "--to", "lora", "--rank", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdlora: error:")]
+    assert len(err) == 1 and "proj_" in err[0] and "pass --base BASE" in err[0], err
+    assert not out.exists()
+    assert main(["convert", str(bare), str(out), "--to", "lora", "--rank", "2", "--base", str(tiny_base)]) == 0
+    proj = {k: v for k, v in load_file(str(out)).items() if "proj_in.lora_A" in k}
+    assert proj and all(v.dim() == 4 and v.shape[2:] == (1, 1) for v in proj.values())
