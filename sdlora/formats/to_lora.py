@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import deltas
+from sdlora.formats import deltas, lowrank
 from sdlora.formats.adapter import DTYPES, AdapterFormatError, check_target, convert, read_adapter
 from sdlora.formats.adapter import save_adapter as _save
 from sdlora.formats.resize import (
@@ -92,8 +92,9 @@ def lycoris_layers(source, adapter, base: str | None) -> list[Layer]:
     items = list(adapter.layer_items())
     dora = [f"{c}.{m}" for c, m, parts in items if "dora_scale" in parts]
     if dora and base is None:
+        more = f" and {len(dora) - 1} more" if len(dora) > 1 else ""
         raise AdapterFormatError(f"{source}: convert --to lora of a DoRA needs --base BASE (the model it was trained "
-                                 f"on): its update rescales the base's weights ({dora[0]} and {len(dora) - 1} more)")
+                                 f"on): its update rescales the base's weights ({dora[0]}{more})")
     weights = _base_weights(base) if base is not None else None
     family = _family(adapter, items)
     layers = []
@@ -107,7 +108,13 @@ def lycoris_layers(source, adapter, base: str | None) -> list[Layer]:
                                          "for another model")
 
         def delta(parts=parts, weight=weight, component=component, module=module, where=where):
-            change = deltas.layer_delta(parts, shape=None if weight is None else tuple(weight.shape), base=weight)
+            try:
+                change = deltas.layer_delta(parts, shape=None if weight is None else tuple(weight.shape), base=weight)
+            except RuntimeError:  # a reshape to the base's weight, or DoRA's rescale, on a weight of another size
+                if weight is None:
+                    raise
+                raise AdapterFormatError(f"{source}: layer {where} does not fit the base {base} (its weight is "
+                                         f"{list(weight.shape)}): the adapter was made for another model") from None
             shape = tuple(weight.shape) if weight is not None else _kernel_shape(component, module, change, family)
             if shape is None:
                 raise AdapterFormatError(f"{source}: layer {where} stores its convolution flattened and its name does "
@@ -115,8 +122,6 @@ def lycoris_layers(source, adapter, base: str | None) -> list[Layer]:
             return change.reshape(shape)
 
         def solve(rank, error, delta=delta, where=where):
-            from sdlora.formats import lowrank
-
             return lowrank.factorize(delta(), rank, error, what=f"convert --to lora: layer {where}")
 
         layers.append(Layer(component, module, _describe(parts), solve))
