@@ -141,9 +141,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from sdlora.formats import lycoris
+    from sdlora import formats
 
-    print(json.dumps(lycoris.describe(args.file, full=args.full), indent=2))
+    print(json.dumps(formats.describe(args.file, full=args.full), indent=2))
     return 0
 
 

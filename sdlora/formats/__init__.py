@@ -10,7 +10,6 @@ from sdlora.formats.adapter import (  # noqa: F401
     AdapterFormatError,
     check_target,
     convert,
-    describe,
     detect_format,
     fold_alpha,
     from_diffusers_state_dict,
@@ -24,3 +23,4 @@ from sdlora.formats.adapter import (  # noqa: F401
     shape_from_tensors,
     to_diffusers_state_dict,
 )
+from sdlora.formats.lycoris import describe  # noqa: F401  (adapter.describe plus type and options)

@@ -287,7 +287,6 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return adapter
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # kohya / AUTOMATIC1111 / ComfyUI
 
 
@@ -338,7 +337,9 @@ def check_target(path: str | Path, option: str = "output") -> Path:
 
 
 def _refuse_non_finite(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
-    """Never write a NaN/inf tensor: reading refuses them, and a cast to fp16 overflows values above 65504."""
+    """Never write a NaN/inf tensor (reading refuses them; fp16 overflows above 65504), nor an empty adapter."""
+    if not tensors:  # e.g. a LoHa/LoKr/DoRA file read by formats.lycoris: it has no lora_A/lora_B pairs to write
+        raise AdapterFormatError(f"{path}: not written: the adapter holds no plain LoRA (lora_A/lora_B) layers")
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
     if bad:
         why = f" after the cast to {str(dtype).removeprefix('torch.')} (values beyond its range)" if dtype else ""

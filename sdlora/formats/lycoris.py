@@ -6,6 +6,8 @@ Key layouts read (the layer name is everything before the part suffix):
 - OneTrainer's dotted names (its internal and diffusers outputs): `unet.<module>.<part>`, `text_encoder.`,
   `text_encoder_2.`, with `lora_A/lora_B.weight` standing for lora_down/lora_up and peft's
   `lora_magnitude_vector.weight` (shape [out]) for `dora_scale`.
+- ComfyUI's own layout (also OneTrainer's "comfy" output): `diffusion_model.<SGM module>.<part>`,
+  `text_encoders.clip_l|clip_h|clip_g.transformer.<module>.<part>`; plain lora_A/lora_B files in it come here too.
 Parts per layer are LyCORIS' own (`deltas.PARTS`: `lora_up/down/mid.weight`, `hada_w1_a`..`hada_t2`,
 `lokr_w1`..`lokr_t2`) plus `alpha` and `dora_scale`. Plain LoRA files (only lora_up/lora_down/alpha, or diffusers
 lora_A/lora_B) never come here: `adapter.read_adapter` keeps reading them into peft's form, as before.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import deltas, kohya
+from sdlora.formats import deltas, kohya, ldm
 from sdlora.formats.adapter import AdapterFile, AdapterFormatError
 
 _RENAMED = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
@@ -32,6 +34,9 @@ _RENAMED = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weigh
 _SUFFIXES = sorted({*(p for names in deltas.PARTS.values() for p in names), *deltas.SHARED_PARTS, *_RENAMED},
                    key=len, reverse=True)
 _DOTTED = ("unet", "text_encoder", "text_encoder_2")
+# ComfyUI's names of the text encoders (`text_encoders.clip_l.transformer.<module>`): SD1 and SDXL's first is
+# CLIP-L, SD2's OpenCLIP-H, SDXL's second OpenCLIP-G.
+_COMFY_ENCODERS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
 _LYCORIS_ONLY = re.compile(r"\.(hada_\w+|lokr_\w+|dora_scale|lora_mid\.weight|lora_magnitude_vector\.weight)$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 NAMES = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}
@@ -66,12 +71,12 @@ def _declares_dora(metadata: dict[str, str]) -> bool:
 
 
 def is_lycoris(keys, metadata: dict[str, str] | None = None) -> bool:
-    """Whether a file needs this reader: a LyCORIS-only part, OneTrainer's dotted lora_down/up, or a DoRA header
-    (a DoRA whose magnitudes are missing must be refused here, not read as a plain LoRA)."""
+    """Whether a file needs this reader: a LyCORIS-only part, OneTrainer's dotted lora_down/up, ComfyUI's names, or a
+    DoRA header (a DoRA whose magnitudes are missing must be refused here, not read as a plain LoRA)."""
     keys = list(keys)
     return (any(_LYCORIS_ONLY.search(k) for k in keys) or _declares_dora(metadata or {})
             or any(k.partition(".")[0] in _DOTTED and k.endswith((".lora_down.weight", ".lora_up.weight"))
-                   for k in keys))
+                   or k.startswith(("diffusion_model.", "text_encoders.")) for k in keys))
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -88,6 +93,12 @@ def _module(name: str) -> tuple[str, str] | None:
     component, _, path = name.partition(".")
     if component in _DOTTED and path:
         return component, path.removeprefix("text_model.") if component == "text_encoder" else path
+    if component == "diffusion_model" and path:  # ComfyUI / OneTrainer "comfy": the UNet under its SGM names
+        return "unet", ldm.from_sgm(path)
+    encoder, _, rest = path.partition(".transformer.")
+    if component == "text_encoders" and encoder in _COMFY_ENCODERS and rest:
+        component = _COMFY_ENCODERS[encoder]
+        return component, rest.removeprefix("text_model.") if component == "text_encoder" else rest
     return None
 
 
@@ -116,7 +127,7 @@ def from_state_dict(path: str | Path, tensors: dict[str, torch.Tensor], metadata
     if unknown:
         raise AdapterFormatError(
             f"{path}: {len(unknown)} key(s) match no known adapter layout (kohya/LyCORIS `lora_unet_<module>.<part>`"
-            f" or `unet.<module>.<part>`, parts lora_up/lora_down/lora_mid, hada_*, lokr_*, alpha, dora_scale): "
+            f", `unet.<module>.<part>` or ComfyUI's `diffusion_model.<module>.<part>`; parts lora_up/lora_down/lora_mid, hada_*, lokr_*, alpha, dora_scale): "
             f"{_listed(unknown)}. Nothing was loaded")
     dora = _declares_dora(metadata)
     layers: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -345,8 +356,9 @@ def inferred_options(adapter: LycorisFile) -> dict:
 
 
 def describe(path: str | Path, full: bool = False) -> dict:
-    """`sdlora info` for any adapter file: `formats.describe`'s report with the adapter type, its options (from
-    `ss_network_args` when the header has it, else read off the keys) and, for LyCORIS types, rank and alpha."""
+    """`sdlora info` (exported as `formats.describe`) for any adapter file: `adapter.describe`'s report plus the
+    adapter type, its options (from `ss_network_args` when the header has it, else read off the keys) and, for
+    LyCORIS types, rank and alpha."""
     from sdlora.formats.adapter import describe as describe_plain
     from sdlora.formats.adapter import read_adapter
 

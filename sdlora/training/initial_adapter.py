@@ -30,6 +30,9 @@ def load_initial_adapter(lora: LoraSection, models: dict[str, torch.nn.Module]) 
     if not path.is_file():
         raise ConfigError(f"lora.init_from: {path} does not exist; name an adapter .safetensors file")
     adapter = formats.read_adapter(path)
+    if not adapter.components:  # a LoHa/LoKr/DoRA file (formats.lycoris) has no LoRA pairs to start from
+        raise ConfigError(f"lora.init_from: {path} holds no plain LoRA layers (it is a LyCORIS-type adapter); start "
+                          "from a LoRA file")
     extra = [c for c in adapter.components if c not in models]
     if extra:
         raise ConfigError(f"lora.init_from: {path} holds a {extra[0]} LoRA, which this run does not train: set "

@@ -8,15 +8,19 @@ its UNet / text-encoder outputs are compared with sdlora's `stack_adapters` on t
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 from adapter_factory import make_adapter
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sdlora import formats, inference
-from sdlora.formats import kohya, lycoris
+from sdlora import cli, formats, inference
+from sdlora.formats import kohya, ldm, lycoris
 from sdlora.models import load_base_model
+from sdlora.models.lora import AdapterMismatchError
 
 lk = pytest.importorskip("lycoris.kohya")
 
@@ -159,21 +163,31 @@ def test_stacks_with_a_plain_lora_at_weights(sd1, kind):
         assert (both_unet - alone).abs().max() > 1e-2
 
 
-def test_onetrainer_dotted_names_load_the_same_layers(sd1, tmp_path):
-    """The same LoHa under OneTrainer's dotted names (`unet.<module>.hada_w1_a`) reads into the same layers."""
-    _, files = sd1
+def test_onetrainer_and_comfyui_names_load_the_same_layers(sd1, tmp_path):
+    """The same LoHa under OneTrainer's dotted names (`unet.<module>.hada_w1_a`) and under ComfyUI's (OneTrainer's
+    "comfy" output: `diffusion_model.<SGM module>`, `text_encoders.clip_l.transformer.<module>`) reads the same."""
+    base, files = sd1
+    up_attention = ldm.up_attention(name for name, _ in base.unet.named_modules())
     state = load_file(str(files["loha"]))
-    dotted = {}
+    dotted, comfy = {}, {}
     for key, value in state.items():
         name, _, part = key.partition(".")
         component, path = kohya.parse_module_name(name)
         dotted[f"{component}.{path}.{part}"] = value
+        comfy_name = (f"diffusion_model.{ldm.to_sgm(path, up_attention_blocks=up_attention)}" if component == "unet"
+                      else f"text_encoders.clip_l.transformer.text_model.{path}")
+        comfy[f"{comfy_name}.{part}"] = value
+    assert any(k.startswith("diffusion_model.input_blocks.1.1.") for k in comfy)
     save_file(dotted, str(tmp_path / "onetrainer.safetensors"))
-    a, b = formats.read_adapter(files["loha"]), formats.read_adapter(tmp_path / "onetrainer.safetensors")
-    assert a.layers.keys() == b.layers.keys() and len(list(a.layer_items())) > 30
-    for component, path, parts in a.layer_items():
-        other = b.layers[component][path]
-        assert parts.keys() == other.keys() and all(torch.equal(parts[k], other[k]) for k in parts)
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    a = formats.read_adapter(files["loha"])
+    assert len(list(a.layer_items())) > 30
+    for other in (tmp_path / "onetrainer.safetensors", tmp_path / "comfy.safetensors"):
+        b = formats.read_adapter(other)
+        assert a.layers.keys() == b.layers.keys()
+        for component, path, parts in a.layer_items():
+            theirs = b.layers[component][path]
+            assert parts.keys() == theirs.keys() and all(torch.equal(parts[k], theirs[k]) for k in parts)
 
 
 def test_sdxl_lycoris_file_with_both_text_encoders_and_sgm_names(tiny_sdxl_base, tmp_path):
@@ -200,3 +214,157 @@ def test_sdxl_lycoris_file_with_both_text_encoders_and_sgm_names(tiny_sdxl_base,
         got = _outputs(pipe.unet, pipe.text_encoder_2, inputs)
         torch.testing.assert_close(got[0], want[0], **TOL)
         torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands: merge --into-base, generate with <lora:...> tags, grid, info; and the refusals
+
+
+def test_merge_into_base_bakes_the_stack(sd1, tiny_base, tmp_path):
+    base, files = sd1
+    loha, plain = files["loha"], files["plain"]
+    assert cli.main(["merge", f"{loha}:0.7", f"{plain}:0.4", "--into-base", str(tiny_base),
+                     "-o", str(tmp_path / "baked")]) == 0
+    baked = load_base_model(str(tmp_path / "baked"))
+    want = _reference(base, loha, 0.7, plain=(plain, 0.4))
+    got = _outputs(baked.unet, baked.text_encoder, _inputs(base))
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+def test_merge_into_another_adapter_is_refused_and_writes_nothing(sd1, tmp_path, capsys):
+    _, files = sd1
+    out = tmp_path / "m.safetensors"
+    assert cli.main(["merge", f"{files['loha']}:0.7", f"{files['plain']}:0.4", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loha.safetensors is a loha adapter, which merges only into a base" in err[0]
+    assert not out.exists()
+
+
+def test_generate_with_a_prompt_tag_and_grid(sd1, tiny_base, tmp_path):
+    _, files = sd1
+    common = ["--base", str(tiny_base), "--steps", "2", "--height", "64", "--width", "64", "--seed", "1"]
+    images = {}
+    for name, prompt in (("base", "a red circle"), ("tagged", "a red circle <lora:loha:0.7>")):
+        out = tmp_path / f"{name}.png"
+        assert cli.main(["generate", *common, "--prompt", prompt, "--lora-dir", str(files["loha"].parent),
+                         "-o", str(out)]) == 0
+        images[name] = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert np.abs(images["tagged"] - images["base"]).max() > 2  # 2 steps on the tiny base: small, never 0
+    # a grid over the LoHa's weight (--lora FILE:1, x = weight): its 0 cell is the base, its 0.7 cell the tagged image
+    assert cli.main(["grid", *common, "--prompt", "a red circle", "--lora", f"{files['loha']}:1",
+                     "--x", "weight:0", "--x-values", "0,0.7", "-o", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    left, top = grid.width - 128, grid.height - 64
+    cells = [np.asarray(grid.crop((left + 64 * i, top, left + 64 * i + 64, top + 64)), np.int16) for i in (0, 1)]
+    assert np.array_equal(cells[0], images["base"]) and np.array_equal(cells[1], images["tagged"])
+
+
+def test_info_names_type_rank_alpha_and_options(sd1, tmp_path, capsys):
+    _, files = sd1
+    assert cli.main(["info", str(files["loha"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["type"] == "loha" and info["format"] == "lycoris"
+    assert info["components"]["unet"]["rank"] == 4 and info["components"]["unet"]["alpha"] == 2.0
+    assert info["options"] == {"algo": "loha", "conv_dim": 4, "conv_alpha": 2, "use_tucker": True}
+    assert info["options_from"] == "ss_network_args"
+    # without a header the options are read off the keys
+    save_file(load_file(str(files["dora"])), str(tmp_path / "bare.safetensors"))
+    assert cli.main(["info", str(tmp_path / "bare.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["type"] == "dora" and info["options_from"] == "keys"
+    assert info["options"]["dora_wd"] is True and info["options"]["wd_on_out"] is True
+    assert info["options"]["conv_dim"] == 4 and info["options"]["conv_alpha"] == 2.0
+    assert cli.main(["info", str(files["locon"])]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "locon"
+
+
+def _edited(source, out, edit, metadata=None):
+    state = load_file(str(source))
+    edit(state)
+    save_file(state, str(out), metadata)
+    return out
+
+
+LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize("case,source,message", [
+    ("mixed", "loha", f"layer {LAYER} ({LAYER}.alpha, {LAYER}.hada_w1_a"),
+    ("lokr_inner", "lokr", "impossible LoKr factor shapes"),
+    ("dora_missing", "dora", "the header declares DoRA (ss_network_args dora_wd) but this layer has no dora_scale"),
+    ("dora_shape", "dora", "dora_scale has shape [3, 1]; DoRA magnitudes are one per output channel"),
+    ("partial", "loha", f"layer {LAYER} ({LAYER}.alpha, {LAYER}.hada_w1_a, {LAYER}.hada_w1_b, {LAYER}.hada_w2_a): "
+                        "missing hada_w2_b"),
+    ("unknown", "loha", "1 key(s) match no known adapter layout"),
+])
+def test_bad_files_are_refused_in_one_line_and_nothing_is_written(sd1, tmp_path, capsys, case, source, message):
+    _, files = sd1
+    header = {"ss_network_args": json.dumps({"algo": "lora", "dora_wd": True})} if case == "dora_missing" else None
+    edits = {
+        "mixed": lambda s: s.__setitem__(f"{LAYER}.lokr_w1", torch.ones(2, 2)),
+        "lokr_inner": lambda s: (s.pop(f"{LAYER}.lokr_w2"), s.update({f"{LAYER}.lokr_w2_a": torch.ones(8, 4),
+                                                                      f"{LAYER}.lokr_w2_b": torch.ones(3, 8)})),
+        "dora_missing": lambda s: [s.pop(k) for k in list(s) if k.endswith(".dora_scale")],
+        "dora_shape": lambda s: s.__setitem__(f"{LAYER}.dora_scale", torch.ones(3, 1)),
+        "partial": lambda s: s.pop(f"{LAYER}.hada_w2_b"),
+        "unknown": lambda s: s.__setitem__(f"{LAYER}.hada_w3", torch.ones(1)),
+    }
+    bad = _edited(files[source], tmp_path / f"{case}.safetensors", edits[case], header)
+    out = tmp_path / "baked"
+    assert cli.main(["merge", f"{bad}:1", "--into-base", "sdlora:tiny", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdlora: error: ") and "Traceback" not in err[0]
+    assert str(bad) in err[0] and message in err[0], err[0]
+    assert not out.exists()
+
+
+def test_lokr_whose_kronecker_does_not_fit_the_base_is_refused_before_any_weight_changes(sd1, tiny_base, tmp_path,
+                                                                                         capsys):
+    base, files = sd1
+    # both factors well-formed, but 4x4 ⊗ 8x6 is a [32, 24] weight where the layer is [32, 32]
+    bad = _edited(files["lokr"], tmp_path / "kron.safetensors",
+                  lambda s: (s.update({f"{LAYER}.lokr_w2": torch.ones(8, 6)}),
+                             [s.pop(f"{LAYER}.{p}", None) for p in ("lokr_w2_a", "lokr_w2_b")]))
+    out = tmp_path / "baked"
+    assert cli.main(["merge", f"{bad}:1", "--into-base", str(tiny_base), "-o", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("sdlora: error: ")]  # the rest: load progress
+    assert len(err) == 1 and "Traceback" not in stderr
+    assert "impossible LoKr factor shapes for the base layer [32, 32]: kron of w1 [.., 4] and w2 [.., 6] gives 24 " \
+           "inputs, the layer has 32" in err[0], err
+    assert str(bad) in err[0] and not out.exists()
+    pipe = inference.build_pipeline(copy.deepcopy(base), scheduler="ddim")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(AdapterMismatchError, match="impossible LoKr"):
+        inference.stack_adapters(pipe, [inference.AdapterSpec(str(bad), 1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_a_lycoris_file_as_lora_init_from_is_refused_not_ignored(sd1):
+    from sdlora.config import ConfigError, LoraSection
+    from sdlora.training.initial_adapter import load_initial_adapter
+
+    base, files = sd1
+    with pytest.raises(ConfigError, match="holds no plain LoRA layers"):
+        load_initial_adapter(LoraSection(init_from=files["loha"]), {"unet": base.unet})
+
+
+def test_preview_adapters_apply_and_then_restore_the_weights_exactly(sd1):
+    """sample.adapters during training: a LyCORIS file previews at its weight, and the model is left untouched."""
+    base, files = sd1
+    pipe = inference.build_pipeline(copy.deepcopy(base), scheduler="ddim")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with inference.preview_adapters(pipe, [inference.AdapterSpec(str(files["lokr"]), 0.7)]):
+        inside = _outputs(pipe.unet, pipe.text_encoder, _inputs(base))[0]
+    torch.testing.assert_close(inside, _reference(base, files["lokr"], 0.7)[0], **TOL)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_sd2_lycoris_file(tiny_sd2v_base, tmp_path):
+    base = load_base_model(str(tiny_sd2v_base))
+    path = _write(base, tmp_path / "loha_sd2.safetensors", 5, algo="loha", conv_dim=4, conv_alpha=2)
+    want = _reference(base, path)
+    got = _sdlora(base, [inference.AdapterSpec(str(path), 1.0)])[2]
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
