@@ -248,3 +248,31 @@ def test_extract_refuses_different_architectures_in_one_line(tiny_base, tiny_sd2
     line = _error_line(capsys)
     assert "same architecture" in line and str(tiny_sd2v_base) in line
     assert not out.exists()
+
+
+def test_extract_on_sdxl_writes_kohya_names_that_read_back_to_the_change(tiny_sdxl_base, tmp_path, capsys):
+    """SDXL: UNet layers get SGM names (`lora_unet_output_blocks_…`), the second text encoder `lora_te2_…`, and
+    reading the kohya file back gives each known change."""
+    from sdlora.formats import read_adapter
+
+    folder = tmp_path / "tuned-xl"
+    shutil.copytree(tiny_sdxl_base, folder)
+    generator = torch.Generator().manual_seed(11)
+    unet = _add_low_rank(folder / "unet" / "diffusion_pytorch_model.safetensors",
+                         ["up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight"], generator)
+    te2_file = folder / "text_encoder_2" / "model.safetensors"
+    with safe_open(str(te2_file), framework="pt") as handle:
+        key = next(k for k in handle.keys() if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    te2 = _add_low_rank(te2_file, [key], generator)
+    out = tmp_path / "xl.safetensors"
+    assert main(["extract", str(tiny_sdxl_base), str(folder), str(out), "--rank", "2", "--to", "kohya"]) == 0
+    capsys.readouterr()
+    keys = set(load_file(str(out)))
+    assert any(k.startswith("lora_unet_output_blocks_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    adapter = read_adapter(out)
+    for component, changes in (("unet", unet), ("text_encoder_2", te2)):
+        (module, change), = changes.items()
+        a = adapter.tensors[component][f"{module}.lora_A.weight"].double()
+        b = adapter.tensors[component][f"{module}.lora_B.weight"].double()
+        scale = adapter.shapes[component].alpha / a.shape[0]
+        assert float((scale * b @ a - change.double()).norm() / change.norm()) < 1e-4
