@@ -10,6 +10,7 @@ from pathlib import Path
 import sdlora
 
 log = logging.getLogger("sdlora")
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -105,9 +106,35 @@ def cmd_dataset_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from sdlora import formats
+    from sdlora.formats.to_lora import convert_file
 
-    print(f"wrote: {formats.convert(args.input, args.output, args.to, args.dtype)}")
+    path, report = convert_file(args.input, args.output, args.to, args.dtype, args.rank, args.error, args.base,
+                                progress=True)
+    if report is not None:
+        print(report.table())
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from sdlora.formats import DTYPES
+    from sdlora.formats.resize import resize_file
+
+    path, report = resize_file(args.input, args.output, args.rank, args.error, args.to,
+                               DTYPES[args.dtype] if args.dtype else None, progress=True)
+    print(report.table())
+    print(f"wrote: {path}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from sdlora.formats import DTYPES
+    from sdlora.formats.extract import extract_file
+
+    path, report, notes = extract_file(args.base, args.tuned, args.output, args.rank, args.conv_rank, args.min_diff,
+                                       args.clamp_quantile, args.to, DTYPES[args.dtype] if args.dtype else None,
+                                       progress=True)
+    print("\n".join([report.table(), *notes, f"wrote: {path}"]))
     return 0
 
 
@@ -206,6 +233,12 @@ def _generation_args(parser: argparse.ArgumentParser, prompt_help: str, prompt_r
     parser.add_argument("--width", type=int, help="image width in pixels (default: the base's own size)")
 
 
+def _rank_args(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument("--rank", type=int, help=f"{prefix}rank of every layer (with --error: the largest allowed)")
+    parser.add_argument("--error", type=float, help=f"{prefix}per layer, the smallest rank whose relative Frobenius "
+                        "error is at most this, e.g. 0.05")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora", description="Train, stack and share Stable Diffusion LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -257,14 +290,43 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable report")
     check.set_defaults(func=cmd_dataset_check)
 
-    convert = commands.add_parser("convert", help="convert an adapter between diffusers and kohya/A1111/ComfyUI")
+    convert = commands.add_parser("convert", help="convert an adapter between diffusers and kohya/A1111/ComfyUI, "
+                                  "or into a plain LoRA (--to lora)")
     convert.add_argument("input", type=Path, help="adapter file (.safetensors), in either layout")
     convert.add_argument("output", type=Path, help="file to write")
-    convert.add_argument("--to", choices=("kohya", "diffusers"), required=True,
-                         help="layout of the output: kohya (A1111 / ComfyUI) or diffusers")
-    convert.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
-                         help="tensor dtype of the output file (default: the input's)")
+    convert.add_argument("--to", choices=("kohya", "diffusers", "lora"), required=True,
+                         help="layout of the output: kohya (A1111 / ComfyUI) or diffusers; lora: a plain LoRA in "
+                         "diffusers layout, each layer's update re-factored by SVD (needs --rank or --error)")
+    _rank_args(convert, "with --to lora: ")
+    convert.add_argument("--base", help="with --to lora: the base the adapter was made for (needed for a DoRA)")
+    convert.add_argument("--dtype", choices=DTYPE_NAMES, help="tensor dtype of the output file (default: the input's)")
     convert.set_defaults(func=cmd_convert)
+
+    resize = commands.add_parser("resize", help="a LoRA at a lower rank (or a target error) by SVD of each layer, "
+                                 "with the error per layer and overall (kohya's resize_lora)")
+    resize.add_argument("input", type=Path, help="LoRA file (.safetensors), in either layout")
+    resize.add_argument("output", type=Path, help="file to write")
+    _rank_args(resize, "")
+    resize.add_argument("--to", choices=("kohya", "diffusers"), help="layout of the output (default: the input's)")
+    resize.add_argument("--dtype", choices=DTYPE_NAMES, help="tensor dtype of the output file (default: the input's)")
+    resize.set_defaults(func=cmd_resize)
+
+    extract = commands.add_parser("extract", help="a LoRA from the difference of two checkpoints of the same "
+                                  "architecture (kohya's extract_lora_from_models)")
+    extract.add_argument("base", help="the original base: folder, .safetensors, hub id or sdlora:NAME")
+    extract.add_argument("tuned", help="the fine-tuned checkpoint of the same architecture")
+    extract.add_argument("output", type=Path, help="adapter file to write (.safetensors)")
+    extract.add_argument("--rank", type=int, required=True, help="rank of the LoRA layers")
+    extract.add_argument("--conv-rank", type=int, help="also extract the ResNet convolutions (LoCon), 3x3 ones at "
+                         "this rank (default: attention and feed-forward layers only)")
+    extract.add_argument("--min-diff", type=float, default=0.01, help="a text encoder is extracted only when one "
+                         "of its weights moved by more than this (default: %(default)s, as kohya)")
+    extract.add_argument("--clamp-quantile", type=float, help="clip the factors to this quantile of their values, "
+                         "as kohya does with 0.99 (default: no clipping, the exact truncated SVD)")
+    extract.add_argument("--to", choices=("diffusers", "kohya"), default="diffusers",
+                         help="layout of the output (default: %(default)s)")
+    extract.add_argument("--dtype", choices=DTYPE_NAMES, help="tensor dtype (default: fp32)")
+    extract.set_defaults(func=cmd_extract)
 
     info = commands.add_parser("info", help="show an adapter's format, rank, alpha and metadata")
     info.add_argument("file", type=Path, help="adapter file (.safetensors) in any layout sdlora reads")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, lycoris, read_adapter
+from sdlora.formats import COMPONENTS, AdapterFile, AdapterFormatError, lowrank, lycoris, read_adapter
 from sdlora.formats.lycoris import LycorisFile
 from sdlora.formats.validate import adapter_family, check_fits
 from sdlora.inference.pipeline import AdapterSpec, ReadAdapter
 from sdlora.models import lora
-from sdlora.models.lora import AdapterMismatchError, AdapterShape
+from sdlora.models.lora import AdapterMismatchError
 
 
 def _modules(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -32,38 +32,6 @@ def _modules(adapter: AdapterFile, component: str) -> dict[str, tuple[torch.Tens
         alpha = float(shape.alpha_pattern.get(module, shape.alpha))
         out[module] = (a.float(), tensors[f"{module}.lora_B.weight"].float(), alpha / rank)
     return out
-
-
-def _uniform_alpha(state: dict[str, torch.Tensor], ranks: dict[str, int]) -> AdapterShape:
-    """One alpha for every module (diffusers mis-scales per-module kohya alphas): alpha = the common rank, and a
-    module of another rank r gets its B scaled by r / alpha, so every module's update stays exactly B @ A."""
-    values = list(ranks.values())
-    rank = max(set(values), key=values.count)
-    for module, module_rank in ranks.items():
-        if module_rank != rank:
-            state[f"{module}.lora_B.weight"] = state[f"{module}.lora_B.weight"] * (module_rank / rank)
-    return AdapterShape(rank=rank, alpha=float(rank), target_modules=tuple(sorted(ranks)),
-                        rank_pattern={m: r for m, r in ranks.items() if r != rank})
-
-
-def _rerank(a: torch.Tensor, b: torch.Tensor, rank: int, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors of B @ A (Eckart-Young), via QR of both factors and an SVD of an r x r core."""
-    a_flat, b_flat = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    try:
-        # Reading refuses non-finite files, so this only guards products that overflow even in float64.
-        q_b, r_b = torch.linalg.qr(b_flat.double())
-        q_a, r_a = torch.linalg.qr(a_flat.double().T)
-        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    except torch.linalg.LinAlgError:
-        raise AdapterFormatError(f"merge --rank {rank}: layer {where}: the SVD did not converge (values too large to "
-                                 "decompose); merge without --rank, or lower the weights") from None
-    k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    new_b = (q_b @ u[:, :k]) * root
-    new_a = (root[:, None] * vh[:k]) @ q_a.T
-    new_a = new_a.to(a.dtype).reshape(k, *a.shape[1:])
-    new_b = new_b.to(b.dtype).reshape(b.shape[0], k, *b.shape[2:])
-    return new_a, new_b
 
 
 def merge_files(specs: list[AdapterSpec] | list[ReadAdapter], rank: int | None = None, base=None) -> AdapterFile:
@@ -129,13 +97,15 @@ def merge_adapters(items: list[tuple[AdapterFile, float]], rank: int | None = No
             a = torch.cat([p[0] for p in pieces], dim=0)
             b = torch.cat([p[1] for p in pieces], dim=1)
             if rank is not None and rank < a.shape[0]:
-                a, b = _rerank(a, b, rank, f"{component}.{module}")
+                where = f"merge --rank {rank}: layer {component}.{module}"
+                factors = lowrank.factorize_product(a, b, rank=rank, what=where)
+                a, b = factors.down, factors.up
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise AdapterFormatError(f"merge: layer {component}.{module} is not finite after merging at these weights "
                                          f"({', '.join(f'{w:g}' for _, w in items)}); use smaller weights")
             state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
             ranks[module] = int(a.shape[0])
-        shapes[component] = _uniform_alpha(state, ranks)
+        shapes[component] = lowrank.uniform_alpha(state, ranks)
         tensors[component] = state
     first = items[0][0].metadata
     metadata = {k: v for k, v in first.items() if k in ("sdlora.family", "sdlora.base_model", "sdlora.prediction_type")}
