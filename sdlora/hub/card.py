@@ -22,6 +22,7 @@ from sdlora.config import ConfigError, RunConfig, read_config_file, validate_con
 from sdlora.config.names import BUILTIN_PREFIX, RepoIdError, check_repo_id, is_repo_id, public_name
 from sdlora.errors import UserError
 from sdlora.files.atomic import write_text_atomic
+from sdlora.hub.card_template import TEMPLATE
 from sdlora.models import families
 from sdlora.training.folder import RunFolder
 
@@ -174,109 +175,6 @@ def card_data(facts: RunFacts) -> ModelCardData:
     )
 
 
-TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ title }}
-
-A LoRA adapter for {{ base_text }}, trained with [sdlora](https://github.com/sdlora/sdlora).
-
-{% if trigger_words -%}
-## Trigger words
-
-Use {{ trigger_words }} in the prompt to call up the adapter.
-{%- else -%}
-## Trigger words
-
-None: the adapter was trained without a trigger word and applies to every prompt.
-{%- endif %}
-
-Recommended weight: **{{ weight }}** (0 = off, 1 = as trained).
-
-## Files
-
-| file | format | loads in |
-|---|---|---|
-{% for row in files -%}
-| `{{ row.name }}` | {{ row.format }} | {{ row.where }} |
-{% endfor %}
-{% if samples %}
-## Samples
-
-{{ sample_caption }}
-
-![samples]({{ samples[-1] }})
-{% endif %}
-## Use it
-{% if base_note %}
-{{ base_note }}
-{% endif %}
-### diffusers
-
-```python
-import torch
-from diffusers import {{ pipeline_class }}
-{%- if base_import %}
-{{ base_import }}
-{%- endif %}
-
-pipe = {{ pipeline_class }}.from_pretrained({{ base_python }}, torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{{ repo }}", weight_name="{{ primary }}", adapter_name="{{ adapter_name }}")
-pipe.set_adapters(["{{ adapter_name }}"], adapter_weights=[{{ weight }}])
-image = pipe("{{ example_prompt }}").images[0]
-image.save("out.png")
-```
-
-Stack it with another adapter: load both with their own `adapter_name`, then
-`pipe.set_adapters(["{{ adapter_name }}", "other"], adapter_weights=[{{ weight }}, 0.5])`.
-
-### ComfyUI
-
-{% if kohya -%}
-Download `{{ kohya }}` into `ComfyUI/models/loras/`
-(`hf download {{ repo }} {{ kohya }} --local-dir ComfyUI/models/loras`), then put a **LoraLoader** node between the
-checkpoint loader and the sampler:
-
-```json
-{"class_type": "LoraLoader", "inputs": {"lora_name": "{{ kohya }}", "strength_model": {{ weight }}, "strength_clip": {{ weight }}, "model": ["4", 0], "clip": ["4", 1]}}
-```
-{%- else -%}
-ComfyUI reads kohya-format files; this repository holds only the diffusers file `{{ primary }}`, whose key names
-ComfyUI does not match. Export a kohya-format copy with sdlora and use that in a **LoraLoader** node at strength
-{{ weight }}.
-{%- endif %}
-
-### AUTOMATIC1111 / Forge
-
-{% if kohya -%}
-Download `{{ kohya }}` into `stable-diffusion-webui/models/Lora/` and write in the prompt:
-
-```text
-<lora:{{ kohya_stem }}:{{ weight }}> {{ example_prompt }}
-```
-{%- else -%}
-AUTOMATIC1111 reads kohya-format files; this repository holds only the diffusers file `{{ primary }}`. Export a
-kohya-format copy with sdlora, put it in `models/Lora/` and prompt `<lora:NAME:{{ weight }}>`.
-{%- endif %}
-
-### sdlora
-
-```bash
-sdlora generate --base {{ base_cli }} --lora {{ repo }}:{{ primary }}:{{ weight }} --prompt "{{ example_prompt }}"
-```
-
-## Training
-
-| setting | value |
-|---|---|
-{% for key, value in settings -%}
-| {{ key }} | {{ value }} |
-{% endfor %}
-The full configuration is in [`config.yaml`](config.yaml).
-"""
-
-
 def _settings(facts: RunFacts) -> list[tuple[str, str]]:
     cfg = facts.config
     rows = [
@@ -330,8 +228,9 @@ def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
     kohya = facts.kohya
     base = _base_reference(facts)
     files = [
-        {"name": a.name, "format": a.format,
-         "where": "diffusers, sdlora" if a.format == "diffusers" else "ComfyUI, AUTOMATIC1111, Forge, kohya, sdlora"}
+        {"name": a.name, "format": a.metadata.get("sdlora.adapter_type", a.format) if a.format == "kohya" else a.format,
+         "where": a.metadata.get("sdlora.loads_in") or ("diffusers, sdlora" if a.format == "diffusers"
+                                                          else "ComfyUI, AUTOMATIC1111, Forge, kohya, sdlora")}
         for a in facts.adapters
     ]
     example = example_prompt(out.trigger_words, prompts[0] if prompts else "a photo")
@@ -351,8 +250,21 @@ def card_for(facts: RunFacts, repo_id: str | None = None) -> ModelCard:
         base_note=base.note, base_import=base.python_import, base_python=base.python, base_cli=base.cli, repo=repo,
         primary=facts.primary.name, adapter_name=re.sub(r"\W", "_", out.name), example_prompt=example,
         kohya=kohya.name if kohya else None, kohya_stem=Path(kohya.name).stem if kohya else None,
-        settings=_settings(facts),
+        settings=_settings(facts), **_lycoris_note(facts, base.cli),
     )
+
+
+# What diffusers does with each LyCORIS type's file, for the card's diffusers section.
+LYCORIS_TYPES = {"dora": ("DoRA", "it drops the `dora_scale` magnitudes and would apply a different adapter"),
+                 "loha": ("LoHa", "it refuses the `hada_` keys"), "lokr": ("LoKr", "it refuses the `lokr_` keys")}
+
+
+def _lycoris_note(facts: RunFacts, base_cli: str) -> dict[str, str | None]:
+    kind = facts.primary.metadata.get("sdlora.adapter_type")
+    if kind not in LYCORIS_TYPES:
+        return {"lycoris_type": None}
+    name, why = LYCORIS_TYPES[kind]
+    return {"lycoris_type": name, "lycoris_why": why, "convert_base": f" --base {base_cli}" if kind == "dora" else ""}
 
 
 def example_prompt(trigger_words, prompt: str) -> str:

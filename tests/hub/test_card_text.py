@@ -79,3 +79,23 @@ def test_the_card_points_at_the_runs_own_kohya_file_not_the_emas():
         ("style_ema_kohya.safetensors", "kohya"), ("style_kohya.safetensors", "kohya"))]
     assert facts.kohya.name == "style_kohya.safetensors"
     assert "Download `style_kohya.safetensors` into `ComfyUI/models/loras/`" in str(card_for(facts, REPO))
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_a_lycoris_type_card_converts_for_diffusers_instead_of_a_load_it_would_get_wrong(kind):
+    """diffusers refuses LoHa/LoKr keys and drops DoRA's magnitudes: the card must not tell readers to load the file."""
+    from sdlora.cli import build_parser
+
+    config = load_config(None, ["model.base=sdlora:shapes", "output.name=style", f"lora.type={kind}"])
+    metadata = {"sdlora.base_model": "sdlora:shapes", "sdlora.family": "sd1", "sdlora.adapter_type": kind,
+                "sdlora.loads_in": "LyCORIS, ComfyUI, sdlora"}
+    facts = RunFacts(config=config, adapters=[AdapterInfo("style.safetensors", "kohya", metadata)], samples=[],
+                     dataset_size=8, final_loss=None, steps_done=2)
+    text = str(card_for(facts, REPO))
+    assert "pipe.load_lora_weights(" not in text and "set_adapters" not in text
+    assert "does not apply" in text
+    command = next(line for line in text.splitlines() if line.startswith("sdlora convert "))
+    args = build_parser().parse_args(command.split()[1:])  # the card's command is one the CLI accepts
+    assert (args.to, str(args.input), args.base) == ("lora", "style.safetensors", "sdlora:shapes" if kind == "dora" else None)
+    assert f"| `style.safetensors` | {kind} | LyCORIS, ComfyUI, sdlora |" in text
+    assert f"| adapter type | {kind} |" in text

@@ -27,6 +27,7 @@ lk = pytest.importorskip("lycoris.kohya")
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # (file name, create_network kwargs): every type, conv layers (LoCon) on, Tucker forms where LyCORIS offers them.
 TYPES = {
+    "lora": {"algo": "lora", "preset": "attn-mlp"},  # no convolutions: kohya's plain LoRA
     "locon": {"algo": "lora", "conv_dim": 4, "conv_alpha": 2},
     "locon_tucker": {"algo": "lora", "conv_dim": 4, "conv_alpha": 2, "use_tucker": True},
     "dora": {"algo": "lora", "dora_wd": True, "conv_dim": 4, "conv_alpha": 2},
@@ -47,10 +48,10 @@ def _sd_preset():
     del lk.PRESET["sdlora-test"]
 
 
-def _write(base, path, seed, **kwargs):
+def _write(base, path, seed, preset="sdlora-test", **kwargs):
     encoders = [base.text_encoder, base.text_encoder_2] if base.family == "sdxl" else base.text_encoder
     unet, te = copy.deepcopy(base.unet), copy.deepcopy(encoders)
-    network = lk.create_network(1.0, 4, 2.0, None, te, unet, preset="sdlora-test", **kwargs)
+    network = lk.create_network(1.0, 4, 2.0, None, te, unet, preset=preset, **kwargs)
     network.apply_to(te, unet, True, True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -122,7 +123,7 @@ def _sdlora(base, specs):
 def test_lycoris_written_file_loads_with_lycoris_outputs(sd1, kind):
     base, files = sd1
     adapter = formats.read_adapter(files[kind])
-    if kind == "locon":  # plain lora_up/lora_down keys: the unchanged peft path reads it
+    if kind in ("lora", "locon"):  # plain lora_up/lora_down keys: the unchanged peft path reads it
         assert not isinstance(adapter, lycoris.LycorisFile) and adapter.shapes["unet"].rank == 4
     else:
         assert isinstance(adapter, lycoris.LycorisFile)
@@ -145,18 +146,21 @@ def test_lycoris_written_file_loads_with_lycoris_outputs(sd1, kind):
             assert torch.equal(param, originals[name.replace(".base_layer", "")]), name
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
+@pytest.mark.parametrize("kind", ["lora", "locon", "dora", "loha", "lokr"])
 def test_stacks_with_a_plain_lora_at_weights(sd1, kind):
     base, files = sd1
-    specs = [inference.AdapterSpec(str(files[kind]), 0.7), inference.AdapterSpec(str(files["plain"]), 0.4)]
+    # DoRA at a weight s != 1 follows ComfyUI / A1111 (W + s * (DoRA(W) - W): weight 0 is the base, weights add),
+    # where LyCORIS' own multiplier scales only the inner update; the two agree at 1, so DoRA is compared there.
+    weight = 1.0 if kind == "dora" else 0.7
+    specs = [inference.AdapterSpec(str(files[kind]), weight), inference.AdapterSpec(str(files["plain"]), 0.4)]
     _, stack, (both_unet, both_te) = _sdlora(base, specs)
-    want_unet, want_te = _reference(base, files[kind], 0.7, plain=(files["plain"], 0.4))
+    want_unet, want_te = _reference(base, files[kind], weight, plain=(files["plain"], 0.4))
     torch.testing.assert_close(both_unet, want_unet, **TOL)
     torch.testing.assert_close(both_te, want_te, **TOL)
     lyco_name, plain_name = stack.names
-    stack.set_weights({lyco_name: (0.7, 0.7)})
+    stack.set_weights({lyco_name: (weight, weight)})
     only_lyco = _outputs(stack.pipe.unet, stack.pipe.text_encoder, _inputs(base))[0]
-    torch.testing.assert_close(only_lyco, _reference(base, files[kind], 0.7)[0], **TOL)
+    torch.testing.assert_close(only_lyco, _reference(base, files[kind], weight)[0], **TOL)
     stack.set_weights({plain_name: (0.4, 0.4)})
     only_plain = _outputs(stack.pipe.unet, stack.pipe.text_encoder, _inputs(base))[0]
     for alone in (only_lyco, only_plain):
@@ -275,8 +279,12 @@ def test_info_names_type_rank_alpha_and_options(sd1, tmp_path, capsys):
     assert info["type"] == "dora" and info["options_from"] == "keys"
     assert info["options"]["dora_wd"] is True and info["options"]["wd_on_out"] is True
     assert info["options"]["conv_dim"] == 4 and info["options"]["conv_alpha"] == 2.0
-    assert cli.main(["info", str(files["locon"])]) == 0
-    assert json.loads(capsys.readouterr().out)["type"] == "locon"
+    for kind, want in (("lora", "lora"), ("locon", "locon"), ("lokr", "lokr")):
+        assert cli.main(["info", str(files[kind])]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["type"] == want and info["components"]["unet"]["rank"] == 4, (kind, info)
+        assert info["components"]["unet"]["alpha"] == 2.0, (kind, info)
+    assert info["options"]["factor"] == 4  # the LoKr's own option
 
 
 def _edited(source, out, edit, metadata=None):
