@@ -104,21 +104,40 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_
     assert load_checkpoint(resumed_out / "checkpoints" / "step-000004").extra == {"world_size": 1, "samples_seen": 16}
 
 
-def test_two_processes_fill_the_cache_once(tiny_base, style_dataset, tmp_path):
+def test_two_processes_fill_the_cache_once(tiny_base, style_dataset, tmp_path, caplog):
     """Each missing cache entry is encoded by exactly one process: the encoded counts the two processes log add up
-    to the number of files, so no file was written twice, and a second launch encodes nothing."""
+    to the number of files, so no file was written twice, and a second run encodes nothing. The second run here is
+    one process in this process (its reuse is per entry, as each process's is); the slow test relaunches both."""
+    _fill_the_cache_then_reuse(tiny_base, style_dataset, tmp_path, caplog, relaunch=False)
+
+
+@pytest.mark.slow
+def test_two_processes_fill_the_cache_once_and_a_relaunch_reuses_all(tiny_base, style_dataset, tmp_path, caplog):
+    _fill_the_cache_then_reuse(tiny_base, style_dataset, tmp_path, caplog, relaunch=True)
+
+
+def _fill_the_cache_then_reuse(tiny_base, style_dataset, tmp_path, caplog, relaunch: bool) -> None:
     import re
+
+    from sdlora.cli import main
 
     config = _run_config(tmp_path, tiny_base, style_dataset, steps=2, batch_size=1)
     cache_dir = tmp_path / "cache"
     args = ["data.cache_latents=true", "data.cache_text_embeddings=true", f"data.cache_dir={cache_dir}"]
     pattern = re.compile(r"latents (\d+) reused, (\d+) encoded; text (\d+) reused, (\d+) encoded")
     for attempt, out in enumerate(("first", "second")):
-        launch = _torchrun("train", str(config), f"output.dir={tmp_path / out}", *args)
-        _, err = launch.communicate(timeout=300)
-        assert launch.returncode == 0, err[-3000:]
+        if attempt == 0 or relaunch:
+            launch = _torchrun("train", str(config), f"output.dir={tmp_path / out}", *args)
+            _, err = launch.communicate(timeout=300)
+            assert launch.returncode == 0, err[-3000:]
+            processes = 2
+        else:  # a process launched on its own (a world of 1) reads the same cache entries
+            caplog.clear()
+            with caplog.at_level("INFO", logger="sdlora"):
+                assert main(["train", str(config), f"output.dir={tmp_path / out}", *args]) == 0
+            err, processes = caplog.text, 1
         counts = [tuple(map(int, m)) for m in pattern.findall(err)]
-        assert len(counts) == 2, err[-3000:]  # one line per process
+        assert len(counts) == processes, err[-3000:]  # one line per process
         latent_files = [p for p in cache_dir.rglob("*.safetensors") if "latent" in str(p.relative_to(cache_dir))]
         text_files = [p for p in cache_dir.rglob("*.safetensors") if "text" in str(p.relative_to(cache_dir))]
         assert len(latent_files) == 8 and len(text_files) >= 1
@@ -147,7 +166,8 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds worker processes through /proc")
-def test_killing_one_process_fails_the_launch_and_leaves_a_resumable_checkpoint(tiny_base, style_dataset, tmp_path):
+def test_killing_one_process_fails_the_launch_and_leaves_a_resumable_checkpoint(tiny_base, style_dataset, tmp_path,
+                                                                                 caplog):
     config = _run_config(tmp_path, tiny_base, style_dataset, steps=100_000, batch_size=1, checkpoint_every=2,
                          keep_checkpoints=2)
     out_dir = tmp_path / "out"
@@ -173,15 +193,15 @@ def test_killing_one_process_fails_the_launch_and_leaves_a_resumable_checkpoint(
     state = load_checkpoint(latest)  # intact: complete files only, never a half-written folder
     assert state.step >= 2 and state.extra["world_size"] == 2
     assert state.extra["samples_seen"] == state.step * 2
-    # Resume on 1 process with batch 2 (same effective batch): the step counter and data position carry over.
-    done = subprocess.run(
-        [sys.executable, "-m", "sdlora", "train", str(config), f"output.dir={out_dir}", "train.batch_size=2",
-         f"train.steps={state.step + 2}", "--resume", str(latest)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Resume on 1 process with batch 2 (same effective batch): the step counter and data position carry over. The
+    # same command in this process: what the killed launch left is files, and a fresh process reads only those.
+    from sdlora.cli import main
+
+    with caplog.at_level("INFO", logger="sdlora"):
+        assert main(["train", str(config), f"output.dir={out_dir}", "train.batch_size=2",
+                     f"train.steps={state.step + 2}", "--resume", str(latest)]) == 0
     assert f"resuming a 2-process run on 1 processes: step counter and LR schedule continue at step {state.step}" \
-        in done.stderr
+        in caplog.text
     final = load_checkpoint(out_dir / "checkpoints" / f"step-{state.step + 2:06d}")
     assert final.extra == {"world_size": 1, "samples_seen": (state.step + 2) * 2}
 
