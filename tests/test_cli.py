@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdlora.cli import main
 from sdlora.formats import read_adapter
 
 
@@ -19,6 +20,8 @@ def _sdlora(*args, cwd=None):
 
 
 def test_train_then_generate(tiny_base, style_dataset, tmp_path):
+    """In this process (`cli.main`): the files are the command's, and a process of its own would spend most of this
+    test importing torch. Real processes run `sdlora train` in the resume-command and third-party-warning tests."""
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model:\n  base: {tiny_base}\n"
@@ -27,8 +30,7 @@ def test_train_then_generate(tiny_base, style_dataset, tmp_path):
         f"output:\n  dir: {tmp_path / 'out'}\n  name: style\n"
         "sample:\n  prompts: [a red circle]\n  steps: 2\n"
     )
-    done = _sdlora("train", str(config), "train.learning_rate=2e-3")
-    assert done.returncode == 0, done.stderr
+    assert main(["train", str(config), "train.learning_rate=2e-3"]) == 0
     out = tmp_path / "out"
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [
@@ -51,9 +53,8 @@ def test_train_then_generate(tiny_base, style_dataset, tmp_path):
     assert read_adapter(out / "style.safetensors").shapes["unet"].rank == 4
 
     image = tmp_path / "gen.png"
-    done = _sdlora("generate", "--base", str(tiny_base), "--lora", f"{out / 'style.safetensors'}:0.7",
-                   "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64", "-o", str(image))
-    assert done.returncode == 0, done.stderr
+    assert main(["generate", "--base", str(tiny_base), "--lora", f"{out / 'style.safetensors'}:0.7",
+                 "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64", "-o", str(image)]) == 0
     assert Image.open(image).size == (64, 64)
 
 
@@ -66,14 +67,15 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_missing_dataset_is_reported_before_loading_a_model(tmp_path):
-    done = _sdlora("train", str(tmp_path / "x.yaml"))
-    assert done.returncode == 2 and "config file not found" in done.stderr
+def test_missing_dataset_is_reported_before_loading_a_model(tmp_path, capsys):
+    # In this process: the one-line errors are main's; a process would only add its imports.
+    assert main(["train", str(tmp_path / "x.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
     config = tmp_path / "run.yaml"
     config.write_text(f"model:\n  base: /no/such/model\ndata:\n  path: {tmp_path / 'missing'}\n")
-    done = _sdlora("train", str(config))
-    assert done.returncode == 2
-    assert "data.path" in done.stderr and "missing does not exist" in done.stderr
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and "missing does not exist" in err and "Traceback" not in err
 
 
 def _without_the_environment() -> dict[str, str]:

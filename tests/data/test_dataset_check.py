@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from corpus import BACKGROUND, EXPECTED_SKIPS, LONG_CAPTION_FILE, USABLE, make_corpus
@@ -61,11 +59,12 @@ def test_images_convert_properly(corpus):
         assert caught.value.kind == kind
 
 
-def test_cli_table_and_json(corpus):
-    run = subprocess.run([sys.executable, "-m", "sdlora", "dataset", "check", str(corpus), "data.resolution=64",
-                          "--json"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
+def test_cli_table_and_json(corpus, capsys):
+    from sdlora.cli import main
+
+    capsys.readouterr()
+    assert main(["dataset", "check", str(corpus), "data.resolution=64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["images_usable"] == len(USABLE) and report["images_found"] == len(USABLE) + 4
     assert {s["path"].split("/")[-1]: s["kind"] for s in report["skipped"]} == EXPECTED_SKIPS
     assert report["buckets"] == {"64x64": len(USABLE)}

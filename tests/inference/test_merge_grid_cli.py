@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -78,10 +76,8 @@ def test_grid_cells_equal_separate_generate_calls(tiny_base, pair, tmp_path):
     a, b = pair
     common = ["--base", str(tiny_base), "--prompt", "a red circle", "--steps", "2", "--height", "64", "--width", "64",
               "--seed", "5"]
-    done = subprocess.run([sys.executable, "-m", "sdlora", "grid", *common, "--lora", f"{a}:1", "--lora", f"{b}:1",
-                           "--x", "weight:0", "--x-values", "0:1:1", "--y", "weight:1", "--y-values", "0,1",
-                           "-o", str(tmp_path / "grid.png")], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert cli.main(["grid", *common, "--lora", f"{a}:1", "--lora", f"{b}:1", "--x", "weight:0", "--x-values",
+                     "0:1:1", "--y", "weight:1", "--y-values", "0,1", "-o", str(tmp_path / "grid.png")]) == 0
     grid = Image.open(tmp_path / "grid.png").convert("RGB")
     rows = ["#1 0", "#1 1"]
     cells = [_cell(grid, i, 2, rows) for i in range(4)]

@@ -154,8 +154,9 @@ def test_int8_qlora_trains_and_its_adapter_loads_on_the_full_precision_base(make
 
     from sdlora.data import collate
 
-    run = TrainingRun(make_config("model.quantize=int8", "train.steps=40", "train.batch_size=4",
-                                  "train.learning_rate=5e-3", "lora.rank=8"))
+    # 20 steps at 1e-2 lower the fixed-draw loss to 0.79x (measured), as 40 at 5e-3 did (0.75x), in half the time.
+    run = TrainingRun(make_config("model.quantize=int8", "train.steps=20", "train.batch_size=4",
+                                  "train.learning_rate=1e-2", "lora.rank=8"))
     run.build()
     unet = run.base.unet
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1

@@ -1,5 +1,10 @@
 """Real crashes: the CLI is killed with SIGKILL (once mid-checkpoint-write) and resumed each time, and stopped
-with SIGTERM; the final adapter equals an uninterrupted run's, and no partial checkpoint is ever resumed from."""
+with SIGTERM; the final adapter equals an uninterrupted run's, and no partial checkpoint is ever resumed from.
+
+Only the runs that are killed or stopped need a process of their own. The uninterrupted reference and the final
+resume that finishes a run run in this process (`cli.main`, the same command): a process costs seconds of imports
+before its first step, which was most of this file's time.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdlora.cli import main
 from sdlora.formats import read_adapter
 from sdlora.training.checkpoint import PAUSE_ENV, latest_checkpoint
 from sdlora.training.interrupt import EXIT_STOPPED
@@ -73,20 +79,35 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return read_adapter(out / "pytorch_lora_weights.safetensors").tensors["unet"]
 
 
+def _train_here(config: Path, out: Path, *extra: str) -> int:
+    """The command `_launch` runs, in this process: for runs nobody kills."""
+    return main(["train", str(config), *COMMON, f"output.dir={out}", *extra])
+
+
 @pytest.fixture(scope="module")
 def reference(config_file) -> dict[str, torch.Tensor]:
     out = config_file.parent / "straight"
-    proc = _launch(config_file, out)
-    assert proc.wait(timeout=1800) == 0
+    assert _train_here(config_file, out) == 0
     return _adapter(out)
 
 
-def _resumed_from(out: Path) -> list[str]:
-    return re.findall(r"resumed from \S*/(step-\d+|\.step[^ ]*) at step", (out.parent / f"{out.name}.stderr").read_text())
+def _resumed_from(text: str) -> list[str]:
+    return re.findall(r"resumed from \S*/(step-\d+|\.step[^ ]*) at step", text)
 
 
-def test_sigkill_at_random_steps_then_resume_gives_the_same_adapter(config_file, reference):
-    out = config_file.parent / "killed"
+def test_sigkill_at_random_steps_then_resume_gives_the_same_adapter(config_file, reference, caplog):
+    """Killed between checkpoints, then mid-checkpoint-write; the resume from what the kills left ends equal."""
+    _kill_twice_or_three_times_then_finish(config_file, reference, caplog, "killed", another_random_kill=False)
+
+
+@pytest.mark.slow
+def test_sigkill_three_times_then_resume_gives_the_same_adapter(config_file, reference, caplog):
+    """The same with a third kill at a random later step, after a resume from a checkpoint next to a partial one."""
+    _kill_twice_or_three_times_then_finish(config_file, reference, caplog, "killed-thrice", another_random_kill=True)
+
+
+def _kill_twice_or_three_times_then_finish(config_file, reference, caplog, name: str, another_random_kill: bool):
+    out = config_file.parent / name
     rng = random.Random(os.environ.get("SDLORA_CRASH_SEED", "10"))
     first_kill, last_kill = rng.randint(3, 4), rng.randint(6, STEPS - 1)
     expected_resumes = []
@@ -106,17 +127,19 @@ def test_sigkill_at_random_steps_then_resume_gives_the_same_adapter(config_file,
     assert _partials(out), "the kill landed after the checkpoint was renamed into place"
 
     # 3: resumed from the last complete checkpoint (never the partial one), killed at a random later step
-    expected_resumes.append(latest_checkpoint(out / "checkpoints").name)
-    proc = _launch(config_file, out, "--resume", "latest")
-    _wait_for(proc, lambda: _steps_logged(out) >= last_kill)
-    _kill(proc)
+    if another_random_kill:
+        expected_resumes.append(latest_checkpoint(out / "checkpoints").name)
+        proc = _launch(config_file, out, "--resume", "latest")
+        _wait_for(proc, lambda: _steps_logged(out) >= last_kill)
+        _kill(proc)
 
-    # 4: resumed to the end
+    # 4: resumed to the end (from the last complete checkpoint, never a partial one), from what the kills left
     expected_resumes.append(latest_checkpoint(out / "checkpoints").name)
-    proc = _launch(config_file, out, "--resume", "latest")
-    assert proc.wait(timeout=1800) == 0
+    with caplog.at_level("INFO", logger="sdlora"):
+        assert _train_here(config_file, out, "--resume", "latest") == 0
 
-    assert _resumed_from(out) == expected_resumes
+    killed_runs = (out.parent / f"{out.name}.stderr").read_text()
+    assert _resumed_from(killed_runs) + _resumed_from(caplog.text) == expected_resumes
     assert not _partials(out), "a partial checkpoint outlived the next successful save"
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(
         range(1, STEPS + 1)
@@ -141,8 +164,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_resume_command(config_fi
     assert seen <= step <= seen + 1, (seen, step)  # within the step that was running
     assert f"stopped by SIGTERM at step {step}" in stdout and "--resume latest" in stdout
 
-    proc = _launch(config_file, out, "train.checkpoint_every=0", "--resume", "latest")
-    assert proc.wait(timeout=1800) == 0
+    assert _train_here(config_file, out, "train.checkpoint_every=0", "--resume", "latest") == 0
     resumed = _adapter(out)
     for key in reference:
         assert torch.allclose(resumed[key], reference[key], atol=1e-6, rtol=0), key

@@ -4,6 +4,7 @@ every file once, fail as a whole when one dies, and resume on a different number
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -104,31 +105,85 @@ def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_
     assert load_checkpoint(resumed_out / "checkpoints" / "step-000004").extra == {"world_size": 1, "samples_seen": 16}
 
 
-def test_two_processes_fill_the_cache_once(tiny_base, style_dataset, tmp_path):
-    """Each missing cache entry is encoded by exactly one process: the encoded counts the two processes log add up
-    to the number of files, so no file was written twice, and a second launch encodes nothing."""
-    import re
+CACHE_LINE = re.compile(r"latents (\d+) reused, (\d+) encoded; text (\d+) reused, (\d+) encoded")
+ON_PROC = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds worker processes through /proc")
 
+
+def _assert_cache_counts(err: str, cache_dir: Path, processes: int, first: bool) -> None:
+    """Each missing cache entry is encoded by exactly one process: the encoded counts the processes log add up to the
+    number of files, so no file was written twice; a later run encodes nothing."""
+    counts = [tuple(map(int, m)) for m in CACHE_LINE.findall(err)]
+    assert len(counts) == processes, err[-3000:]  # one line per process
+    latent_files = [p for p in cache_dir.rglob("*.safetensors") if "latent" in str(p.relative_to(cache_dir))]
+    text_files = [p for p in cache_dir.rglob("*.safetensors") if "text" in str(p.relative_to(cache_dir))]
+    assert len(latent_files) == 8 and len(text_files) >= 1
+    encoded_latents, encoded_text = sum(c[1] for c in counts), sum(c[3] for c in counts)
+    assert sum(c[0] for c in counts) + encoded_latents == len(latent_files)  # every entry has one owner
+    if first:
+        assert encoded_latents == len(latent_files) and encoded_text == len(text_files)
+        assert all(c[1] > 0 for c in counts), "the work was not split across both processes"
+    else:
+        assert encoded_latents == 0 and encoded_text == 0
+
+
+@pytest.fixture(scope="module")
+def killed_launch(tiny_base, style_dataset, tmp_path_factory) -> SimpleNamespace:
+    """One 2-process launch shared by the cache test and the killed-process test (a launch costs ~30 s of CPU, most
+    of it three processes importing torch): both processes fill the latent and text cache (each logs its counts),
+    train until the first checkpoint, then worker 1 is killed with SIGKILL."""
+    tmp = tmp_path_factory.mktemp("killed-launch")
+    config, out_dir, cache_dir = tmp / "run.yaml", tmp / "out", tmp / "cache"
+    config.write_text(
+        f"model:\n  base: {tiny_base}\n"
+        f"data:\n  path: {style_dataset}\n  resolution: 64\n  cache_latents: true\n  cache_text_embeddings: true\n"
+        f"  cache_dir: {cache_dir}\n"
+        "train:\n  steps: 100000\n  learning_rate: 0.002\n  seed: 7\n  batch_size: 1\n  checkpoint_every: 2\n"
+        "  keep_checkpoints: 2\n"
+    )
+    launch = _torchrun("train", str(config), f"output.dir={out_dir}")
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(out_dir / "checkpoints") is None:
+            assert launch.poll() is None, launch.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.2)
+        workers = _worker_pids(launch.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = launch.communicate(timeout=120)  # the survivor must not hang in an all-reduce
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.communicate()
+    return SimpleNamespace(config=config, out_dir=out_dir, cache_dir=cache_dir, returncode=launch.returncode, err=err,
+                           tmp=tmp)
+
+
+@ON_PROC
+def test_two_processes_fill_the_cache_once(killed_launch, caplog):
+    """The shared launch's two processes filled the cache with no entry twice; a second run encodes nothing. The
+    second run here is one process in this process (its reuse is per entry, as each process's is); the slow test
+    relaunches both processes, and lets the first launch finish."""
+    from sdlora.cli import main
+
+    _assert_cache_counts(killed_launch.err, killed_launch.cache_dir, processes=2, first=True)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sdlora"):
+        assert main(["train", str(killed_launch.config), f"output.dir={killed_launch.tmp / 'second'}",
+                     "train.steps=2"]) == 0
+    _assert_cache_counts(caplog.text, killed_launch.cache_dir, processes=1, first=False)
+
+
+@pytest.mark.slow
+def test_two_processes_fill_the_cache_once_and_a_relaunch_reuses_all(tiny_base, style_dataset, tmp_path):
     config = _run_config(tmp_path, tiny_base, style_dataset, steps=2, batch_size=1)
     cache_dir = tmp_path / "cache"
     args = ["data.cache_latents=true", "data.cache_text_embeddings=true", f"data.cache_dir={cache_dir}"]
-    pattern = re.compile(r"latents (\d+) reused, (\d+) encoded; text (\d+) reused, (\d+) encoded")
     for attempt, out in enumerate(("first", "second")):
         launch = _torchrun("train", str(config), f"output.dir={tmp_path / out}", *args)
         _, err = launch.communicate(timeout=300)
         assert launch.returncode == 0, err[-3000:]
-        counts = [tuple(map(int, m)) for m in pattern.findall(err)]
-        assert len(counts) == 2, err[-3000:]  # one line per process
-        latent_files = [p for p in cache_dir.rglob("*.safetensors") if "latent" in str(p.relative_to(cache_dir))]
-        text_files = [p for p in cache_dir.rglob("*.safetensors") if "text" in str(p.relative_to(cache_dir))]
-        assert len(latent_files) == 8 and len(text_files) >= 1
-        encoded_latents, encoded_text = sum(c[1] for c in counts), sum(c[3] for c in counts)
-        assert sum(c[0] for c in counts) + encoded_latents == len(latent_files)  # every entry has one owner
-        if attempt == 0:
-            assert encoded_latents == len(latent_files) and encoded_text == len(text_files)
-            assert all(c[1] > 0 for c in counts), "the work was not split across both processes"
-        else:
-            assert encoded_latents == 0 and encoded_text == 0
+        _assert_cache_counts(err, cache_dir, processes=2, first=attempt == 0)
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
@@ -146,42 +201,25 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
     return workers
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds worker processes through /proc")
-def test_killing_one_process_fails_the_launch_and_leaves_a_resumable_checkpoint(tiny_base, style_dataset, tmp_path):
-    config = _run_config(tmp_path, tiny_base, style_dataset, steps=100_000, batch_size=1, checkpoint_every=2,
-                         keep_checkpoints=2)
-    out_dir = tmp_path / "out"
-    launch = _torchrun("train", str(config), f"output.dir={out_dir}")
-    try:
-        deadline = time.monotonic() + 240
-        while latest_checkpoint(out_dir / "checkpoints") is None:
-            assert launch.poll() is None, launch.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.2)
-        workers = _worker_pids(launch.pid)
-        assert sorted(workers) == [0, 1]
-        os.kill(workers[1], signal.SIGKILL)
-        _, err = launch.communicate(timeout=120)  # the survivor must not hang in an all-reduce
-    finally:
-        if launch.poll() is None:
-            launch.kill()
-            launch.communicate()
-    assert launch.returncode != 0
+@ON_PROC
+def test_killing_one_process_fails_the_launch_and_leaves_a_resumable_checkpoint(killed_launch, caplog):
+    config, out_dir, err = killed_launch.config, killed_launch.out_dir, killed_launch.err
+    assert killed_launch.returncode != 0
     assert "ChildFailedError" in err and "SIGKILL" in err, err[-3000:]
 
     latest = latest_checkpoint(out_dir / "checkpoints")
     state = load_checkpoint(latest)  # intact: complete files only, never a half-written folder
     assert state.step >= 2 and state.extra["world_size"] == 2
     assert state.extra["samples_seen"] == state.step * 2
-    # Resume on 1 process with batch 2 (same effective batch): the step counter and data position carry over.
-    done = subprocess.run(
-        [sys.executable, "-m", "sdlora", "train", str(config), f"output.dir={out_dir}", "train.batch_size=2",
-         f"train.steps={state.step + 2}", "--resume", str(latest)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Resume on 1 process with batch 2 (same effective batch): the step counter and data position carry over. The
+    # same command in this process: what the killed launch left is files, and a fresh process reads only those.
+    from sdlora.cli import main
+
+    with caplog.at_level("INFO", logger="sdlora"):
+        assert main(["train", str(config), f"output.dir={out_dir}", "train.batch_size=2",
+                     f"train.steps={state.step + 2}", "--resume", str(latest)]) == 0
     assert f"resuming a 2-process run on 1 processes: step counter and LR schedule continue at step {state.step}" \
-        in done.stderr
+        in caplog.text
     final = load_checkpoint(out_dir / "checkpoints" / f"step-{state.step + 2:06d}")
     assert final.extra == {"world_size": 1, "samples_seen": (state.step + 2) * 2}
 
