@@ -236,6 +236,16 @@ def eta_seconds(folder: str | Path) -> float | None:
     return (at - first_at) / (step - first_step) * max(left, 0)
 
 
+def validates(folder: str | Path) -> bool:
+    """Whether the run scores a held-out set (its config says so), before its first validation loss is logged."""
+    from sdlora.config import ConfigError, load_config
+
+    try:
+        return load_config(Path(folder) / CONFIG).validates
+    except (ConfigError, OSError):
+        return False
+
+
 def chart_rows(folder: str | Path) -> list[dict]:
     """The live chart's points from train_log.jsonl: (step, value, series) with series `train loss`, `validation
     loss` (the steps the run scored its held-out set) or `learning rate`; a skipped step (loss null) has none."""

@@ -94,9 +94,14 @@ def trained(client, ui):
 
     def finished():
         progress, loss, lr, samples, _ = client.predict(str(ui.runs / "api-run"), api_name="/watch")
-        return (progress, loss, lr, samples) if "finished" in progress else None
+        return (progress, _value(loss), _value(lr), samples) if "finished" in progress else None
 
     return wait_for(finished, 240, "the 2-step run to finish")
+
+
+def _value(output):
+    """A chart's value from /watch, which updates each chart (hidden until its first point) with it."""
+    return output["value"] if isinstance(output, dict) and output.get("__type__") == "update" else output
 
 
 def _scaled_copy(adapter: Path, target: Path, factor: float) -> Path:

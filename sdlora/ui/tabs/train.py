@@ -51,8 +51,14 @@ def charts(folder: str | None):
     points = runs.chart_rows(folder) if folder else []
     loss = [{"step": p["step"], "loss": p["value"], "series": p["series"]} for p in points
             if p["series"] != "learning rate"]
+    if loss and runs.validates(folder) and not any(p["series"] == "validation loss" for p in loss):
+        # A run that will score its held-out set: the series is named from the first point (gradio's chart keeps
+        # the series it was first drawn with), as an empty point until the first validation loss is logged.
+        loss.append({"step": loss[0]["step"], "loss": float("nan"), "series": "validation loss"})
     rate = [{"step": p["step"], "lr": p["value"]} for p in points if p["series"] == "learning rate"]
-    return (pd.DataFrame(loss, columns=["step", "loss", "series"]), pd.DataFrame(rate, columns=["step", "lr"]))
+    # Numeric columns even when empty: a chart first drawn from an empty (object) column keeps a categorical axis.
+    return (pd.DataFrame(loss, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"}),
+            pd.DataFrame(rate, columns=["step", "lr"]).astype({"step": "int64", "lr": "float64"}))
 
 
 def watch(settings: Settings, folder: str | None):
@@ -60,14 +66,19 @@ def watch(settings: Settings, folder: str | None):
     runs.advance(settings.runs_root)  # the queue also moves from the server's own thread; this is just sooner
     choices = run_choices(settings)
     if not folder:
-        return ("No run selected.", *charts(None), [], gr.update(choices=choices))
+        return ("No run selected.", *_shown(charts(None)), [], gr.update(choices=choices))
     run = runs.info(folder)
     eta = runs.eta_seconds(folder) if run.status == "running" else None
     progress = f"**{run.label}**" + (f", about {eta:.0f} s left" if eta is not None else "")
     if run.status == "queued":
         progress += " (waits for the run training now: one training at a time)"
     pictures = [(str(p), _sample_label(p)) for p in runs.samples(folder)]
-    return (progress, *charts(folder), pictures[::-1], gr.update(choices=choices))  # newest sample first
+    return (progress, *_shown(charts(folder)), pictures[::-1], gr.update(choices=choices))  # newest sample first
+
+
+def _shown(frames):
+    """A chart is hidden until its first point: one first drawn empty keeps the axes sized for no labels."""
+    return [gr.update(value=frame, visible=not frame.empty) for frame in frames]
 
 
 def _sample_label(path: Path) -> str:
@@ -85,9 +96,10 @@ def build(settings: Settings) -> None:
     progress = gr.Markdown(elem_id="run-progress")
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", color="series", title="loss", elem_id="loss-chart",
-                                x_axis_format="d", height=260)
+                                x_axis_format="d", height=260, visible=False,
+                                color_map={"train loss": "#1f77b4", "validation loss": "#ff7f0e"})
         lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-chart", x_axis_format="d",
-                              y_axis_format=".1e", height=260)  # 1.0e-4, not a clipped 0.000100
+                              y_axis_format=".1e", height=260, visible=False)  # 1.0e-4, not a clipped 0.000100
     sample_gallery = gr.Gallery(label="Samples (newest first)", columns=6, height=300, object_fit="contain",
                                 allow_preview=False, elem_id="samples")
     source = gr.Radio(["Form", "YAML"], value="Form", label="New run: config from", elem_id="config-source")
@@ -155,7 +167,14 @@ def build(settings: Settings) -> None:
     stop_button.click(lambda f: act(runs.stop, f), run_list, message, api_name="stop")
     resume_button.click(lambda f: act(runs.resume, f), run_list, message, api_name="resume")
     watched = [progress, loss_plot, lr_plot, sample_gallery, run_list]
-    gr.Timer(POLL_SECONDS).tick(lambda f: watch(settings, f), run_list, watched, api_name=False,
+    shown = gr.State([])  # the sample files the gallery shows: it is redrawn only when a new one appears
+
+    def tick(folder, showing):
+        out = watch(settings, folder)
+        files = [path for path, _ in out[3]]
+        return (*out[:3], gr.skip() if files == showing else out[3], out[4], files)
+
+    gr.Timer(POLL_SECONDS).tick(tick, [run_list, shown], [*watched, shown], api_name=False,
                                 show_progress="hidden")  # a poll every second: no spinner flashing
     run_list.change(lambda f: watch(settings, f), run_list, watched, api_name="watch")
 
