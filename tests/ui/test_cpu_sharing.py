@@ -49,6 +49,9 @@ def test_a_generation_beside_a_training_shares_the_cores(client, ui):
     stop.set()
     worker.join(300)
     client.predict(str(ui.runs / "cpu-share"), api_name="/stop")
+    # Ended before the next test: a run still training would put that test's run in the queue.
+    wait_for(lambda: "stopped" in client.predict(str(ui.runs / "cpu-share"), api_name="/watch")[0], 300,
+             "the measured run to stop")
     print(f"\ntraining alone: {alone:.2f} s/step; beside generations: {beside:.2f} s/step "
           f"({beside / alone:.2f}x); generations of 20 steps beside it: "
           f"{', '.join(f'{g:.1f}' for g in generations)} s")
