@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from sdlora.config import ConfigError, RunConfig
+from sdlora.config import ConfigError, RunConfig, explain
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,46 @@ def _jsonable(value):
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return value
+
+
+def field_errors(schema: list[Field], values: list[Any], source: str = "the form") -> dict[str, str]:
+    """What is wrong with the form, per field key (the widget that shows it): a value whose YAML cannot parse, and
+    each error of the typed config's own validation (pydantic), worded as the CLI words it. An error of a whole
+    section or of the config goes to the first field its message names, else to the first field of its section
+    (key "" when it names none: shown under the form). Empty when the config is valid."""
+    keys = [f.key for f in schema]
+    errors: dict[str, str] = {}
+    parsed = []
+    for field, value in zip(schema, values):
+        try:
+            to_config_dict([field], [value])
+            parsed.append(value)
+        except ConfigError as exc:
+            errors[field.key] = str(exc)
+            parsed.append(field.default)  # the rest of the form is still checked
+    try:
+        RunConfig.model_validate(to_config_dict(schema, parsed))
+    except ValidationError as exc:
+        lines = explain(exc, source, RunConfig).split("\n")  # one line per error, in exc.errors() order
+        for err, line in zip(exc.errors(), lines):
+            key = _field_of(keys, tuple(err["loc"]), line)
+            errors[key] = errors[key] + "; " + line if key in errors else line
+    return errors
+
+
+def _field_of(keys: list[str], loc: tuple, message: str) -> str:
+    """The widget an error belongs to: the longest key its location starts with (`data.sources.0.path` is the
+    `data.sources` field), else the first key its message names, else the first field of its section."""
+    for end in range(len(loc), 0, -1):
+        key = ".".join(str(p) for p in loc[:end])
+        if key in keys:
+            return key
+    named = [k for k in keys if k in message]
+    if named:
+        # The first one named; at one position the longer (`train.lr_warmup_steps`, not `train.lr` inside it).
+        return min(named, key=lambda k: (message.index(k), -len(k)))
+    section = str(loc[0]) if loc else ""
+    return next((k for k in keys if k.split(".")[0] == section), "")
 
 
 def to_config_dict(schema: list[Field], values: list[Any]) -> dict[str, Any]:

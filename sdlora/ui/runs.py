@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ CONFIG = "ui_config.yaml"  # the config the UI handed to `sdlora train`
 OUTPUT = "ui_train.log"  # the training process's stdout and stderr
 LAUNCHED = "=== sdlora ui launched: "  # the line each launch appends to OUTPUT before the process's own lines
 
+_queue_lock = threading.Lock()  # Start, the queue's thread and each page's poll may all try to launch at once
 _children: dict[int, subprocess.Popen] = {}  # processes this UI started: polled so they never linger as zombies
 
 
@@ -108,6 +110,10 @@ def info(folder: str | Path) -> RunInfo:
     output = output.rsplit(LAUNCHED, 1)[-1]  # only the latest process's lines say how it ended
     if alive(pid):
         status = "running"
+    elif state.get("queued"):
+        status = "queued"
+    elif state.get("cancelled"):
+        status = "cancelled"
     elif "stopped by" in output:
         status = "stopped"
     elif "adapter:" in output or (not state and any(folder.glob("*.safetensors"))):
@@ -127,24 +133,55 @@ def list_runs(runs_root: Path) -> list[RunInfo]:
     return [info(p) for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
-def start(config: RunConfig, runs_root: Path, resume: bool = False) -> RunInfo:
-    """Write the config into its run folder and start `python -m sdlora train` on it, detached."""
+def start(config: RunConfig, runs_root: Path) -> RunInfo:
+    """Write the config into its run folder and start `python -m sdlora train` on it, detached; or, while another
+    run under `runs_root` trains, queue it (`advance` starts it when that one ends)."""
     folder = Path(config.output.dir)
-    if info(folder).status == "running":
-        raise RunStateError(f"{folder}: a run is already training there; stop it first or choose another output.dir")
+    if info(folder).status in ("running", "queued"):
+        raise RunStateError(f"{folder}: a run is already training or queued there; stop it first or choose another "
+                            "output.dir")
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / CONFIG, dump_config(config))
-    return _launch(folder, config.train.steps, resume)
+    return _launch_or_queue(folder, config.train.steps, resume=False)
 
 
 def resume(folder: str | Path) -> RunInfo:
     folder = Path(folder)
     run = info(folder)
-    if run.status == "running":
-        raise RunStateError(f"{folder}: still training; nothing to resume")
+    if run.status in ("running", "queued"):
+        raise RunStateError(f"{folder}: still {run.status}; nothing to resume")
     if not (folder / CONFIG).is_file() or not RunFolder(folder).checkpoints.is_dir():
         raise RunStateError(f"{folder}: no checkpoint to resume from; start the run again instead")
-    return _launch(folder, run.steps, resume=True)
+    return _launch_or_queue(folder, run.steps, resume=True)
+
+
+def _launch_or_queue(folder: Path, steps: int, resume: bool) -> RunInfo:
+    # One training at a time: two torch processes on one CPU (or one GPU) each run several times slower than one
+    # alone, so the second waits in the queue instead of sharing the cores (see docs/ui.md for the measurement).
+    with _queue_lock:
+        if training(folder.parent) or queued(folder.parent):
+            write_text_atomic(folder / STATE, json.dumps({"queued": time.time(), "steps": steps, "resume": resume}))
+            return info(folder)
+        return _launch(folder, steps, resume)
+
+
+def queued(runs_root: Path) -> list[RunInfo]:
+    """The runs waiting to train, first queued first."""
+    waiting = [run for run in list_runs(runs_root) if run.status == "queued"]
+    return sorted(waiting, key=lambda run: _state(run.folder).get("queued", 0))
+
+
+def advance(runs_root: Path) -> RunInfo | None:
+    """Start the first queued run when nothing under `runs_root` trains (the UI calls this every second, so the
+    queue moves on even with no page open); returns the run started, if any."""
+    with _queue_lock:
+        if training(runs_root):
+            return None
+        waiting = queued(runs_root)
+        if not waiting:
+            return None
+        state = _state(waiting[0].folder)
+        return _launch(waiting[0].folder, int(state.get("steps", 0)), bool(state.get("resume")))
 
 
 def _launch(folder: Path, steps: int, resume: bool) -> RunInfo:
@@ -164,19 +201,57 @@ def _launch(folder: Path, steps: int, resume: bool) -> RunInfo:
 
 def stop(folder: str | Path) -> RunInfo:
     """Ask the run to stop: SIGTERM, which sdlora turns into finishing the step and writing a checkpoint."""
-    run = info(folder)
+    with _queue_lock:  # never cancelled while the queue starts it
+        run = info(folder)
+        if run.status == "queued":  # not started yet: it leaves the queue, and nothing else changes
+            state = _state(run.folder)
+            write_text_atomic(run.folder / STATE, json.dumps({"cancelled": time.time(),
+                                                              "steps": state.get("steps", 0)}))
+            return info(folder)
     if run.status != "running":
         raise RunStateError(f"{folder}: not training (it is {run.status})")
     os.kill(run.pid, signal.SIGTERM)
     return run
 
 
+_first_seen: dict[Path, tuple[int, float]] = {}  # run folder -> (step, its time) when this UI first saw it train
+
+
 def eta_seconds(folder: str | Path) -> float | None:
-    """Seconds left at the pace of this process so far (None before its first step)."""
-    state, rows = _state(Path(folder)), read_log(folder)
-    if not rows or not state.get("started"):
+    """Seconds left at the pace of the steps this UI has watched (the log's modification time is when its last
+    step ended), so the minutes a run spends loading its base do not count as steps; None until two steps."""
+    folder = Path(folder)
+    state, rows = _state(folder), read_log(folder)
+    if not rows or not state.get("pid"):
         return None
-    first = rows[0].get("step", 1)
-    done = rows[-1].get("step", 0) - first + 1
-    left = state.get("steps", 0) - rows[-1].get("step", 0)
-    return (time.time() - state["started"]) / max(done, 1) * max(left, 0)
+    step, at = rows[-1].get("step", 0), RunFolder(folder).step_log.stat().st_mtime
+    seen = _first_seen.get(folder)
+    if seen is None or seen[1] < state.get("started", 0) or step < seen[0]:
+        _first_seen[folder] = (step, at)  # first sight, or a resumed process: its pace is watched afresh
+        return None
+    first_step, first_at = seen
+    if step == first_step:
+        return None
+    left = state.get("steps", 0) - step
+    return (at - first_at) / (step - first_step) * max(left, 0)
+
+
+def validates(folder: str | Path) -> bool:
+    """Whether the run scores a held-out set (its config says so), before its first validation loss is logged."""
+    from sdlora.config import ConfigError, load_config
+
+    try:
+        return load_config(Path(folder) / CONFIG).validates
+    except (ConfigError, OSError):
+        return False
+
+
+def chart_rows(folder: str | Path) -> list[dict]:
+    """The live chart's points from train_log.jsonl: (step, value, series) with series `train loss`, `validation
+    loss` (the steps the run scored its held-out set) or `learning rate`; a skipped step (loss null) has none."""
+    points = []
+    for row in read_log(folder):
+        for key, series in (("loss", "train loss"), ("val_loss", "validation loss"), ("lr", "learning rate")):
+            if row.get(key) is not None:
+                points.append({"step": row["step"], "value": row[key], "series": series})
+    return points

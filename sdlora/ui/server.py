@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from sdlora.errors import UserError
@@ -38,6 +40,18 @@ def check_port_free(host: str, port: int) -> None:
                                "stop it or choose another with --port") from None
 
 
+def _move_queue(runs_root: Path, every: float = 1.0) -> None:
+    """Start the next queued run whenever none trains, whether or not a page is open."""
+    from sdlora.ui import runs
+
+    while True:
+        try:
+            runs.advance(runs_root)
+        except (UserError, OSError) as exc:  # a run folder removed or unreadable: say so, keep the queue moving
+            print(f"sdlora ui: queue: {exc}", file=sys.stderr, flush=True)
+        time.sleep(every)
+
+
 def serve(roots: list[Path], runs_root: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
           block: bool = True):
     """Build and launch the app; returns the gradio app (when `block` is False) for tests to close."""
@@ -55,7 +69,7 @@ def serve(roots: list[Path], runs_root: Path, host: str = "127.0.0.1", port: int
         raise UIStartError("the web UI needs gradio: pip install 'sdlora[ui]'") from None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves this machine
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes are not the user's news
-    from sdlora.ui.app import Settings, build
+    from sdlora.ui.app import CSS, Settings, build
 
     runs_root.mkdir(parents=True, exist_ok=True)
     settings = Settings(roots=[r.resolve() for r in roots], runs_root=runs_root.resolve(),
@@ -63,7 +77,8 @@ def serve(roots: list[Path], runs_root: Path, host: str = "127.0.0.1", port: int
     page = build(settings)
     page.queue(default_concurrency_limit=1)  # one generation at a time: on a CPU, two would fight over the cores
     page.launch(server_name=host, server_port=port, auth=credentials, prevent_thread_lock=True, quiet=True,
-                allowed_paths=[str(p) for p in settings.readable], show_error=True)
+                allowed_paths=[str(p) for p in settings.readable], show_error=True, css=CSS)
+    threading.Thread(target=_move_queue, args=(settings.runs_root,), name="sdlora-ui-queue", daemon=True).start()
     print(f"sdlora ui: http://{host}:{port}  (roots: {', '.join(map(str, settings.roots))}; runs: "
           f"{settings.runs_root})", flush=True)
     if block:

@@ -30,6 +30,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+FAKE_TOKEN = "hf_sdloraUiFakeToken0123456789abcdefXYZ"  # must never appear on the page, in a log or a file
+
+
 @dataclass
 class UI:
     url: str
@@ -37,6 +40,7 @@ class UI:
     root: Path
     runs: Path
     process: subprocess.Popen
+    output: list[str]  # what the UI process printed (its log), read as it runs
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -47,9 +51,20 @@ class UI:
                 self.process.kill()
 
 
-def start_ui(root: Path, runs: Path, port: int | None = None, timeout: float = 180) -> UI:
+def hub_env(endpoint: str, home: Path) -> dict[str, str]:
+    """huggingface_hub in a UI process pointed at the test Hub, with a token in the environment (as a user's is)."""
+    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home),
+           "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return env
+
+
+def start_ui(root: Path, runs: Path, port: int | None = None, timeout: float = 180,
+             extra_env: dict[str, str] | None = None) -> UI:
     port = port or free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(extra_env or {})}
+    if extra_env and "HF_ENDPOINT" in extra_env:
+        for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            env.pop(proxy, None)
     process = subprocess.Popen([sys.executable, "-m", "sdlora", "ui", "--root", str(root), "--runs", str(runs),
                                 "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -60,21 +75,23 @@ def start_ui(root: Path, runs: Path, port: int | None = None, timeout: float = 1
             break
         seen.append(line)
         if line.startswith("sdlora ui: http://"):
-            # Keep reading its output so a full pipe never blocks the server.
-            drain = __import__("threading").Thread(target=lambda: [None for _ in process.stdout], daemon=True)
+            # Keep reading its output (a full pipe would block the server); tests read it back.
+            drain = __import__("threading").Thread(target=lambda: seen.extend(process.stdout), daemon=True)
             drain.start()
-            return UI(line.split()[2], port, root, runs, process)
+            return UI(line.split()[2], port, root, runs, process, seen)
     process.kill()
     raise AssertionError("sdlora ui did not start:\n" + "".join(seen))
 
 
-def training_yaml(folder: str, steps: int, every: int = 2, name: str = "lora") -> str:
-    """A run on the tiny base at 64 px that renders a 1-step sample every `every` steps: seconds, not minutes."""
+def training_yaml(folder: str, steps: int, every: int = 2, name: str = "lora", validation: bool = False) -> str:
+    """A run on the tiny base at 64 px that renders a 1-step sample every `every` steps: seconds, not minutes.
+    With `validation`, a quarter of the images are held out and scored at the last step."""
     return (f"model: {{base: 'sdlora:tiny'}}\n"
             f"data: {{path: demo-style, resolution: 64}}\n"
             f"train: {{steps: {steps}, batch_size: 2, learning_rate: 1.0e-3, checkpoint_every: {every}}}\n"
             f"sample: {{prompts: [a red circle, striped style], every: {every}, steps: 1}}\n"
-            f"output: {{dir: {folder}, name: {name}}}\n")
+            + ("validation: {fraction: 0.25, timesteps: 2}\n" if validation else "")
+            + f"output: {{dir: {folder}, name: {name}}}\n")
 
 
 @pytest.fixture(scope="session")
@@ -85,10 +102,21 @@ def ui_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ui(ui_root, tmp_path_factory):
-    """One UI for the session's API and browser tests (starting gradio costs seconds)."""
+def hub(tmp_path_factory):
+    """A Hub-compatible server on 127.0.0.1 (tests/hub_server.py) that the session's UI pushes to."""
+    from tests.hub_server import HubServer
+
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ui(ui_root, tmp_path_factory, hub):
+    """One UI for the session's API and browser tests (starting gradio costs seconds), with a Hub token in its
+    environment and the test Hub as its endpoint."""
     need_gradio()
-    app = start_ui(ui_root, tmp_path_factory.mktemp("ui-runs"))
+    app = start_ui(ui_root, tmp_path_factory.mktemp("ui-runs"),
+                   extra_env=hub_env(hub.url, tmp_path_factory.mktemp("hf-home")))
     yield app
     app.close()
     end_runs(app.runs)

@@ -1,7 +1,7 @@
 """The whole job in a real headless browser (Debian's chromium through playwright): open the page, open the demo
 dataset, edit a caption, start a run on the tiny base, watch its loss chart and first sample, stop and resume it,
 generate with two adapters at two weights, preview the card; a screenshot of each tab goes to test-artifacts/
-(and, with SDLORA_UI_DOCS_SCREENSHOT=1, the Train tab's to docs/images/ui-train.png)."""
+(and, with SDLORA_UI_DOCS_SCREENSHOT=1, the Train tab's, 20 steps into a run, to docs/images/ui-train.png)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def test_the_whole_job_in_a_headless_browser(ui):
 
         # Dataset: open the demo copy, pick the third image, change its caption.
         _fill(page, "dataset-folder", "demo-style")
+        _fill(page, "dataset-resolution", 64)  # the demo's 64-px images are not "small" at 64
         page.locator("#dataset-open").click()
-        expect(page.locator("#caption-status")).to_contain_text("24 images")
+        expect(page.locator("#caption-status")).to_have_text("24 images")  # none marked ⚠: no problem at 64 px
         page.locator("#dataset-gallery img").nth(2).click()
         expect(page.locator("#caption-text textarea")).to_have_value(caption_file.read_text().strip())
         page.locator("#caption-text textarea").fill("a hand-edited caption, striped style")
@@ -74,29 +75,49 @@ def test_the_whole_job_in_a_headless_browser(ui):
         expect(page.locator("#preflight")).to_contain_text("usable 24")
         page.screenshot(path=ARTIFACTS / "ui-dataset.png", full_page=False)
 
-        # Train: the schema's form, filled in; a long run so it can be stopped and resumed mid-way.
+        # Train: a wrong value is shown at its own field (the schema's validation), before anything starts.
         page.get_by_role("tab", name="Train").click()
+        _fill(page, "field-train-steps", -3)
+        page.locator("#validate").click()
+        expect(page.locator("#field-train-steps")).to_contain_text("train.steps: Input should be greater than or equal")
+        expect(page.locator("#field-train-batch_size")).not_to_contain_text("Input should")
+
+        # The form filled in: a long run, so it can be stopped and resumed mid-way; for the README's screenshot it
+        # runs until the charts show a curve (warm-up and cosine learning rate, a validation loss every 5 steps).
+        docs = os.environ.get("SDLORA_UI_DOCS_SCREENSHOT") == "1"
+        steps, every, shown_at = (60, 4, 20) if docs else (200, 2, 2)
         for elem_id, value in [("field-model-base", "sdlora:tiny"), ("field-data-path", "demo-style"),
-                               ("field-data-resolution", 64), ("field-train-steps", 200),
+                               ("field-data-resolution", 64), ("field-train-steps", steps),
                                ("field-train-batch_size", 2), ("field-train-checkpoint_every", 1000),
-                               ("field-sample-prompts", "[a red circle on a blue background]"),
-                               ("field-sample-every", 2), ("field-sample-steps", 1),
+                               ("field-train-learning_rate", 0.001), ("field-train-lr_warmup_steps", 5),
+                               ("field-sample-prompts", "[circle, square]"), ("field-sample-every", every),
+                               ("field-sample-steps", 1), ("field-validation-fraction", 0.25),
+                               ("field-validation-every", 5), ("field-validation-timesteps", 2),
                                ("field-output-dir", "browser-run"), ("field-output-name", "browser")]:
             _fill(page, elem_id, value)
+        page.locator("#field-train-lr_scheduler input").click()
+        page.get_by_role("option", name="cosine", exact=True).click()
         page.locator("#start").click()
         expect(page.locator("#train-message")).to_contain_text("started browser-run")
-        expect(page.locator("#run-progress")).to_contain_text(re.compile(r"running, step [2-9]"))
+        expect(page.locator("#field-train-steps")).not_to_contain_text("Input should")  # the error went away
+        wait_for(lambda: _max_step(folder) >= shown_at, 900, f"step {shown_at} of the browser's run")
         expect(page.locator("#loss-chart canvas, #loss-chart svg").first).to_be_visible()
         expect(page.locator("#samples img").first).to_be_visible()
         page.evaluate("window.scrollTo(0, 0)")  # the top of the tab: the run, its charts and samples
+        page.wait_for_timeout(2000)  # two more polls: the charts and gallery drawn with the latest step
+        # The gallery's images load lazily, once in view: wait until every one is drawn, none blank.
+        page.wait_for_function("() => [...document.querySelectorAll('#samples img')].every("
+                               "i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=ARTIFACTS / "ui-train.png", full_page=False)
-        if os.environ.get("SDLORA_UI_DOCS_SCREENSHOT") == "1":
+        if docs:
+            (REPO / "docs" / "images").mkdir(exist_ok=True)
             shutil.copy(ARTIFACTS / "ui-train.png", REPO / "docs" / "images" / "ui-train.png")
+        expect(page.locator("#run-progress")).to_contain_text(re.compile(rf"running, step \d+/{steps}, about \d+ s left"))
 
         page.locator("#stop").click()
         expect(page.locator("#run-progress")).to_contain_text("stopped")
         stopped_at = _max_step(folder)
-        assert (folder / "checkpoints" / f"step-{stopped_at:06d}").is_dir() and stopped_at < 200
+        assert (folder / "checkpoints" / f"step-{stopped_at:06d}").is_dir() and stopped_at < steps
         page.locator("#resume").click()
         expect(page.locator("#run-progress")).to_contain_text("running")
         wait_for(lambda: _max_step(folder) > stopped_at, 180, "the resumed run to pass its checkpoint")
@@ -113,11 +134,13 @@ def test_the_whole_job_in_a_headless_browser(ui):
         for number, (path, weight) in enumerate([(first, 0.8), (second, -0.4)]):
             _fill(page, f"adapter-{number}", path)
             _fill(page, f"weight-{number}", weight)
+        _fill(page, "te-weight-1", 0.5)
         page.locator("#generate").click()
         expect(page.locator("#gen-result img")).to_be_visible()
         saved = sorted((ui.runs / "generated").glob("*.png"))[-1]
         meta = json.loads(Image.open(saved).text["sdlora"])
-        assert meta["adapters"] == [{"path": str(first), "weight": 0.8}, {"path": str(second), "weight": -0.4}]
+        assert meta["adapters"] == [{"path": str(first), "weight": 0.8, "text_encoder_weight": 1.0},
+                                    {"path": str(second), "weight": -0.4, "text_encoder_weight": 0.5}]
         page.screenshot(path=ARTIFACTS / "ui-generate.png", full_page=False)
 
         page.get_by_role("tab", name="Share").click()

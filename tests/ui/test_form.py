@@ -43,3 +43,15 @@ def test_a_field_whose_yaml_cannot_parse_is_named():
     values = [("[a, b" if f.key == "sample.prompts" else f.default) for f in schema]
     with pytest.raises(ConfigError, match="sample.prompts"):
         form.to_config_dict(schema, values)
+
+
+def test_each_error_belongs_to_its_field():
+    schema = form.fields()
+    values = {"train.steps": -3, "sample.prompts": "[a, b", "validation.fraction": 0.5, "validation.path": "held-out"}
+    errors = form.field_errors(schema, [values.get(f.key, f.default) for f in schema])
+    assert set(errors) == {"train.steps", "sample.prompts", "validation.path"}
+    assert errors["train.steps"] == "the form: train.steps: Input should be greater than or equal to 1 (got -3)"
+    assert errors["sample.prompts"].startswith("sample.prompts: cannot parse")
+    # An error of the whole section goes to the first field its message names.
+    assert "validation.path cannot be combined with validation.fraction" in errors["validation.path"]
+    assert form.field_errors(schema, [f.default for f in schema]) == {}
