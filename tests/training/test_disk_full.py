@@ -43,6 +43,7 @@ import sdlora.hub.publish
 import sdlora.training.run
 from sdlora.cli import main
 from sdlora.files import atomic
+from sdlora.formats import lycoris_write
 from sdlora.training import artifacts, checkpoint, steplog
 from sdlora.training.lock import OutputLock
 
@@ -175,7 +176,8 @@ POINTS = {
     "config": Point(sdlora.training.run, "write_text_atomic"),
     "sample-mid-run": Point(artifacts.SampleRenderer, "render"),
     "adapter-checked": Point(sdlora.formats, "save_diffusers"),
-    "adapter-tensors": Point(sdlora.formats, "save_diffusers", leave=30_000, unchecked=True),
+    # the run writes its adapter through save_trained (the diffusers file, or the LyCORIS layout for its types)
+    "adapter-tensors": Point(lycoris_write, "save_trained", leave=30_000, unchecked=True),
     "kohya": Point(sdlora.formats, "save_kohya"),
     "sample-final": Point(artifacts.SampleRenderer, "render", call=2),
     "card": Point(sdlora.hub.publish, "write_card"),
