@@ -175,7 +175,7 @@ POINTS = {
     "checkpoint-json": Point(checkpoint, "save_file", call=4, after=True),
     "config": Point(sdlora.training.run, "write_text_atomic"),
     "sample-mid-run": Point(artifacts.SampleRenderer, "render"),
-    "adapter-checked": Point(sdlora.formats, "save_diffusers"),
+    "adapter-checked": Point(lycoris_write, "save_trained"),
     # the run writes its adapter through save_trained (the diffusers file, or the LyCORIS layout for its types)
     "adapter-tensors": Point(lycoris_write, "save_trained", leave=30_000, unchecked=True),
     "kohya": Point(sdlora.formats, "save_kohya"),
