@@ -98,9 +98,14 @@ def draw_pictures(style: Path, subject: Path, out: Path, steps: int = 25) -> tup
     settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
     stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(style)), inference.AdapterSpec(str(subject))])
 
+    drawn: dict[tuple[str, float, float], Image.Image] = {}
+
     def picture(prompt: str, style_weight: float, subject_weight: float):
-        stack.set_weights({stack.names[0]: (style_weight,) * 2, stack.names[1]: (subject_weight,) * 2})
-        return inference.generate(pipe, prompt, seed=GRID_SEED, steps=steps, guidance_scale=5.0)[0]
+        key = (prompt, style_weight, subject_weight)
+        if key not in drawn:  # the sweep's last tile is the grid's first style tile: drawn once
+            stack.set_weights({stack.names[0]: (style_weight,) * 2, stack.names[1]: (subject_weight,) * 2})
+            drawn[key] = inference.generate(pipe, prompt, seed=GRID_SEED, steps=steps, guidance_scale=5.0)[0]
+        return drawn[key]
 
     # The prompts and seed scripts/quality.py scores tile by tile (grid_<row>_<column>_ok, sweep_<weight>_stripes).
     rows = [[picture(grid_prompt(row, kind).text, s, t) for _, _, s, t, kind in GRID_COLUMNS] for row in GRID_ROWS]
