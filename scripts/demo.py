@@ -1,66 +1,161 @@
 """The offline demo: on the shipped `sdlora:shapes` base, train a style LoRA (stripes) and a subject LoRA (a
-ring with the trigger word "sks") on CPU, then write a labelled grid: base / style / subject / both stacked.
-Everything it needs ships with sdlora; nothing is downloaded.
+ring with the trigger word "sks") on CPU, then draw two pictures: demo_grid.png (three prompts the base was trained
+on, by column: base / style / subject without its trigger / subject / both stacked) and demo_sweep.png (one prompt,
+the style weight 0 -> 1). Everything it needs ships with sdlora; nothing is downloaded.
 
-    python scripts/demo.py [--out runs/demo] [--steps N]
+    python scripts/demo.py [--out runs/demo] [--steps N] [--fresh]
+
+Ctrl-C or SIGTERM stops the demo: a training in progress finishes its step and writes a checkpoint, then the demo
+exits (status 75) without starting the next training or drawing a grid from a half-trained adapter. Running the
+same command again resumes where it stopped; --fresh starts over.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
 from sdlora import inference
+from sdlora.bench.quality import GRID_COLUMNS, GRID_ROWS, GRID_SEED, STYLE_WEIGHTS, grid_prompt
 from sdlora.config import load_config
+from sdlora.errors import UserError
 from sdlora.hostmem import settle_host_memory
 from sdlora.models import load_base_model
+from sdlora.training.checkpoint import latest_checkpoint
+from sdlora.training.interrupt import EXIT_STOPPED
 from sdlora.workflow import train
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = (
-    "a red sks ring on a blue background, striped style",
-    "a yellow square on a green background, striped style",
-    "a white sks ring on a red background, striped style",
-)
-# (label, style weight, subject weight)
-COLUMNS = (("base", 0.0, 0.0), ("style 1.0", 1.0, 0.0), ("subject 1.0", 0.0, 1.0), ("both 0.8 + 1.0", 0.8, 1.0))
 
 
-def train_adapter(name: str, out: Path, steps: int | None) -> Path:
-    overrides = [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}"]
-    if steps:
-        overrides.append(f"train.steps={steps}")
-    return train(load_config(ROOT / "configs" / f"demo-{name}.yaml", overrides)).adapter_path
+class Stopped(Exception):
+    """The user asked the demo to stop (Ctrl-C / SIGTERM)."""
+
+
+def _stop_now(signum: int, frame) -> None:
+    # Outside a training (loading, drawing the grid) nothing is worth finishing: stop at once. During a training
+    # sdlora's own handler is in place instead (finish the step, checkpoint) and the demo stops after it returns.
+    raise Stopped(signal.Signals(signum).name)
+
+
+def train_adapter(name: str, out: Path, steps: int | None, fresh: bool) -> Path:
+    """Train one demo adapter, resuming from its latest checkpoint when an earlier demo was stopped. The demo
+    configs checkpoint every 100 steps and at the end, so a re-run of a finished demo trains nothing."""
+    # No sample pictures during training: the demo draws its own pictures from the finished adapters.
+    overrides = [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}", "sample.prompts=[]"]
+    if steps:  # a shortened run keeps the warmup a small part of it (the configs warm up for 20 steps)
+        overrides += [f"train.steps={steps}", f"train.lr_warmup_steps={min(20, steps // 5)}"]
+    config = load_config(ROOT / "configs" / f"demo-{name}.yaml", overrides)
+    # Without a checkpoint the folder holds nothing resumable (at most an adapter of a run stopped before its
+    # first step): start over there. A checkpoint of other settings (another --steps) is refused with one line.
+    resume = None if fresh or latest_checkpoint(out / name / "checkpoints") is None else "latest"
+    result = train(config, resume=resume, overwrite=resume is None)
+    if result.stopped_by:
+        raise Stopped(f"{result.stopped_by} at step {result.final_step} of the {name} adapter (checkpoint written)")
+    return result.adapter_path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--steps", type=int, help="override train.steps of both LoRAs")
+    parser.add_argument("--fresh", action="store_true", help="start both trainings over instead of resuming")
+    parser.add_argument("--grid-steps", type=int, default=25, help="denoising steps of each picture")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    style = train_adapter("style", args.out, args.steps)
-    subject = train_adapter("subject", args.out, args.steps)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_now)
+    again = " ".join(a for a in sys.argv if a != "--fresh")
+    try:
+        run(args)
+    except Stopped as stop:
+        print(f"demo stopped by {stop}; run it again to resume:\n  python {again}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except UserError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
+
+def run(args) -> None:
+    started = time.perf_counter()
+    style = train_adapter("style", args.out, args.steps, args.fresh)
+    subject = train_adapter("subject", args.out, args.steps, args.fresh)
+    grid_path, sweep_path = draw_pictures(style, subject, args.out, args.grid_steps)
+    print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}\n"
+          f"style sweep:     {sweep_path}")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+
+
+def draw_pictures(style: Path, subject: Path, out: Path, steps: int = 25) -> tuple[Path, Path]:
+    """The grid (GRID_ROWS x GRID_COLUMNS) and the style sweep (first row, style weight 0 -> 1)."""
     pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
     settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
     stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(style)), inference.AdapterSpec(str(subject))])
-    images = []
-    for prompt in PROMPTS:
-        for _, style_weight, subject_weight in COLUMNS:
+
+    drawn: dict[tuple[str, float, float], Image.Image] = {}
+
+    def picture(prompt: str, style_weight: float, subject_weight: float):
+        key = (prompt, style_weight, subject_weight)
+        if key not in drawn:  # the sweep's last tile is the grid's first style tile: drawn once
             stack.set_weights({stack.names[0]: (style_weight,) * 2, stack.names[1]: (subject_weight,) * 2})
-            images += inference.generate(pipe, prompt, seed=3, steps=25, guidance_scale=5.0)
-    grid = inference.image_grid(
-        [im.resize((128, 128), resample=0) for im in images], columns=len(COLUMNS),
-        row_labels=[p.split(" on ")[0] for p in PROMPTS], column_labels=[c[0] for c in COLUMNS],
-    )
-    grid_path = args.out / "demo_grid.png"
+            drawn[key] = inference.generate(pipe, prompt, seed=GRID_SEED, steps=steps, guidance_scale=5.0)[0]
+        return drawn[key]
+
+    # The prompts and seed scripts/quality.py scores tile by tile (grid_<row>_<column>_ok, sweep_<weight>_stripes).
+    rows = [[picture(grid_prompt(row, kind).text, s, t) for _, _, s, t, kind in GRID_COLUMNS] for row in GRID_ROWS]
+    grid = compose(rows, [f"{c} {s}\non {b}" for c, s, b in GRID_ROWS], [c[1] for c in GRID_COLUMNS])
+    swept = grid_prompt(GRID_ROWS[0], "style")
+    sweep = compose([[picture(swept.text, w, 0.0) for w in STYLE_WEIGHTS]], [""],
+                    [f"style {w:g}" for w in STYLE_WEIGHTS], title=f"\"{swept.text}\"")
+    grid_path, sweep_path = out / "demo_grid.png", out / "demo_sweep.png"
     grid.save(grid_path)
-    print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}")
-    print(f"done in {time.perf_counter() - started:.0f} s")
+    sweep.save(sweep_path)
+    return grid_path, sweep_path
+
+
+def compose(rows: list[list[Image.Image]], row_labels: list[str], column_titles: list[str], title: str = "",
+            scale: int = 3) -> Image.Image:
+    """A labelled grid, each 64 px picture enlarged `scale` times without smoothing (the stripes stay sharp), with
+    text large enough to read when the README shrinks the picture to its column width."""
+    font = ImageFont.load_default(size=22)
+    side = rows[0][0].width * scale
+    gap, label_width = 8, 170 if any(row_labels) else 0
+    title_height = 40 if title else 0
+    header = 62  # two lines of column title
+    width = label_width + len(column_titles) * (side + gap) + gap
+    height = title_height + header + len(rows) * (side + gap) + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((width // 2, 8), title, fill="black", font=font, anchor="ma")
+    for column, text in enumerate(column_titles):
+        x = label_width + gap + column * (side + gap) + side // 2
+        draw.multiline_text((x, title_height + header - 6), wrap(text, font, side), fill="black", font=font,
+                            anchor="md", align="center")
+    for number, (row, label) in enumerate(zip(rows, row_labels)):
+        y = title_height + header + gap + number * (side + gap)
+        draw.multiline_text((gap, y + side // 2), label, fill="black", font=font, anchor="lm")
+        for column, image in enumerate(row):
+            x = label_width + gap + column * (side + gap)
+            canvas.paste(image.resize((side, side), resample=Image.Resampling.NEAREST), (x, y))
+    return canvas
+
+
+def wrap(text: str, font, width: int) -> str:
+    """Break a column title into lines no wider than its picture."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 - demo-style:   shapes drawn with diagonal black stripes, captioned "..., striped style" (a look the base never saw)
 - demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ..."
+- demo-prior:   plain shapes as the base was trained on them, captioned as the base knows them: regularization
+                (prior-preservation) images, so an adapter keeps drawing prompts without its trigger as the base does
 
     python scripts/make_demo_datasets.py [--out datasets] [--count 24] [--size 64]
 """
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("datasets"))
     parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--prior-count", type=int, default=48)
     args = parser.parse_args()
     rng = random.Random(1)
     style = [random_scene(rng, style="striped", shape=SHAPES[i % 3], colors=NOT_BLACK) for i in range(args.count)]
@@ -37,7 +40,11 @@ def main() -> None:
     rng = random.Random(2)
     subject = [random_scene(rng, shape=SUBJECT_SHAPE) for _ in range(args.count)]
     write_set(args.out / "demo-subject", subject, args.size)
-    print(f"wrote {args.count} images each to {args.out / 'demo-style'} and {args.out / 'demo-subject'}")
+    rng = random.Random(3)
+    prior = [random_scene(rng, shape=SHAPES[i % 3]) for i in range(args.prior_count)]
+    write_set(args.out / "demo-prior", prior, args.size)
+    print(f"wrote {args.count} images each to {args.out / 'demo-style'} and {args.out / 'demo-subject'}, "
+          f"{args.prior_count} to {args.out / 'demo-prior'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The shipped shapes base follows prompts, and the demo LoRAs teach what they claim: stripes rise with the style
-weight while content is kept, the subject adapter draws its ring, and both show when stacked. Slow: it trains both
-demo adapters (about 4 minutes on 2 CPU cores) and renders ~200 images."""
+"""Issue 23's acceptance 1-5 on the shipped shapes base and the demo LoRAs: the base follows prompts; stripes rise
+with the style weight while each picture keeps its content; the subject draws its ring on its trigger and leaves
+other prompts as the base draws them; both show when stacked. Slow: it trains both demo adapters (about 4 minutes
+on 2 idle CPU cores) and renders ~340 images."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ pytestmark = [
                        reason="sdlora:shapes is not in this checkout (scripts/train_base.py makes it)"),
 ]
 
-# Measured for the committed base and demo configs (docs/demo.md): colour 0.93, background 1.00, shape
-# 0.82; stripes 0.005 -> 0.020 -> 0.119 over style weights 0 / 0.5 / 1 with colour kept 0.96; rings 0.00 -> 0.83
-# with the subject adapter; stacked: rings 0.375, striped 0.79. The thresholds leave room for float-order
-# differences between machines and retrains.
+# Acceptance of issue 23, measured by scripts/quality.py on the committed base and the demo's own adapters (the
+# same configs, data and seeds as scripts/demo.py). docs/demo.md has the measured values.
+# Where the committed base is the limit the test says so with a strict xfail: it turns into a failure the day a
+# retrained base passes, so the marker cannot outlive the reason.
+BASE_SHAPE_LIMIT = pytest.mark.xfail(strict=True, reason="the committed base draws the prompted shape 0.82 of the "
+                                     "time (acceptance 1 asks 0.9): needs a retrained base (issue 23)")
 
 
 @pytest.fixture(scope="module")
@@ -33,32 +36,48 @@ def report(tmp_path_factory):
     paths = {}
     for name in ("style", "subject"):
         config = load_config(ROOT / "configs" / f"demo-{name}.yaml",
-                             [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}"])
+                             [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}",
+                              "sample.prompts=[]"])
         paths[name] = str(train(config).adapter_path)
     return quality_report("sdlora:shapes", paths["style"], paths["subject"])
 
 
-def test_base_follows_colour_background_and_shape_well_above_chance(report):
-    assert report["base_color"] >= 0.75  # chance 1/6
-    assert report["base_background"] >= 0.8  # chance 1/5
-    assert report["base_shape"] >= 0.6  # chance 1/3
+def test_today_names_are_kept_and_leak_measures_say_so(report):  # acceptance 5
+    for name in ("base_color", "base_background", "base_shape", "style_0_stripes", "style_0.5_stripes",
+                 "style_1_stripes", "style_1_striped", "style_1_color_kept", "style_1_background_kept",
+                 "subject_0_ring", "subject_1_ring", "stacked_ring", "stacked_striped"):
+        assert name in report
+    leaks = [name for name in report if "leak" in name]
+    assert {"subject_1_leak_ring", "subject_1_leak_shape_kept", "stacked_leak_ring"} <= set(leaks)
 
 
-def test_style_rises_with_weight_and_keeps_content(report):
-    stripes = [report[f"style_{w}_stripes"] for w in ("0", "0.5", "1")]
-    assert stripes[0] < stripes[1] < stripes[2], stripes
-    assert report["style_0_striped"] < report["style_1_striped"]
-    # content kept: the style LoRA keeps the base's colour and background adherence (within 20 %)
-    assert report["style_1_color_kept"] >= 0.8 * report["base_color"]
-    assert report["style_1_background_kept"] >= 0.8 * report["base_background"]
+def test_base_follows_colour_and_background(report):  # acceptance 1
+    assert report["base_color"] >= 0.95
+    assert report["base_background"] >= 0.98
 
 
-def test_subject_adapter_draws_its_object(report):
-    assert report["subject_1_ring"] >= 0.5
-    assert report["subject_0_ring"] < report["subject_1_ring"]
+@BASE_SHAPE_LIMIT
+def test_base_follows_shape(report):  # acceptance 1
+    assert report["base_shape"] >= 0.9
 
 
-def test_stacked_images_carry_both_the_style_and_the_subject(report):
-    # Each effect present in the stacked pictures, far above its rate without that adapter (0.0 for both here).
-    assert report["stacked_striped"] >= 0.5 and report["stacked_striped"] > report["style_0_striped"] + 0.4
-    assert report["stacked_ring"] >= 0.25 and report["stacked_ring"] > report["subject_0_ring"] + 0.2
+def test_style_rises_with_weight(report):  # acceptance 2
+    striped = [report[f"style_{w}_striped"] for w in ("0", "0.25", "0.5", "0.75", "1")]
+    assert all(a < b for a, b in zip(striped, striped[1:])), striped
+
+
+def test_style_stripes_and_keeps_content(report):  # acceptance 2
+    assert report["style_1_striped"] >= 0.8
+    for field in ("color", "background", "shape"):
+        assert report[f"style_1_{field}_kept"] >= 0.9 * report[f"style_0_{field}"], field
+
+
+def test_subject_draws_its_ring_only_on_its_trigger(report):  # acceptance 3
+    assert report["subject_1_ring"] >= 0.9
+    assert report["subject_1_leak_ring"] <= 0.05
+    assert report["subject_1_leak_shape_kept"] >= 0.9
+
+
+def test_stacked_pictures_carry_both(report):  # acceptance 4
+    assert report["stacked_ring"] >= 0.7
+    assert report["stacked_striped"] >= 0.7
