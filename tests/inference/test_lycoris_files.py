@@ -165,6 +165,11 @@ def test_stacks_with_a_plain_lora_at_weights(sd1, kind):
     only_plain = _outputs(stack.pipe.unet, stack.pipe.text_encoder, _inputs(base))[0]
     for alone in (only_lyco, only_plain):
         assert (both_unet - alone).abs().max() > 1e-2
+    if kind == "dora":  # at the 0.7 + 0.4 too: a third result, neither adapter alone nor the 1.0 stack
+        stack.set_weights({lyco_name: (0.7, 0.7), plain_name: (0.4, 0.4)})
+        at_07 = _outputs(stack.pipe.unet, stack.pipe.text_encoder, _inputs(base))[0]
+        for other in (only_lyco, only_plain, both_unet):
+            assert (at_07 - other).abs().max() > 1e-2
 
 
 def test_onetrainer_and_comfyui_names_load_the_same_layers(sd1, tmp_path):
