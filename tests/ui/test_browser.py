@@ -84,15 +84,25 @@ def test_the_whole_job_in_a_headless_browser(ui):
 
         # The form filled in: a long run, so it can be stopped and resumed mid-way; for the README's screenshot it
         # runs until the charts show a curve (warm-up and cosine learning rate, a validation loss every 5 steps).
+        # For the README's screenshot the run is the demo's style LoRA on the shipped shapes base, so its samples
+        # show shapes taking on the stripes (the tiny test base draws noise).
         docs = os.environ.get("SDLORA_UI_DOCS_SCREENSHOT") == "1"
-        steps, every, shown_at = (60, 4, 20) if docs else (200, 2, 2)
-        for elem_id, value in [("field-model-base", "sdlora:tiny"), ("field-data-path", "demo-style"),
-                               ("field-data-resolution", 64), ("field-train-steps", steps),
-                               ("field-train-batch_size", 2), ("field-train-checkpoint_every", 1000),
-                               ("field-train-learning_rate", 0.001), ("field-train-lr_warmup_steps", 5),
-                               ("field-sample-prompts", "[circle, square]"), ("field-sample-every", every),
-                               ("field-sample-steps", 1), ("field-validation-fraction", 0.25),
-                               ("field-validation-every", 5), ("field-validation-timesteps", 2),
+        steps, shown_at = (300, 120) if docs else (200, 2)
+        run = [("field-model-base", "sdlora:tiny"), ("field-train-batch_size", 2),
+               ("field-train-learning_rate", 0.001), ("field-train-lr_warmup_steps", 5),
+               ("field-sample-prompts", "[circle, square]"), ("field-sample-every", 2), ("field-sample-steps", 1),
+               ("field-validation-every", 5)]
+        if docs:
+            run = [("field-model-base", "sdlora:shapes"), ("field-train-batch_size", 8), ("field-lora-rank", 8),
+                   ("field-lora-alpha", 8), ("field-train-learning_rate", 0.002), ("field-train-lr_warmup_steps", 20),
+                   ("field-train-snr_gamma", 5.0), ("field-train-noise_offset", 0.25),
+                   ("field-sample-prompts", '["a red circle on a blue background, striped style", '
+                                            '"a yellow square on a green background, striped style"]'),
+                   ("field-sample-every", 30), ("field-sample-steps", 25), ("field-sample-guidance_scale", 5.0),
+                   ("field-validation-every", 10)]
+        for elem_id, value in [*run, ("field-data-path", "demo-style"), ("field-data-resolution", 64),
+                               ("field-train-steps", steps), ("field-train-checkpoint_every", 1000),
+                               ("field-validation-fraction", 0.25), ("field-validation-timesteps", 2),
                                ("field-output-dir", "browser-run"), ("field-output-name", "browser")]:
             _fill(page, elem_id, value)
         page.locator("#field-train-lr_scheduler input").click()
@@ -128,7 +138,7 @@ def test_the_whole_job_in_a_headless_browser(ui):
         first = folder / "browser.safetensors"
         second = _negated_copy(first, ui.root / "adapters" / "negated.safetensors")
         page.get_by_role("tab", name="Generate").click()
-        _fill(page, "gen-base", "sdlora:tiny")
+        _fill(page, "gen-base", "sdlora:shapes" if docs else "sdlora:tiny")  # the base the run's adapter is for
         _fill(page, "gen-prompt", "a red circle on a blue background")
         _fill(page, "gen-steps", 2)
         for number, (path, weight) in enumerate([(first, 0.8), (second, -0.4)]):
