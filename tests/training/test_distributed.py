@@ -66,6 +66,9 @@ def _assert_same_adapter(a: Path, b: Path, atol: float = 1e-4) -> None:
     assert update > 50 * atol, f"training moved lora_B by only {update}; the comparison proves nothing"
 
 
+# Slow: test_multinode's two-machine run proves the same world (one writer, samples_seen, equal to one process) and
+# the killed-launch test here resumes a 2-process checkpoint on one process; this adds torchrun's exact file list.
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_effective_batch(tiny_base, style_dataset, tmp_path, make_config):
     # 2 processes x batch 1 x accumulation 2 == 1 process x batch 2 x accumulation 2 (effective batch 4).
     config = _run_config(tmp_path, tiny_base, style_dataset, batch_size=1, gradient_accumulation=2,
