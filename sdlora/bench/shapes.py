@@ -140,8 +140,12 @@ def read_scene(image: Image.Image) -> Reading:
     black = names.index("black")
     counts = np.bincount(labels.ravel(), minlength=len(names))
     counts[background] = 0
-    if background != black and counts.sum() > 0 and counts[black] < counts.sum() and counts.argmax() == black:
-        counts[black] = 0  # black is the stripe/outline colour: prefer the fill colour when there is one
+    fill_colors = counts.copy()
+    fill_colors[black] = 0
+    if background != black and counts.argmax() == black and fill_colors.max() >= labels.size * 0.02:
+        # Black is the stripe/outline colour: prefer the fill colour when there is one, but a few stray pixels of
+        # another colour (edges, noise) do not make a black shape disappear.
+        counts[black] = 0
     if counts.max() < labels.size * 0.02:
         return Reading(names[background], None, None, 0.0, 0.0)
     color = int(counts.argmax())

@@ -8,9 +8,11 @@ import pytest
 
 from sdlora.bench.quality import STRIPED_THRESHOLD, base_prompts, styled_prompts
 from sdlora.bench.shapes import (
+    COLORS,
     NOT_BLACK,
     SHAPES,
     SUBJECT_SHAPE,
+    Scene,
     random_scene,
     read_scene,
     render,
@@ -28,6 +30,17 @@ def test_reader_recovers_colours_and_shape_of_rendered_scenes(style):
         assert sum(r.color == s.color for r, s in zip(readings, scenes)) == len(scenes)
         assert sum(r.shape == s.shape for r, s in zip(readings, scenes)) == len(scenes)
         assert all(r.stripe_fraction == 0 for r, s in zip(readings, scenes) if "black" not in (s.color, s.background))
+
+
+def test_a_black_shape_with_a_few_stray_pixels_is_still_read():
+    # Generated pictures have a few off-colour pixels at edges; they once made a clearly drawn black circle read as
+    # "no shape" (black was dropped as a stripe colour in favour of 3 stray pixels).
+    scene = Scene("circle", "black", "white", (0.5, 0.5), 0.25)
+    image = render(scene)
+    for xy in ((5, 5), (60, 7), (30, 58)):
+        image.putpixel(xy, COLORS["red"])
+    reading = read_scene(image)
+    assert (reading.color, reading.shape, reading.background) == ("black", "circle", "white")
 
 
 def test_reader_sees_stripes_only_on_striped_scenes():
