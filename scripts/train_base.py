@@ -11,7 +11,13 @@ classifier-free guidance, offset noise (so the background colour comes from the 
 noise) and an EMA of the UNet weights. Everything is seeded; re-running with the same
 arguments reproduces the model.
 
+Training takes over an hour of CPU, so it can stop and go on: every --save-every UNet steps it writes a usable
+snapshot (OUT-stepN) and the whole training state (OUT-state/state.safetensors: VAE, UNet, EMA, text encoder,
+AdamW moments, random generator). Run the same command with --resume and it continues from that state; the
+result is the one an uninterrupted run gives, bit for bit (tests/test_train_base.py).
+
     python scripts/train_base.py --out sdlora/assets/shapes            # the shipped model
+    python scripts/train_base.py --out sdlora/assets/shapes --resume   # go on after a stop
     python scripts/train_base.py --out /tmp/shapes --unet-steps 300    # a quick smoke run
 """
 
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.bench.shapes import SHAPES, STYLES, SUBJECT_SHAPE, random_scene, render
+from sdlora.files.atomic import save_safetensors_atomic
 from sdlora.models import families
 from sdlora.models.base import pipeline_from_components
 from sdlora.models.tiny import make_tokenizer
@@ -126,16 +133,20 @@ def encode_pool(vae, tokenizer, args, scaling: float):
     return torch.cat(means), torch.cat(stds), torch.cat(ids)
 
 
-def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapshot=None):
+def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapshot=None, resume_from=None):
     means, stds, ids = pool
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2)
     ema = copy.deepcopy(unet).requires_grad_(False)
     generator = torch.Generator().manual_seed(args.seed + 3)
+    first = 0
+    if resume_from is not None:
+        first = restore_unet_state(resume_from, unet, ema, text_encoder, optimizer, generator)
+        log(f"resumed at unet step {first}")
     alphas = scheduler.alphas_cumprod
     started = time.perf_counter()
-    for step in range(args.unet_steps):
+    for step in range(first, args.unet_steps):
         index = torch.randint(0, len(means), (args.batch,), generator=generator)
         latents = means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         if torch.rand((), generator=generator) < 0.5:  # horizontal flip: positions vary, captions don't change
@@ -170,7 +181,67 @@ def train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapsh
             log(f"unet step {step:5d} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
         if snapshot is not None and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.unet_steps:
             snapshot(ema, step + 1)  # a usable model exists long before the end of a long run
+            save_unet_state(args.out, step + 1, unet, ema, text_encoder, optimizer, generator, args)
     return ema
+
+
+# -- the whole training state, for --resume ------------------------------------------------------------------------
+
+
+def state_dir(out: Path) -> Path:
+    return out.with_name(f"{out.name}-state")
+
+
+def run_arguments(args) -> str:
+    """The arguments that decide the result: a state is only resumed by the run that made it."""
+    return json.dumps({k: str(v) for k, v in sorted(vars(args).items()) if k not in ("resume", "out")})
+
+
+def save_vae_state(out: Path, vae, scaling: float, args) -> None:
+    """The VAE stage's result, written once, before the UNet stage starts."""
+    meta = {"scaling": repr(scaling), "arguments": run_arguments(args)}
+    save_safetensors_atomic({k: v.contiguous() for k, v in vae.state_dict().items()},
+                            state_dir(out) / "vae.safetensors", meta)
+
+
+def save_unet_state(out: Path, step: int, unet, ema, text_encoder, optimizer, generator, args) -> None:
+    """Everything the UNet stage's next step depends on, in one safetensors file written atomically (a kill while
+    writing leaves the previous state)."""
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors |= {f"text.{k}": v for k, v in text_encoder.state_dict().items()}
+    for index, moments in optimizer.state_dict()["state"].items():
+        tensors |= {f"adam.{index}.{k}": torch.as_tensor(v).clone() for k, v in moments.items()}
+    tensors["rng"] = generator.get_state()
+    meta = {"step": str(step), "arguments": run_arguments(args)}
+    save_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, state_dir(out) / "unet.safetensors", meta)
+
+
+def read_state(out: Path, name: str, args) -> tuple[dict, dict] | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = state_dir(out) / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    if meta.get("arguments") != run_arguments(args):
+        raise SystemExit(f"train_base.py: --resume: {path} was made with other arguments ({meta.get('arguments')});"
+                         " run with those, or without --resume to start over")
+    return load_file(path), meta
+
+
+def restore_unet_state(state, unet, ema, text_encoder, optimizer, generator) -> int:
+    tensors, meta = state
+    for prefix, module in (("unet.", unet), ("ema.", ema), ("text.", text_encoder)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    saved = optimizer.state_dict()
+    for index in range(len(saved["param_groups"][0]["params"])):
+        saved["state"][index] = {part: tensors[f"adam.{index}.{part}"] for part in ("step", "exp_avg", "exp_avg_sq")}
+    optimizer.load_state_dict(saved)
+    generator.set_state(tensors["rng"])
+    return int(meta["step"])
 
 
 def save_model(out: Path, vae, text_encoder, tokenizer, unet, scheduler, fp16: bool) -> None:
@@ -199,12 +270,13 @@ def main() -> None:
     parser.add_argument("--text-hidden", type=int, default=64)
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights instead of fp16")
     parser.add_argument("--save-every", type=int, default=0,
-                        help="also save the EMA model every N UNet steps to OUT-stepN (0: only at the end)")
+                        help="every N UNet steps save the EMA model to OUT-stepN and the training state for --resume")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT-state (same arguments)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.out.parent / f"{args.out.name}-train.log", "w", encoding="utf-8")
+    log_file = open(args.out.parent / f"{args.out.name}-train.log", "a" if args.resume else "w", encoding="utf-8")
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -216,7 +288,16 @@ def main() -> None:
     log(f"parameters: vae {sum(p.numel() for p in vae.parameters()):,}, unet {sum(p.numel() for p in unet.parameters()):,},"
         f" text {sum(p.numel() for p in text_encoder.parameters()):,}; threads {torch.get_num_threads()}")
     started = time.perf_counter()
-    scaling = train_vae(vae, args, log)
+    vae_state = read_state(args.out, "vae", args) if args.resume else None
+    unet_state = read_state(args.out, "unet", args) if args.resume else None
+    if vae_state is None:
+        scaling = train_vae(vae, args, log)
+        save_vae_state(args.out, vae, scaling, args)
+    else:  # the VAE stage finished before the stop
+        vae.load_state_dict(vae_state[0])
+        vae.eval()
+        scaling = float(vae_state[1]["scaling"])
+        log("resumed with the saved VAE")
     vae.register_to_config(scaling_factor=scaling)
     vae.requires_grad_(False)
     vae_seconds = time.perf_counter() - started
@@ -227,12 +308,14 @@ def main() -> None:
                    scheduler, fp16=not args.fp32)
         log(f"saved snapshot at unet step {step}")
 
-    ema = train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapshot)
+    ema = train_unet(unet, text_encoder, scheduler, pool, tokenizer, args, log, snapshot, resume_from=unet_state)
     total = time.perf_counter() - started
     save_model(args.out, vae, text_encoder, tokenizer, ema, scheduler, fp16=not args.fp32)
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "vae_seconds": round(vae_seconds),
+    # No paths in the record: it ships with the model.
+    record = {"args": json.loads(run_arguments(args)), "vae_seconds": round(vae_seconds),
               "total_seconds": round(total), "latent_scaling_factor": scaling,
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(),
+              "resumed_at_unet_step": int(unet_state[1]["step"]) if unet_state else None}
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log(f"done in {total / 60:.1f} min -> {args.out}")
 

@@ -137,6 +137,7 @@ BUILTIN_BASES: dict[str, Callable[[Path], None]] = {"sdlora:tiny": _build_tiny}
 BUILTIN_BASES.update({"sdlora:tiny-sdxl": _build_tiny_sdxl, "sdlora:tiny-sd2-v": _build_tiny_sd2v,
                       "sdlora:tiny-sd3": _build_tiny_sd3})
 # Trained bases that ship inside the package (scripts/train_base.py makes them).
+BUILTIN_VERSION = 2  # raise when what the builders make changes (2: every listed word is one token)
 PACKAGED_BASES: dict[str, Path] = {"sdlora:shapes": Path(__file__).parents[1] / "assets" / "shapes"}
 
 
@@ -154,7 +155,9 @@ def resolve_builtin(name: str) -> Path:
     if name not in BUILTIN_BASES:
         known = ", ".join(sorted([*BUILTIN_BASES, *PACKAGED_BASES]))
         raise ModelLoadError(f"model.base: unknown built-in {name!r}; known: {known}")
-    target = cache_root() / "builtin" / name.split(":", 1)[1]
+    # The folder name carries the build's version: a cache built by an older sdlora (another tokenizer, other
+    # shapes) is not silently reused after an upgrade.
+    target = cache_root() / "builtin" / f"{name.split(':', 1)[1]}-v{BUILTIN_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,25 @@ def _byte_alphabet() -> tuple[str, ...]:
     return tuple(chr(c) for c in codes)
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE makes of one word: repeatedly merge the adjacent pair with the lowest rank."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def make_clip_bpe(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges of a CLIP BPE tokenizer in which each of `words` is one token."""
+    """Vocabulary and merges of a CLIP BPE tokenizer in which each of `words` is one token.
+
+    BPE applies merges by rank, not word by word: merges made for "red" (r+e first) would split "green" into
+    g/re/e/n unless its own merges are chosen knowing that. So each word is first tokenized with the merges so far,
+    and merges are added only for what is still split; later merges rank after earlier ones, so they never change
+    how an earlier word tokenizes."""
     alphabet = _byte_alphabet()
     vocab: dict[str, int] = {}
     for symbol in alphabet:
@@ -51,15 +68,13 @@ def make_clip_bpe(words: tuple[str, ...] | list[str] = DEFAULT_WORDS) -> tuple[d
     for symbol in alphabet:
         vocab[symbol + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = _bpe(word, ranks)
         merged = pieces[0]
         for piece in pieces[1:]:
-            pair = (merged, piece)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+            ranks[(merged, piece)] = len(merges)
+            merges.append((merged, piece))
             merged += piece
             vocab.setdefault(merged, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
