@@ -2,10 +2,10 @@
 
 `tests/assets/pinned_adapter.safetensors` was first written by sdlora 0.1.0 at commit 5b47eba (the last flat-package
 release) and re-pinned at 480eb94, where the tokenizer fix of 15099ae changed the tiny base (its vocabulary size, so
-its random initialisation), both on the project's 2-core x86-64 CPU machines with torch 2.13.0 (constraints.txt) and 2 threads. Float results depend on
-the torch build and the thread count (Adam turns last-bit gradient differences into lr-sized steps, so no tolerance
-could both absorb them and still catch a real change): the test runs with the reference thread count and skips
-under another torch, where it cannot say anything.
+its random initialisation), both on the project's 2-core x86-64 CPU machines with torch 2.13.0 (constraints.txt) and 2
+threads. Float results depend on the torch build and the thread count (Adam turns last-bit gradient differences into
+lr-sized steps, so no tolerance could both absorb them and still catch a real change): the test runs with the
+reference thread count and skips under another torch, where it cannot say anything.
 """
 
 from __future__ import annotations
