@@ -54,7 +54,8 @@ def pytest_cmdline_main(config):
     if not config.pluginmanager.hasplugin("xdist"):
         return
     if config.option.numprocesses is None:
-        config.option.numprocesses = default_workers(usable_cores(), _pytest_args(config))
+        debugging = config.getoption("usepdb", False) or config.getoption("trace", False)  # needs one process
+        config.option.numprocesses = 0 if debugging else default_workers(usable_cores(), _pytest_args(config))
     if config.option.numprocesses and config.option.dist == "no":
         config.option.dist = "loadgroup"  # the UI's tests share one UI process on one worker (below)
 
