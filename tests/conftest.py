@@ -56,8 +56,9 @@ def pytest_cmdline_main(config):
     if config.option.numprocesses is None:
         debugging = config.getoption("usepdb", False) or config.getoption("trace", False)  # needs one process
         config.option.numprocesses = 0 if debugging else default_workers(usable_cores(), _pytest_args(config))
-    if config.option.numprocesses and config.option.dist == "no":
-        config.option.dist = "loadgroup"  # the UI's tests share one UI process on one worker (below)
+    # --dist stays xdist's default, load. loadgroup (to keep the UI's tests on one worker, which starts `sdlora ui`
+    # once) has no effect under pytest 9.2: xdist 3.8 names the groups through item._nodeid, which pytest 9 no
+    # longer reads. So each worker that gets a UI test starts its own UI (free port, own folders).
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown to pytest without it (-p no:xdist)
@@ -72,6 +73,8 @@ def pytest_xdist_auto_num_workers(config):
 # starting last would leave the other worker idle while it runs (measured with --durations, 2026-11-26).
 START_FIRST = (
     "tests/test_demo.py",
+    "tests/ui/test_browser.py",
+    "tests/ui/test_app_api.py",
     "tests/test_first_hour.py",
     "tests/test_cli.py",
     "tests/training/test_crash.py",
@@ -80,15 +83,9 @@ START_FIRST = (
     "tests/training/test_pinned_adapter.py",
     "tests/hub/test_hub.py",
 )
-# Tests using these session fixtures run on one worker, which starts `sdlora ui` (seconds of gradio) once.
-UI_FIXTURES = {"ui", "client"}
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if UI_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("sdlora-ui"))
-
     if not hasattr(config, "workerinput"):
         return  # one process: the usual order
 
