@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # Parallel workers (pytest-xdist; docs/architecture.md, "Tests"). Most tests train or run tiny models, which keep
 # one core busy at best, or wait on subprocesses (CLI runs, the web UI, torchrun): two workers with one thread each
-# finish the suite much sooner on 2 cores than one process with two threads.
+# should finish the suite sooner on 2 cores than one process with two threads (docs/architecture.md, "Tests").
 MAX_WORKERS = 8  # each worker holds torch, the tiny bases and its subprocesses (about 1 GB); see docs
 
 
