@@ -13,6 +13,7 @@ same command again resumes where it stopped; --fresh starts over.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdlora import inference
 from sdlora.bench.quality import GRID_COLUMNS, GRID_ROWS, GRID_SEED, STYLE_WEIGHTS, grid_prompt
-from sdlora.config import load_config
+from sdlora.config import load_config, read_config_file
 from sdlora.errors import UserError
 from sdlora.hostmem import settle_host_memory
 from sdlora.models import load_base_model
@@ -48,10 +49,11 @@ def train_adapter(name: str, out: Path, steps: int | None, fresh: bool) -> Path:
     """Train one demo adapter, resuming from its latest checkpoint when an earlier demo was stopped. The demo
     configs checkpoint every 100 steps and at the end, so a re-run of a finished demo trains nothing."""
     # No sample pictures during training: the demo draws its own pictures from the finished adapters.
-    overrides = [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}", "sample.prompts=[]"]
+    config_path = ROOT / "configs" / f"demo-{name}.yaml"
+    overrides = [data_override(config_path, name), f"output.dir={out / name}", "sample.prompts=[]"]
     if steps:  # a shortened run keeps the warmup a small part of it (the configs warm up for 20 steps)
         overrides += [f"train.steps={steps}", f"train.lr_warmup_steps={min(20, steps // 5)}"]
-    config = load_config(ROOT / "configs" / f"demo-{name}.yaml", overrides)
+    config = load_config(config_path, overrides)
     # Without a checkpoint the folder holds nothing resumable (at most an adapter of a run stopped before its
     # first step): start over there. A checkpoint of other settings (another --steps) is refused with one line.
     resume = None if fresh or latest_checkpoint(out / name / "checkpoints") is None else "latest"
@@ -59,6 +61,16 @@ def train_adapter(name: str, out: Path, steps: int | None, fresh: bool) -> Path:
     if result.stopped_by:
         raise Stopped(f"{result.stopped_by} at step {result.final_step} of the {name} adapter (checkpoint written)")
     return result.adapter_path
+
+
+def data_override(config_path: Path, name: str) -> str:
+    """The config's image folders, found from any working folder: its `data.sources` (the subject adds prior images)
+    under the checkout, else datasets/demo-<name>."""
+    sources = (read_config_file(config_path).get("data") or {}).get("sources")
+    if not sources:
+        return f"data.path={ROOT / 'datasets' / f'demo-{name}'}"
+    # JSON is YAML's flow style: the override reads as the same list, each path made absolute.
+    return "data.sources=" + json.dumps([{**source, "path": str(ROOT / source["path"])} for source in sources])
 
 
 def main() -> None:
