@@ -43,6 +43,46 @@ def test_a_black_shape_with_a_few_stray_pixels_is_still_read():
     assert (reading.color, reading.shape, reading.background) == ("black", "circle", "white")
 
 
+def _polygon_picture(points, color="red", background="blue", size=64):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), COLORS[background])
+    ImageDraw.Draw(image).polygon(points, fill=COLORS[color])
+    return image
+
+
+def _bowed_square(inward: float, c=32.0, r=16.0, n=12):
+    """A square whose sides bow inward by `inward` pixels at their middle, as small models draw them."""
+    import math
+
+    corners = [(c - r, c - r), (c + r, c - r), (c + r, c + r), (c - r, c + r)]
+    points = []
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:] + corners[:1]):
+        nx, ny = (y1 - y0) / (2 * r), -(x1 - x0) / (2 * r)  # the side's normal, pointing inside
+        for k in range(n):
+            t = k / n
+            bow = inward * math.sin(math.pi * t)
+            points.append((x0 + (x1 - x0) * t - nx * bow, y0 + (y1 - y0) * t - ny * bow))
+    return points
+
+
+def test_a_square_with_bowed_sides_is_a_square_and_a_diamond_is_not():
+    # The shapes base draws squares whose sides bow in a little (bounding-box fill 0.86-0.90): a person sees a
+    # square, and a fill-ratio threshold called them circles. The corners of the box decide instead.
+    for inward in (0.0, 1.0, 2.0):
+        reading = read_scene(_polygon_picture(_bowed_square(inward)))
+        assert reading.shape == "square", (inward, reading)
+    assert read_scene(_polygon_picture(_bowed_square(2.0))).fill_ratio < 0.9  # the case the old rule misread
+    # A rotated square fills its box's middle, not its corners: not a square (and round enough to be the circle).
+    diamond = [(32, 12), (52, 32), (32, 52), (12, 32)]
+    assert read_scene(_polygon_picture(diamond)).shape != "square"
+    # A triangle with blunt base corners is still a triangle; a lumpy circle is still a circle.
+    blunt = [(32, 12), (50, 46), (46, 50), (18, 50), (14, 46)]
+    assert read_scene(_polygon_picture(blunt)).shape == "triangle"
+    octagon = [(26, 14), (38, 14), (50, 26), (50, 38), (38, 50), (26, 50), (14, 38), (14, 26)]
+    assert read_scene(_polygon_picture(octagon)).shape == "circle"
+
+
 def test_reader_sees_stripes_only_on_striped_scenes():
     rng = random.Random(1)
     striped = [read_scene(render(random_scene(rng, style="striped", colors=NOT_BLACK))) for _ in range(40)]
