@@ -131,3 +131,24 @@ def test_the_shipped_base_loads_by_name_and_draws_the_prompted_colours():
     assert image.size == (64, 64)
     assert sum(r.color == "red" for r in readings) >= 3, readings
     assert sum(r.background == "blue" for r in readings) >= 3, readings
+
+
+def test_quality_renders_a_batch_as_the_same_pictures_as_one_generate_call_each():
+    """scripts/quality.py draws each seed's prompts as one batch for speed; the pictures must be the ones a user
+    gets from `inference.generate` (same starting noise per picture), not merely similar statistics."""
+    import numpy as np
+
+    from sdlora import inference
+    from sdlora.bench.quality import render
+    from sdlora.models import load_base_model
+
+    pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
+    prompts = base_prompts()[:3]
+    images, order = render(pipe, prompts, seeds=(0, 5), steps=8)
+    assert [p.text for p in order] == [p.text for p in prompts for _ in (0, 5)]
+    for image, prompt, seed in zip(images, order, [0, 5] * 3):
+        alone = inference.generate(pipe, prompt.text, seed=seed, steps=8, guidance_scale=5.0)[0]
+        difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(alone, dtype=np.int16))
+        assert difference.max() <= 3, (prompt.text, seed, difference.max())
+        (a, b) = read_scene(image), read_scene(alone)
+        assert (a.color, a.background, a.shape) == (b.color, b.background, b.shape)
