@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from sdlora import inference
 from sdlora.bench.quality import GRID_COLUMNS, GRID_ROWS, GRID_SEED, STYLE_WEIGHTS, grid_prompt
@@ -29,8 +34,7 @@ from sdlora.errors import UserError
 from sdlora.hostmem import settle_host_memory
 from sdlora.models import load_base_model
 from sdlora.training.checkpoint import latest_checkpoint
-from sdlora.training.interrupt import EXIT_STOPPED
-from sdlora.workflow import train
+from sdlora.training.interrupt import EXIT_ABORTED, EXIT_STOPPED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,27 +44,131 @@ class Stopped(Exception):
 
 
 def _stop_now(signum: int, frame) -> None:
-    # Outside a training (loading, drawing the grid) nothing is worth finishing: stop at once. During a training
-    # sdlora's own handler is in place instead (finish the step, checkpoint) and the demo stops after it returns.
+    # Outside the trainings (loading, drawing the grid) nothing is worth finishing: stop at once. While the trainings
+    # run, `Trainings` forwards the signal to them instead (each finishes its step and checkpoints).
     raise Stopped(signal.Signals(signum).name)
 
 
-def train_adapter(name: str, out: Path, steps: int | None, fresh: bool) -> Path:
-    """Train one demo adapter, resuming from its latest checkpoint when an earlier demo was stopped. The demo
-    configs checkpoint every 100 steps and at the end, so a re-run of a finished demo trains nothing."""
-    # No sample pictures during training: the demo draws its own pictures from the finished adapters.
+def adapter_command(name: str, out: Path, steps: int | None, fresh: bool) -> list[str]:
+    """`sdlora train` for one demo adapter, resuming from its latest checkpoint when an earlier demo was stopped.
+    The demo configs checkpoint every 100 steps and at the end, so a re-run of a finished demo trains nothing."""
     config_path = ROOT / "configs" / f"demo-{name}.yaml"
+    # No sample pictures during training: the demo draws its own pictures from the finished adapters.
     overrides = [data_override(config_path, name), f"output.dir={out / name}", "sample.prompts=[]"]
     if steps:  # a shortened run keeps the warmup a small part of it (the configs warm up for 20 steps)
         overrides += [f"train.steps={steps}", f"train.lr_warmup_steps={min(20, steps // 5)}"]
-    config = load_config(config_path, overrides)
+    load_config(config_path, overrides)  # a bad config or dataset path fails here, in this process, in one line
     # Without a checkpoint the folder holds nothing resumable (at most an adapter of a run stopped before its
     # first step): start over there. A checkpoint of other settings (another --steps) is refused with one line.
-    resume = None if fresh or latest_checkpoint(out / name / "checkpoints") is None else "latest"
-    result = train(config, resume=resume, overwrite=resume is None)
-    if result.stopped_by:
-        raise Stopped(f"{result.stopped_by} at step {result.final_step} of the {name} adapter (checkpoint written)")
-    return result.adapter_path
+    resume = not fresh and latest_checkpoint(out / name / "checkpoints") is not None
+    return [sys.executable, "-m", "sdlora", "train", str(config_path), *overrides,
+            *(["--resume", "latest"] if resume else ["--overwrite"])]
+
+
+class Trainings:
+    """The two adapters train at the same time, one process each. The demo's model is so small that a second
+    thread barely speeds a training up (measured: 150 steps of the subject in 69 s on one thread and on two), so
+    two one-thread processes on two cores take the time of the longer one instead of the sum.
+
+    Each child's log goes to <out>/<name>/train.log and its progress to a bar here; its INFO and WARNING lines are
+    echoed with the adapter's name. Ctrl-C / SIGTERM reaches the children only through this process (they run in
+    their own session), so each gets exactly one stop request: finish the step, checkpoint, exit 75."""
+
+    def __init__(self, commands: dict[str, list[str]], out: Path) -> None:
+        threads = str(max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                              os.cpu_count() or 1) // len(commands)))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.stopped_by: str | None = None  # the signal the user sent
+        self.failed = False  # a training failed and the others were stopped
+        self.children: dict[str, subprocess.Popen] = {}
+        self.bars = {name: tqdm(desc=f"{name:7}", position=row, unit="step", dynamic_ncols=True)
+                     for row, name in enumerate(commands)}
+        self.readers = []
+        for name, command in commands.items():
+            (out / name).mkdir(parents=True, exist_ok=True)
+            child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+            self.children[name] = child
+            reader = threading.Thread(target=self._follow, args=(name, child, out / name / "train.log"), daemon=True)
+            reader.start()
+            self.readers.append(reader)
+
+    def _follow(self, name: str, child: subprocess.Popen, log_path: Path) -> None:
+        bar = self.bars[name]
+        with open(log_path, "wb") as log:
+            pending = b""
+            while chunk := child.stdout.read1(65536):
+                log.write(chunk)
+                pending += chunk
+                # tqdm redraws its line with \r; log lines end with \n: both end a piece worth reading.
+                *pieces, pending = re.split(rb"[\r\n]", pending)
+                for piece in pieces:
+                    self._show(name, bar, piece.decode(errors="replace").strip())
+
+    def _show(self, name: str, bar, line: str) -> None:
+        progress = PROGRESS.search(line)
+        if progress:
+            done, total = int(progress.group(1)), int(progress.group(2))
+            bar.total = total
+            bar.update(done - bar.n)
+        elif line and not line.startswith(("Loading weights", "Writing model shards")):
+            bar.write(f"[{name}] {line}", file=sys.stderr)
+
+    def forward(self, signum: int, frame) -> None:
+        """First signal: each running training finishes its step and checkpoints. A second one (the user
+        insisting) is a second Ctrl-C to them: they exit at once, without a checkpoint of the unfinished step."""
+        again = self.stopped_by is not None
+        self.stopped_by = self.stopped_by or signal.Signals(signum).name
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT if again else signal.SIGTERM)
+
+    def wait(self) -> dict[str, int]:
+        """Exit statuses by name. A training that fails stops the other one (it checkpoints), so a bad dataset
+        ends the demo in seconds instead of after the other adapter's minutes."""
+        while None in (codes := [child.poll() for child in self.children.values()]):
+            failed = any(code not in (None, 0) for code in codes)
+            if failed and not self.failed and self.stopped_by is None:
+                self.failed = True
+                for child in self.children.values():
+                    if child.poll() is None:
+                        child.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        for reader in self.readers:
+            reader.join()
+        for bar in self.bars.values():
+            bar.close()
+        return {name: child.returncode for name, child in self.children.items()}
+
+
+PROGRESS = re.compile(r"^training:\s+\d+%.*?\|\s*(\d+)/(\d+)")
+
+
+def train_adapters(out: Path, steps: int | None, fresh: bool) -> tuple[Path, Path]:
+    names = ("style", "subject")
+    commands = {name: adapter_command(name, out, steps, fresh) for name in names}
+    trainings = Trainings(commands, out)
+    previous = {signum: signal.signal(signum, trainings.forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = trainings.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    # A training stopped on request (the user's, or because the other one failed) is not a failure of its own.
+    stopped_codes = (EXIT_STOPPED, EXIT_ABORTED) if trainings.stopped_by else (EXIT_STOPPED,) * trainings.failed
+    for name, code in codes.items():
+        if code != 0 and code not in stopped_codes:
+            raise UserError(f"the {name} training failed (exit status {code}); its log: {out / name / 'train.log'}")
+    if trainings.stopped_by:
+        where = ", ".join(f"step {checkpoint_step(out / name)} of the {name} adapter" for name in names)
+        raise Stopped(f"{trainings.stopped_by} at {where} (checkpoints written)")
+    return out / "style" / "demo_style.safetensors", out / "subject" / "demo_subject.safetensors"
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    return int(latest.name.split("-")[-1]) if latest else 0
 
 
 def data_override(config_path: Path, name: str) -> str:
@@ -96,8 +204,7 @@ def main() -> None:
 
 def run(args) -> None:
     started = time.perf_counter()
-    style = train_adapter("style", args.out, args.steps, args.fresh)
-    subject = train_adapter("subject", args.out, args.steps, args.fresh)
+    style, subject = train_adapters(args.out, args.steps, args.fresh)
     grid_path, sweep_path = draw_pictures(style, subject, args.out, args.grid_steps)
     print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}\n"
           f"style sweep:     {sweep_path}")

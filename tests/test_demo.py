@@ -15,43 +15,86 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (PACKAGED_BASES["sdlora:shapes"] / "model_index.json").is_file(),
                                 reason="sdlora:shapes is not in this checkout (scripts/train_base.py makes it)")
 
-# The demo as a user runs it, except that the style training's hook sends the process a real SIGTERM after step
-# 2: the signal then lands mid-training on every machine, however fast, instead of after a guessed delay.
+# The demo as a user runs it, except that the style training's hook sends the demo (its parent process) a real
+# SIGTERM after step 2 and waits for the stop request the demo forwards: the signal then lands mid-training on every
+# machine, however fast, instead of after a guessed delay. The trainings are child processes, so the hook reaches
+# them through a sitecustomize module on their PYTHONPATH.
 SIGNAL_AT_STEP_2 = """
-import os, runpy, signal, sys
-from sdlora.training import hooks
-after_step = hooks.RunHooks.after_step
-def after_step_then_signal(self, step, *rest, **named):
-    after_step(self, step, *rest, **named)
-    if step == 2 and self.run.config.output.name == "demo_style":
-        os.kill(os.getpid(), signal.SIGTERM)
-hooks.RunHooks.after_step = after_step_then_signal
-sys.argv = ["scripts/demo.py", *sys.argv[1:]]
-runpy.run_path("scripts/demo.py", run_name="__main__")
+import os, signal, sys, time
+if os.environ.get("DEMO_TEST_SIGNAL") and "train" in sys.argv:
+    from sdlora.training import hooks
+    after_step = hooks.RunHooks.after_step
+    def after_step_then_signal(self, step, *rest, **named):
+        after_step(self, step, *rest, **named)
+        if step == 2 and self.run.config.output.name == "demo_style":
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(3)  # the demo forwards a stop request: it arrives here, before step 3
+    hooks.RunHooks.after_step = after_step_then_signal
 """
 
 
-def demo(*command: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def demo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "scripts/demo.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_sigterm_stops_the_demo_after_a_checkpoint_and_a_rerun_resumes(tmp_path):
-    args = ["--out", str(tmp_path), "--steps", "4", "--grid-steps", "2"]
-    stopped = demo("-c", SIGNAL_AT_STEP_2, *args)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_AT_STEP_2)
+    args = ["--out", str(tmp_path / "demo"), "--steps", "30", "--grid-steps", "2"]
+    stopped = demo(*args, env={"DEMO_TEST_SIGNAL": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(hook)])})
+    out = tmp_path / "demo"
     assert stopped.returncode == 75, stopped.stderr[-3000:]
-    assert "demo stopped by SIGTERM at step 2 of the style adapter" in stopped.stderr
+    assert "demo stopped by SIGTERM at step 2 of the style adapter, step " in stopped.stderr
     assert "Traceback" not in stopped.stderr
-    assert [p.name for p in (tmp_path / "style" / "checkpoints").iterdir()] == ["step-000002"]
-    assert not (tmp_path / "subject").exists()  # the next training never started
-    assert not list(tmp_path.glob("*.png"))  # no grid from a half-trained adapter
+    assert [p.name for p in (out / "style" / "checkpoints").iterdir()] == ["step-000002"]
+    # The subject trains at the same time: it stopped too, on a checkpoint, unfinished.
+    subject_checkpoints = [p.name for p in (out / "subject" / "checkpoints").glob("step-*")]
+    assert subject_checkpoints and "step-000030" not in subject_checkpoints
+    assert not list(out.glob("*.png"))  # no grid from a half-trained adapter
+    assert (out / "style" / "train.log").read_text().count("SIGTERM received") == 1  # one stop request, not two
 
-    resumed = demo("scripts/demo.py", *args)
+    resumed = demo(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
-    assert "resumed from" not in resumed.stderr.split("demo_style.safetensors")[-1]  # the subject run is new
+    assert "[style] INFO sdlora.training.resume: resumed from" in resumed.stderr
+    assert "at step 2" in resumed.stderr
+    assert "[subject] INFO sdlora.training.resume: resumed from" in resumed.stderr
     # Both end on a checkpoint of their last step, so a finished demo run again resumes there and trains nothing.
-    assert (tmp_path / "style" / "checkpoints" / "step-000004").is_dir()
-    assert (tmp_path / "subject" / "checkpoints" / "step-000004").is_dir()
-    assert (tmp_path / "subject" / "demo_subject.safetensors").is_file()
-    assert (tmp_path / "demo_grid.png").is_file() and (tmp_path / "demo_sweep.png").is_file()
+    assert (out / "style" / "checkpoints" / "step-000030").is_dir()
+    assert (out / "subject" / "checkpoints" / "step-000030").is_dir()
+    assert (out / "subject" / "demo_subject.safetensors").is_file()
+    assert (out / "demo_grid.png").is_file() and (out / "demo_sweep.png").is_file()
+
+
+FAIL_AT_STEP_2 = """
+import os, sys
+if os.environ.get("DEMO_TEST_FAIL") and "train" in sys.argv:
+    from sdlora.errors import UserError
+    from sdlora.training import hooks
+    after_step = hooks.RunHooks.after_step
+    def after_step_then_fail(self, step, *rest, **named):
+        after_step(self, step, *rest, **named)
+        if step == 2 and self.run.config.output.name == "demo_subject":
+            raise UserError("data.path: an image became unreadable (test)")
+    hooks.RunHooks.after_step = after_step_then_fail
+"""
+
+
+def test_a_failing_training_stops_the_other_and_the_demo_says_where_its_log_is(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_AT_STEP_2)
+    out = tmp_path / "demo"
+    failed = demo("--out", str(out), "--steps", "300", "--grid-steps", "2",
+                  env={"DEMO_TEST_FAIL": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(hook)])})
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "[subject] sdlora: error: data.path: an image became unreadable (test)" in failed.stderr
+    assert f"demo: error: the subject training failed (exit status 2); its log: {out / 'subject' / 'train.log'}" \
+        in failed.stderr
+    assert "Traceback" not in failed.stderr
+    # The style training was stopped (a checkpoint to resume from), not left running for its 300 steps.
+    (style_checkpoint,) = (out / "style" / "checkpoints").glob("step-*")
+    assert int(style_checkpoint.name.split("-")[1]) < 300
+    assert not list(out.glob("*.png"))
