@@ -5,11 +5,13 @@ on 2 idle CPU cores) and renders ~340 images."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from sdlora.config import load_config
 from sdlora.models import PACKAGED_BASES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,16 +32,16 @@ BASE_SHAPE_LIMIT = pytest.mark.xfail(strict=True, reason="the committed base dra
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     from sdlora.bench.quality import quality_report
-    from sdlora.training.run import train
 
+    # The demo itself trains the adapters: the same configs, data (the subject's prior images too), seeds and
+    # processes as a user's `python scripts/demo.py`.
     out = tmp_path_factory.mktemp("demo")
-    paths = {}
-    for name in ("style", "subject"):
-        config = load_config(ROOT / "configs" / f"demo-{name}.yaml",
-                             [f"data.path={ROOT / 'datasets' / f'demo-{name}'}", f"output.dir={out / name}",
-                              "sample.prompts=[]"])
-        paths[name] = str(train(config).adapter_path)
-    return quality_report("sdlora:shapes", paths["style"], paths["subject"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    demo = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    return quality_report("sdlora:shapes", str(out / "style" / "demo_style.safetensors"),
+                          str(out / "subject" / "demo_subject.safetensors"))
 
 
 def test_today_names_are_kept_and_leak_measures_say_so(report):  # acceptance 5
