@@ -112,7 +112,7 @@ class Trainings:
             done, total = int(progress.group(1)), int(progress.group(2))
             bar.total = total
             bar.update(done - bar.n)
-        elif line and not line.startswith(("Loading weights", "Writing model shards")):
+        elif line and not OTHER_BAR.search(line):  # other bars (caching, loading) stay in the log
             bar.write(f"[{name}] {line}", file=sys.stderr)
 
     def forward(self, signum: int, frame) -> None:
@@ -143,6 +143,7 @@ class Trainings:
 
 
 PROGRESS = re.compile(r"^training:\s+\d+%.*?\|\s*(\d+)/(\d+)")
+OTHER_BAR = re.compile(r"\d+%\|")
 
 
 def train_adapters(out: Path, steps: int | None, fresh: bool) -> tuple[Path, Path]:
