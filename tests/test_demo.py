@@ -35,8 +35,8 @@ if os.environ.get("DEMO_TEST_SIGNAL") and "train" in sys.argv:
 
 def demo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "scripts/demo.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "scripts/demo.py", *args], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_sigterm_stops_the_demo_after_a_checkpoint_and_a_rerun_resumes(tmp_path):

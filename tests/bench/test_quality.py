@@ -1,7 +1,7 @@
 """Issue 23's acceptance 1-5 on the shipped shapes base and the demo LoRAs: the base follows prompts; stripes rise
 with the style weight while each picture keeps its content; the subject draws its ring on its trigger and leaves
-other prompts as the base draws them; both show when stacked. Slow: it trains both demo adapters (about 4 minutes
-on 2 idle CPU cores) and renders ~340 images."""
+other prompts as the base draws them; both show when stacked. Slow: it runs the demo (about 5 minutes on 2 idle CPU
+cores) and renders ~340 images (about 4 minutes)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,6 @@ pytestmark = [
 
 # Acceptance of issue 23, measured by scripts/quality.py on the committed base and the demo's own adapters (the
 # same configs, data and seeds as scripts/demo.py). docs/demo.md has the measured values.
-# Where the committed base is the limit the test says so with a strict xfail: it turns into a failure the day a
-# retrained base passes, so the marker cannot outlive the reason.
-BASE_SHAPE_LIMIT = pytest.mark.xfail(strict=True, reason="the committed base draws the prompted shape 0.82 of the "
-                                     "time (acceptance 1 asks 0.9): needs a retrained base (issue 23)")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def report(tmp_path_factory):
     # processes as a user's `python scripts/demo.py`.
     out = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    demo = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out)], cwd=ROOT, env=env,
+    demo = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out)], check=False, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert demo.returncode == 0, demo.stderr[-3000:]
     return quality_report("sdlora:shapes", str(out / "style" / "demo_style.safetensors"),
@@ -58,7 +54,6 @@ def test_base_follows_colour_and_background(report):  # acceptance 1
     assert report["base_background"] >= 0.98
 
 
-@BASE_SHAPE_LIMIT
 def test_base_follows_shape(report):  # acceptance 1
     assert report["base_shape"] >= 0.9
 
