@@ -156,14 +156,17 @@ def train_adapters(out: Path, steps: int | None, fresh: bool) -> tuple[Path, Pat
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    # A training stopped on request (the user's, or because the other one failed) is not a failure of its own.
-    stopped_codes = (EXIT_STOPPED, EXIT_ABORTED) if trainings.stopped_by else (EXIT_STOPPED,) * trainings.failed
+    # A training stopped on request (the user's, or because the other one failed) is not a failure of its own; one
+    # still loading when the request came has no handler yet and ends by the signal itself (a negative status).
+    stopped_codes = ((EXIT_STOPPED, EXIT_ABORTED, -signal.SIGTERM, -signal.SIGINT) if trainings.stopped_by
+                     else (EXIT_STOPPED, -signal.SIGTERM) * trainings.failed)
     for name, code in codes.items():
         if code != 0 and code not in stopped_codes:
             raise UserError(f"the {name} training failed (exit status {code}); its log: {out / name / 'train.log'}")
     if trainings.stopped_by:
-        where = ", ".join(f"step {checkpoint_step(out / name)} of the {name} adapter" for name in names)
-        raise Stopped(f"{trainings.stopped_by} at {where} (checkpoints written)")
+        where = ", ".join(f"step {checkpoint_step(out / name)} of the {name} adapter" if checkpoint_step(out / name)
+                          else f"the start of the {name} adapter" for name in names)
+        raise Stopped(f"{trainings.stopped_by} at {where} (each started training checkpointed)")
     return out / "style" / "demo_style.safetensors", out / "subject" / "demo_subject.safetensors"
 
 

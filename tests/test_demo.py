@@ -47,12 +47,14 @@ def test_sigterm_stops_the_demo_after_a_checkpoint_and_a_rerun_resumes(tmp_path)
     stopped = demo(*args, env={"DEMO_TEST_SIGNAL": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(hook)])})
     out = tmp_path / "demo"
     assert stopped.returncode == 75, stopped.stderr[-3000:]
-    assert "demo stopped by SIGTERM at step 2 of the style adapter, step " in stopped.stderr
+    assert "demo stopped by SIGTERM at step 2 of the style adapter, " in stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert [p.name for p in (out / "style" / "checkpoints").iterdir()] == ["step-000002"]
-    # The subject trains at the same time: it stopped too, on a checkpoint, unfinished.
+    # The subject trains at the same time: it stopped too, unfinished: on a checkpoint, or (on a loaded machine,
+    # still loading when the request came) before its first step, which the demo reports as a stop, not a failure.
     subject_checkpoints = [p.name for p in (out / "subject" / "checkpoints").glob("step-*")]
-    assert subject_checkpoints and "step-000030" not in subject_checkpoints
+    assert "step-000030" not in subject_checkpoints
+    assert ("the start of the subject adapter" in stopped.stderr) == (not subject_checkpoints)
     assert not list(out.glob("*.png"))  # no grid from a half-trained adapter
     assert (out / "style" / "train.log").read_text().count("SIGTERM received") == 1  # one stop request, not two
 
@@ -60,7 +62,7 @@ def test_sigterm_stops_the_demo_after_a_checkpoint_and_a_rerun_resumes(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[style] INFO sdlora.training.resume: resumed from" in resumed.stderr
     assert "at step 2" in resumed.stderr
-    assert "[subject] INFO sdlora.training.resume: resumed from" in resumed.stderr
+    assert ("[subject] INFO sdlora.training.resume: resumed from" in resumed.stderr) == bool(subject_checkpoints)
     # Both end on a checkpoint of their last step, so a finished demo run again resumes there and trains nothing.
     assert (out / "style" / "checkpoints" / "step-000030").is_dir()
     assert (out / "subject" / "checkpoints" / "step-000030").is_dir()
@@ -94,7 +96,7 @@ def test_a_failing_training_stops_the_other_and_the_demo_says_where_its_log_is(t
     assert f"demo: error: the subject training failed (exit status 2); its log: {out / 'subject' / 'train.log'}" \
         in failed.stderr
     assert "Traceback" not in failed.stderr
-    # The style training was stopped (a checkpoint to resume from), not left running for its 300 steps.
-    (style_checkpoint,) = (out / "style" / "checkpoints").glob("step-*")
-    assert int(style_checkpoint.name.split("-")[1]) < 300
+    # The style training was stopped (on a checkpoint, or still loading), not left running for its 300 steps.
+    assert "step-000300" not in failed.stderr  # no checkpoint of the style's last step: it never got there
+    assert all(int(p.name.split("-")[1]) < 300 for p in (out / "style" / "checkpoints").glob("step-*"))
     assert not list(out.glob("*.png"))
