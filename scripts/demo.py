@@ -87,7 +87,7 @@ class Trainings:
         self.readers = []
         for name, command in commands.items():
             (out / name).mkdir(parents=True, exist_ok=True)
-            child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
             self.children[name] = child
             reader = threading.Thread(target=self._follow, args=(name, child, out / name / "train.log"), daemon=True)
