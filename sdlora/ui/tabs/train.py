@@ -16,6 +16,7 @@ from sdlora.ui.app import Settings, problem, run_choices
 from sdlora.ui.paths import inside_roots
 
 POLL_SECONDS = 1.0
+SHOWN_SAMPLES = 6  # sample grids in the Train tab (two rows of three)
 
 
 def config_of(settings: Settings, source: str, yaml_text: str, values) -> RunConfig:
@@ -73,7 +74,7 @@ def watch(settings: Settings, folder: str | None):
     if run.status == "queued":
         progress += " (waits for the run training now: one training at a time)"
     pictures = [(str(p), _sample_label(p)) for p in runs.samples(folder)]
-    return (progress, *_shown(charts(folder)), pictures[::-1], gr.update(choices=choices))  # newest sample first
+    return (progress, *_shown(charts(folder)), pictures[::-1][:SHOWN_SAMPLES], gr.update(choices=choices))
 
 
 def _shown(frames):
@@ -100,8 +101,10 @@ def build(settings: Settings) -> None:
                                 color_map={"train loss": "#1f77b4", "validation loss": "#ff7f0e"})
         lr_plot = gr.LinePlot(x="step", y="lr", title="learning rate", elem_id="lr-chart", x_axis_format="d",
                               y_axis_format=".1e", height=260, visible=False)  # 1.0e-4, not a clipped 0.000100
-    sample_gallery = gr.Gallery(label="Samples (newest first)", columns=6, height=300, object_fit="contain",
-                                allow_preview=False, elem_id="samples")
+    # Height "auto": a fixed height cut every sample grid's lower half (its pictures) off below its prompt labels.
+    # At most SHOWN_SAMPLES, so a long run's samples do not push the form off the page.
+    sample_gallery = gr.Gallery(label=f"Samples (the newest {SHOWN_SAMPLES}, newest first)", columns=3,
+                                height="auto", object_fit="contain", allow_preview=False, elem_id="samples")
     source = gr.Radio(["Form", "YAML"], value="Form", label="New run: config from", elem_id="config-source")
     widgets = []
     with gr.Accordion("Form (every field of the config schema, with its default)", open=True):
