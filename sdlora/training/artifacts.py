@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from sdlora import formats, inference
 from sdlora.config import RunConfig, SampleSection
@@ -100,8 +101,22 @@ class SampleRenderer:
                         negative_prompt=sample.negative_prompt, height=self.resolution, width=self.resolution,
                     )
         self.unet.train()
-        grid = inference.image_grid(images, columns=len(images), column_labels=list(sample.prompts))
+        grid = sample_sheet(images, list(sample.prompts))
         path = self.folder.sample_grid(step)
         with atomic_path(path) as tmp:  # a full disk mid-PNG leaves no half image
             grid.save(tmp, format="PNG")
         return path
+
+
+SAMPLE_MIN_CELL = 192  # px: smaller samples are enlarged to at least this for the sample grid
+
+
+def sample_sheet(images: list, prompts: list[str]):
+    """The sample grid of one step: a picture per prompt under its prompt. Pictures smaller than SAMPLE_MIN_CELL
+    (a 64 px demo base's) are enlarged by a whole factor, nearest neighbour, so each pixel stays a visible block and
+    the prompt fits above it: pasted as they are, the prompt was cut to "a red circle on a blue backgroun..." over a
+    picture a third its height."""
+    factor = max(1, -(-SAMPLE_MIN_CELL // images[0].width))
+    if factor > 1:
+        images = [image.resize((image.width * factor, image.height * factor), Image.NEAREST) for image in images]
+    return inference.image_grid(images, columns=len(images), column_labels=prompts)

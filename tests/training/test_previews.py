@@ -9,6 +9,7 @@ from PIL import Image
 
 from sdlora import formats
 from sdlora.models import load_base_model
+from sdlora.training.artifacts import sample_sheet
 from sdlora.training.run import train
 
 
@@ -36,7 +37,7 @@ def test_previews_on_or_off_give_the_same_adapter(make_config, tiny_base, tmp_pa
     for run in ("on", "stacked"):
         assert sorted(p.name for p in (tmp_path / run / "samples").iterdir()) == ["step-000001.png", "step-000002.png"]
     grid = Image.open(tmp_path / "on" / "samples" / "step-000001.png")
-    assert grid.size[0] == 2 * 64 and grid.size[1] >= 64
+    assert grid.size[0] == 2 * 192 and grid.size[1] >= 192  # 64 px samples, enlarged 3x (test below)
     # the stacked adapter shows in the previews, and only there
     with_other = np.asarray(Image.open(tmp_path / "stacked" / "samples" / "step-000001.png"), np.int16)
     assert np.abs(with_other - np.asarray(grid, np.int16)).max() > 20
@@ -59,3 +60,19 @@ def test_kohya_export_and_provenance(make_config, tmp_path):
     assert adapter.metadata["sdlora.dataset_hash"] == meta["sdlora.dataset_hash"]
     assert '"striped style": 8' in meta["ss_tag_frequency"]
     assert meta["ss_max_train_steps"] == "1"
+
+
+def test_small_samples_are_enlarged_whole_pixels_and_their_prompts_fit():
+    rng = np.random.default_rng(0)
+    small = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = ["a red circle on a blue background, striped style", "a yellow square on a green background"]
+    sheet = np.asarray(sample_sheet(small, prompts))
+    assert sheet.shape[1] == 2 * 192
+    # each cell is its picture with every pixel a 3x3 block, under the labels (the sheet's last 192 rows)
+    for column, picture in enumerate(small):
+        cell = sheet[-192:, column * 192:(column + 1) * 192]
+        assert np.array_equal(cell, np.asarray(picture).repeat(3, axis=0).repeat(3, axis=1))
+    labels = sheet[:-192]
+    assert labels.shape[0] < 40  # two lines of the default font at most: nothing cut to "..."
+    large = [Image.new("RGB", (256, 256), "red")] * 2
+    assert sample_sheet(large, prompts).size[0] == 2 * 256  # a real model's samples are pasted as they are
