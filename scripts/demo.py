@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -124,9 +125,11 @@ class Trainings:
             if child.poll() is None:
                 child.send_signal(signal.SIGINT if again else signal.SIGTERM)
 
-    def wait(self) -> dict[str, int]:
+    def wait(self, finished_early=None) -> dict[str, int]:
         """Exit statuses by name. A training that fails stops the other one (it checkpoints), so a bad dataset
-        ends the demo in seconds instead of after the other adapter's minutes."""
+        ends the demo in seconds instead of after the other adapter's minutes. `finished_early(name)` is called
+        once for a training that ends well while another still runs (its core is free from then on)."""
+        announced = set()
         while None in (codes := [child.poll() for child in self.children.values()]):
             failed = any(code not in (None, 0) for code in codes)
             if failed and not self.failed and self.stopped_by is None:
@@ -134,6 +137,11 @@ class Trainings:
                 for child in self.children.values():
                     if child.poll() is None:
                         child.send_signal(signal.SIGTERM)
+            for name, child in self.children.items():
+                if child.returncode == 0 and name not in announced and not failed and self.stopped_by is None:
+                    announced.add(name)
+                    if finished_early:
+                        finished_early(name)
             time.sleep(0.2)
         for reader in self.readers:
             reader.join()
@@ -146,13 +154,13 @@ PROGRESS = re.compile(r"^training:\s+\d+%.*?\|\s*(\d+)/(\d+)")
 OTHER_BAR = re.compile(r"\d+%\|")
 
 
-def train_adapters(out: Path, steps: int | None, fresh: bool) -> tuple[Path, Path]:
+def train_adapters(out: Path, steps: int | None, fresh: bool, finished_early=None) -> tuple[Path, Path]:
     names = ("style", "subject")
     commands = {name: adapter_command(name, out, steps, fresh) for name in names}
     trainings = Trainings(commands, out)
     previous = {signum: signal.signal(signum, trainings.forward) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = trainings.wait()
+        codes = trainings.wait(finished_early)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -208,38 +216,82 @@ def main() -> None:
 
 def run(args) -> None:
     started = time.perf_counter()
-    style, subject = train_adapters(args.out, args.steps, args.fresh)
-    grid_path, sweep_path = draw_pictures(style, subject, args.out, args.grid_steps)
+    pictures = Pictures(args.grid_steps)
+    subject = args.out / "subject" / "demo_subject.safetensors"
+    # A failure here is not reported from the thread: the same pictures are asked for again below, where an error
+    # (a damaged adapter file, say) ends the demo with its one line.
+    early = threading.Thread(target=pictures.draw_quietly, args=({"subject": subject}, pictures.without_style),
+                             daemon=True)
+    # Every picture is drawn on one thread, overlapping the style's training or not: a picture's float sums depend
+    # on the thread count (up to 1/255 per pixel), and the demo writes the same pixels every time. (A second thread
+    # does not speed up this small model.)
+    torch.set_num_threads(1)
+
+    def finished_early(name: str) -> None:
+        # The subject trains faster than the style (about a minute less on 2 cores): its core draws the pictures
+        # that need no style meanwhile.
+        if name == "subject":
+            early.start()
+
+    style, subject = train_adapters(args.out, args.steps, args.fresh, finished_early)
+    if early.ident is not None:  # started
+        early.join()
+    pictures.draw({"subject": subject}, pictures.without_style)  # those the thread did not draw (or all of them)
+    pictures.draw({"style": style, "subject": subject}, pictures.with_style)
+    grid_path, sweep_path = pictures.save(args.out)
     print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}\n"
           f"style sweep:     {sweep_path}")
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 
-def draw_pictures(style: Path, subject: Path, out: Path, steps: int = 25) -> tuple[Path, Path]:
-    """The grid (GRID_ROWS x GRID_COLUMNS) and the style sweep (first row, style weight 0 -> 1)."""
-    pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
-    settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
-    stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(style)), inference.AdapterSpec(str(subject))])
+class Pictures:
+    """The grid (GRID_ROWS x GRID_COLUMNS) and the style sweep (first row, style weight 0 -> 1), each picture drawn
+    once, one at a time with the grid's seed: the prompts and seed scripts/quality.py scores tile by tile
+    (grid_<row>_<column>_ok, sweep_<weight>_stripes).
 
-    drawn: dict[tuple[str, float, float], Image.Image] = {}
+    The pictures without the style (the base, subject and leak columns; the sweep at 0) are drawn with the subject
+    adapter alone, the others with both, style first, as quality.py loads them. A picture is the same either way: an
+    adapter at weight 0 adds exact zeros."""
 
-    def picture(prompt: str, style_weight: float, subject_weight: float):
-        key = (prompt, style_weight, subject_weight)
-        if key not in drawn:  # the sweep's last tile is the grid's first style tile: drawn once
-            stack.set_weights({stack.names[0]: (style_weight,) * 2, stack.names[1]: (subject_weight,) * 2})
-            drawn[key] = inference.generate(pipe, prompt, seed=GRID_SEED, steps=steps, guidance_scale=5.0)[0]
-        return drawn[key]
+    def __init__(self, steps: int = 25) -> None:
+        self.steps = steps
+        self.drawn: dict[tuple[str, float, float], Image.Image] = {}
+        swept = grid_prompt(GRID_ROWS[0], "style").text
+        self.rows = [[(grid_prompt(row, kind).text, s, t) for _, _, s, t, kind in GRID_COLUMNS] for row in GRID_ROWS]
+        self.sweep = [(swept, w, 0.0) for w in STYLE_WEIGHTS]  # its weight-1 picture is the grid's first style tile
+        wanted = list(dict.fromkeys([key for row in self.rows for key in row] + self.sweep))
+        self.without_style = [key for key in wanted if key[1] == 0]
+        self.with_style = [key for key in wanted if key[1] != 0]
 
-    # The prompts and seed scripts/quality.py scores tile by tile (grid_<row>_<column>_ok, sweep_<weight>_stripes).
-    rows = [[picture(grid_prompt(row, kind).text, s, t) for _, _, s, t, kind in GRID_COLUMNS] for row in GRID_ROWS]
-    grid = compose(rows, [f"{c} {s}\non {b}" for c, s, b in GRID_ROWS], [c[1] for c in GRID_COLUMNS])
-    swept = grid_prompt(GRID_ROWS[0], "style")
-    sweep = compose([[picture(swept.text, w, 0.0) for w in STYLE_WEIGHTS]], [""],
-                    [f"style {w:g}" for w in STYLE_WEIGHTS], title=f"\"{swept.text}\"")
-    grid_path, sweep_path = out / "demo_grid.png", out / "demo_sweep.png"
-    grid.save(grid_path)
-    sweep.save(sweep_path)
-    return grid_path, sweep_path
+    def draw(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]]) -> None:
+        keys = [key for key in keys if key not in self.drawn]
+        if not keys:
+            return
+        pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
+        settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
+        stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(path)) for path in adapters.values()])
+        for prompt, style_weight, subject_weight in keys:
+            weights = {"style": style_weight, "subject": subject_weight}
+            stack.set_weights({label: (weights[name],) * 2 for label, name in zip(stack.names, adapters)})
+            picture = inference.generate(pipe, prompt, seed=GRID_SEED, steps=self.steps, guidance_scale=5.0)[0]
+            self.drawn[prompt, style_weight, subject_weight] = picture
+
+    def draw_quietly(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]]) -> None:
+        try:
+            self.draw(adapters, keys)
+        except Exception:  # noqa: BLE001 -- asked for again by the caller, who reports it
+            pass
+
+    def save(self, out: Path) -> tuple[Path, Path]:
+        rows = [[self.drawn[key] for key in row] for row in self.rows]
+        grid = compose(rows, [f"{c} {s}\non {b}" for c, s, b in GRID_ROWS], [c[1] for c in GRID_COLUMNS])
+        swept = self.sweep[0][0]
+        sweep = compose([[self.drawn[key] for key in self.sweep]], [""], [f"style {w:g}" for w in STYLE_WEIGHTS],
+                        title=f"\"{swept}\"")
+        grid_path, sweep_path = out / "demo_grid.png", out / "demo_sweep.png"
+        grid.save(grid_path)
+        sweep.save(sweep_path)
+        return grid_path, sweep_path
 
 
 def compose(rows: list[list[Image.Image]], row_labels: list[str], column_titles: list[str], title: str = "",

@@ -100,3 +100,31 @@ def test_a_failing_training_stops_the_other_and_the_demo_says_where_its_log_is(t
     assert "step-000300" not in failed.stderr  # no checkpoint of the style's last step: it never got there
     assert all(int(p.name.split("-")[1]) < 300 for p in (out / "style" / "checkpoints").glob("step-*"))
     assert not list(out.glob("*.png"))
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_training_that_ends_first_is_announced_while_the_other_still_runs(tmp_path):
+    # What lets the demo draw the subject's pictures on the core the subject's training leaves free.
+    demo_script = _demo_module()
+    commands = {"style": [sys.executable, "-c", "import time; time.sleep(3)"], "subject": [sys.executable, "-c", ""]}
+    announced = []
+    trainings = demo_script.Trainings(commands, tmp_path)
+    codes = trainings.wait(lambda name: announced.append((name, trainings.children["style"].poll())))
+    assert codes == {"style": 0, "subject": 0}
+    assert announced == [("subject", None)]  # only the subject, and while the style was still running
+
+
+def test_the_pictures_drawn_early_are_exactly_those_without_the_style():
+    pictures = _demo_module().Pictures()
+    early, late = pictures.without_style, pictures.with_style
+    assert {key[1] for key in early} == {0.0} and 0.0 not in {key[1] for key in late}
+    every = {key for row in pictures.rows for key in row} | set(pictures.sweep)
+    assert set(early) | set(late) == every and len(early) + len(late) == len(every) == 19
