@@ -236,8 +236,8 @@ def run(args) -> None:
     style, subject = train_adapters(args.out, args.steps, args.fresh, finished_early)
     if early.ident is not None:  # started
         early.join()
-    pictures.draw({"subject": subject}, pictures.without_style)  # those the thread did not draw (or all of them)
-    pictures.draw({"style": style, "subject": subject}, pictures.with_style)
+    pictures.draw_on_two_cores({"subject": subject}, pictures.without_style)  # those the thread did not draw
+    pictures.draw_on_two_cores({"style": style, "subject": subject}, pictures.with_style)
     grid_path, sweep_path = pictures.save(args.out)
     print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}\n"
           f"style sweep:     {sweep_path}")
@@ -263,22 +263,40 @@ class Pictures:
         self.without_style = [key for key in wanted if key[1] == 0]
         self.with_style = [key for key in wanted if key[1] != 0]
 
-    def draw(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]]) -> None:
+    def draw(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]], loaded=None) -> None:
         keys = [key for key in keys if key not in self.drawn]
         if not keys:
             return
-        pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
-        settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
-        stack = inference.stack_adapters(pipe, [inference.AdapterSpec(str(path)) for path in adapters.values()])
+        pipe, stack = loaded or self.pipeline(adapters)  # a pipeline and its adapters, loaded
         for prompt, style_weight, subject_weight in keys:
             weights = {"style": style_weight, "subject": subject_weight}
             stack.set_weights({label: (weights[name],) * 2 for label, name in zip(stack.names, adapters)})
             picture = inference.generate(pipe, prompt, seed=GRID_SEED, steps=self.steps, guidance_scale=5.0)[0]
             self.drawn[prompt, style_weight, subject_weight] = picture
 
-    def draw_quietly(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]]) -> None:
+    @staticmethod
+    def pipeline(adapters: dict[str, Path]):
+        # Loading is not thread-safe (it builds models on the meta device through patched globals): one at a time.
+        pipe = inference.build_pipeline(load_base_model("sdlora:shapes"))
+        settle_host_memory(retain=True)  # as `sdlora generate` does: CPU denoising steps reuse their memory
+        return pipe, inference.stack_adapters(pipe, [inference.AdapterSpec(str(path)) for path in adapters.values()])
+
+    def draw_on_two_cores(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]]) -> None:
+        """Half the pictures in a second thread with its own pipeline: each picture is still drawn on one thread
+        (the same pixels), and the two halves use both cores (denoising releases the GIL)."""
+        keys = [key for key in keys if key not in self.drawn]
+        if len(keys) < 2:
+            return self.draw(adapters, keys)
+        mine, theirs = self.pipeline(adapters), self.pipeline(adapters)
+        other = threading.Thread(target=self.draw_quietly, args=(adapters, keys[1::2], theirs), daemon=True)
+        other.start()
+        self.draw(adapters, keys[0::2], mine)
+        other.join()
+        self.draw(adapters, keys, mine)  # what the other thread could not draw, with its error reported here
+
+    def draw_quietly(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]], loaded=None) -> None:
         try:
-            self.draw(adapters, keys)
+            self.draw(adapters, keys, loaded)
         except Exception:  # noqa: BLE001 -- asked for again by the caller, who reports it
             pass
 
