@@ -217,26 +217,26 @@ def main() -> None:
 def run(args) -> None:
     started = time.perf_counter()
     pictures = Pictures(args.grid_steps)
-    subject = args.out / "subject" / "demo_subject.safetensors"
-    # A failure here is not reported from the thread: the same pictures are asked for again below, where an error
-    # (a damaged adapter file, say) ends the demo with its one line.
-    early = threading.Thread(target=pictures.draw_quietly, args=({"subject": subject}, pictures.without_style),
-                             daemon=True)
-    # Every picture is drawn on one thread, overlapping the style's training or not: a picture's float sums depend
-    # on the thread count (up to 1/255 per pixel), and the demo writes the same pixels every time. (A second thread
-    # does not speed up this small model.)
+    adapters = {name: args.out / name / f"demo_{name}.safetensors" for name in ("style", "subject")}
+    early: list[threading.Thread] = []
+    # Every picture is drawn on one thread, overlapping a training or not: a picture's float sums depend on the
+    # thread count (up to 1/255 per pixel), and the demo writes the same pixels every time. (A second thread does
+    # not speed up this small model.)
     torch.set_num_threads(1)
 
     def finished_early(name: str) -> None:
-        # The subject trains faster than the style (about a minute less on 2 cores): its core draws the pictures
-        # that need no style meanwhile.
-        if name == "subject":
-            early.start()
+        # The core of the training that ends first is free while the other one runs: it draws every picture that
+        # needs only that adapter. A failure there is not reported from the thread: the same pictures are asked for
+        # again below, where an error (a damaged adapter file, say) ends the demo with its one line.
+        thread = threading.Thread(target=pictures.draw_quietly,
+                                  args=({name: adapters[name]}, pictures.needing_only(name)), daemon=True)
+        thread.start()
+        early.append(thread)
 
     style, subject = train_adapters(args.out, args.steps, args.fresh, finished_early)
-    if early.ident is not None:  # started
-        early.join()
-    pictures.draw_on_two_cores({"subject": subject}, pictures.without_style)  # those the thread did not draw
+    for thread in early:
+        thread.join()
+    pictures.draw_on_two_cores({"subject": subject}, pictures.without_style)  # those no thread drew
     pictures.draw_on_two_cores({"style": style, "subject": subject}, pictures.with_style)
     grid_path, sweep_path = pictures.save(args.out)
     print(f"style adapter:   {style}\nsubject adapter: {subject}\ngrid:            {grid_path}\n"
@@ -249,9 +249,9 @@ class Pictures:
     once, one at a time with the grid's seed: the prompts and seed scripts/quality.py scores tile by tile
     (grid_<row>_<column>_ok, sweep_<weight>_stripes).
 
-    The pictures without the style (the base, subject and leak columns; the sweep at 0) are drawn with the subject
-    adapter alone, the others with both, style first, as quality.py loads them. A picture is the same either way: an
-    adapter at weight 0 adds exact zeros."""
+    A picture with one adapter at weight 0 is drawn early with the other adapter alone when that one's training ends
+    first; the rest with the subject alone (no style) or with both, style first, as quality.py loads them. A picture
+    is the same either way: an adapter at weight 0 adds exact zeros."""
 
     def __init__(self, steps: int = 25) -> None:
         self.steps = steps
@@ -262,6 +262,12 @@ class Pictures:
         wanted = list(dict.fromkeys([key for row in self.rows for key in row] + self.sweep))
         self.without_style = [key for key in wanted if key[1] == 0]
         self.with_style = [key for key in wanted if key[1] != 0]
+
+    def needing_only(self, name: str) -> list[tuple[str, float, float]]:
+        """The pictures with the other adapter at weight 0 (the base's among them): drawn with `name` alone, they
+        are the same pixels as with both loaded."""
+        other = {"style": 2, "subject": 1}[name]  # the other adapter's weight in a key (prompt, style, subject)
+        return [key for key in self.without_style + self.with_style if key[other] == 0]
 
     def draw(self, adapters: dict[str, Path], keys: list[tuple[str, float, float]], loaded=None) -> None:
         keys = [key for key in keys if key not in self.drawn]

@@ -112,7 +112,7 @@ def _demo_module():
 
 
 def test_the_training_that_ends_first_is_announced_while_the_other_still_runs(tmp_path):
-    # What lets the demo draw the subject's pictures on the core the subject's training leaves free.
+    # What lets the demo draw an adapter's own pictures on the core its finished training leaves free.
     demo_script = _demo_module()
     commands = {"style": [sys.executable, "-c", "import time; time.sleep(3)"], "subject": [sys.executable, "-c", ""]}
     announced = []
@@ -122,9 +122,17 @@ def test_the_training_that_ends_first_is_announced_while_the_other_still_runs(tm
     assert announced == [("subject", None)]  # only the subject, and while the style was still running
 
 
-def test_the_pictures_drawn_early_are_exactly_those_without_the_style():
+def test_the_pictures_drawn_early_are_exactly_those_without_the_other_adapter():
     pictures = _demo_module().Pictures()
     early, late = pictures.without_style, pictures.with_style
     assert {key[1] for key in early} == {0.0} and 0.0 not in {key[1] for key in late}
     every = {key for row in pictures.rows for key in row} | set(pictures.sweep)
     assert set(early) | set(late) == every and len(early) + len(late) == len(every) == 19
+    # Whichever training ends first draws the pictures that need only its adapter: for the subject every picture
+    # without the style (base, leak, subject columns, the sweep at 0); for the style the base, style and sweep
+    # pictures; never a stacked one (both weights above 0), which waits for both.
+    subject_only, style_only = pictures.needing_only("subject"), pictures.needing_only("style")
+    assert subject_only == early
+    assert {key[2] for key in style_only} == {0.0} and len(style_only) == 3 + 3 + 4  # base, style, the sweep below 1
+    stacked = {key for key in every if key[1] and key[2]}
+    assert len(stacked) == 3 and every - set(subject_only) - set(style_only) == stacked
