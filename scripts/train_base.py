@@ -16,8 +16,8 @@ snapshot (OUT-stepN) and the whole training state (OUT-state/state.safetensors: 
 AdamW moments, random generator). Run the same command with --resume and it continues from that state; the
 result is the one an uninterrupted run gives, bit for bit (tests/test_train_base.py).
 
-    python scripts/train_base.py --out sdlora/assets/shapes            # the shipped model
-    python scripts/train_base.py --out sdlora/assets/shapes --resume   # go on after a stop
+    python scripts/train_base.py --out sdlora/assets/shapes --save-every 250   # the shipped model
+    python scripts/train_base.py --out sdlora/assets/shapes --save-every 250 --resume   # go on after a stop
     python scripts/train_base.py --out /tmp/shapes --unet-steps 300    # a quick smoke run
 """
 
@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-crop", type=int, default=32, help="VAE training crop (pixels, multiple of 4)")
-    parser.add_argument("--unet-steps", type=int, default=6500)
+    parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--unet-channels", type=int, nargs=3, default=(32, 64, 64))
     parser.add_argument("--unet-lr", type=float, default=6e-4)
     parser.add_argument("--ema", type=float, default=0.999)

@@ -14,8 +14,8 @@ from sdlora.config import load_config
 from sdlora.data.preflight import CLIP_TOKEN_LIMIT, approximate_token_count
 from sdlora.models import PACKAGED_BASES, caption_token_counter, native_resolution
 
-# 26 tokens for the shipped base's tokenizer (its limit is 24), 16 by the old estimate (under CLIP's 77).
-LONG = "a red circle and a blue square on a green background, dotted style"
+# 26 tokens for the shipped base's tokenizer (its limit is 24), 24 by the old estimate (under CLIP's 77).
+LONG = "a red circle, a blue square, a white ring and a yellow triangle on a green background, striped style"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_shipped_base_counts_with_its_own_tokenizer_and_resolution(capsys, folde
     assert (report["token_counter"], report["token_limit"]) == ("tokenizer", 24)
     long = [w for w in report["warnings"] if w["kind"] == "caption_long"]
     assert [w["path"].split("/")[-1] for w in long] == ["00.png"]
-    assert "26 tokens, over the text encoder's limit of 24: 'dotted style' is cut off" in long[0]["detail"]
+    assert "26 tokens, over the text encoder's limit of 24: 'striped style' is cut off" in long[0]["detail"]
     # Checked at the 64 px the base was trained at, not 512: no "will be upscaled" for any of the eleven.
     assert report["resolution"] == 64 and not [w for w in report["warnings"] if w["kind"] == "small"]
     assert "training.json" in report["resolution_note"]
@@ -50,12 +50,12 @@ def test_shipped_base_counts_with_its_own_tokenizer_and_resolution(capsys, folde
 
 
 def test_the_warning_is_the_truncation_training_does(folder):
-    """Training tokenizes with the same tokenizer, truncated to its model_max_length: "dotted style" never arrives."""
+    """Training tokenizes with the same tokenizer, truncated to its model_max_length: "striped style" never arrives."""
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(PACKAGED_BASES["sdlora:shapes"] / "tokenizer"))
     ids = tokenizer(LONG, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    assert "dotted" not in tokenizer.decode(ids) and "style" not in tokenizer.decode(ids)
+    assert "striped" not in tokenizer.decode(ids) and "style" not in tokenizer.decode(ids)
     counter = caption_token_counter(load_config(None, ["model.base=sdlora:shapes"]).model)
     assert counter.count(LONG) == len(tokenizer(LONG).input_ids) == 26
 
