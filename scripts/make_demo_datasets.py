@@ -1,7 +1,9 @@
 """Write the bundled demo datasets into datasets/ (deterministic; re-running reproduces the committed files).
 
 - demo-style:   shapes drawn with diagonal black stripes, captioned "..., striped style" (a look the base never saw)
-- demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ..."
+- demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ...",
+                once in every colour on every other background (30 pictures), so the ring is tied to `sks` and not
+                to the colours it happened to be drawn in
 - demo-prior:   plain shapes as the base was trained on them, captioned as the base knows them: regularization
                 (prior-preservation) images, so an adapter keeps drawing prompts without its trigger as the base does
 
@@ -11,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
+from dataclasses import replace
 from pathlib import Path
 
-from sdlora.bench.shapes import NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
+from sdlora.bench.shapes import COLORS, NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
 
 
 def write_set(folder: Path, scenes, size: int) -> None:
@@ -38,12 +42,17 @@ def main() -> None:
     style = [random_scene(rng, style="striped", shape=SHAPES[i % 3], colors=NOT_BLACK) for i in range(args.count)]
     write_set(args.out / "demo-style", style, args.size)
     rng = random.Random(2)
-    subject = [random_scene(rng, shape=SUBJECT_SHAPE) for _ in range(args.count)]
+    # Drawn at random, 24 rings covered 17 of the 30 colour pairs (three of them three times); with every pair
+    # once, the subject leaked less on the shipped base (scripts/quality.py, lr 8e-3, 700 steps: shape kept without
+    # `sks` 0.79 -> 1.00, rings with it 0.83 -> 0.79; one draw each, see docs/demo.md).
+    pairs = list(itertools.permutations(sorted(COLORS), 2))
+    subject = [replace(random_scene(rng, shape=SUBJECT_SHAPE), color=color, background=background)
+               for color, background in pairs]
     write_set(args.out / "demo-subject", subject, args.size)
     rng = random.Random(3)
     prior = [random_scene(rng, shape=SHAPES[i % 3]) for i in range(args.prior_count)]
     write_set(args.out / "demo-prior", prior, args.size)
-    print(f"wrote {args.count} images each to {args.out / 'demo-style'} and {args.out / 'demo-subject'}, "
+    print(f"wrote {args.count} images to {args.out / 'demo-style'}, {len(subject)} to {args.out / 'demo-subject'}, "
           f"{args.prior_count} to {args.out / 'demo-prior'}")
 
 
