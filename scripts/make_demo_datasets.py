@@ -44,7 +44,7 @@ def main() -> None:
     rng = random.Random(2)
     # Drawn at random, 24 rings covered 17 of the 30 colour pairs (three of them three times); with every pair
     # once, the subject leaked less on the shipped base (scripts/quality.py, lr 8e-3, 700 steps: shape kept without
-    # `sks` 0.79 -> 1.00, rings with it 0.83 -> 0.79; one draw each, see docs/demo.md).
+    # `sks` 0.79 -> 1.00 on two such sets, rings with it 0.83 -> 0.79 and 0.875; see docs/demo.md).
     pairs = list(itertools.permutations(sorted(COLORS), 2))
     subject = [replace(random_scene(rng, shape=SUBJECT_SHAPE), color=color, background=background)
                for color, background in pairs]
