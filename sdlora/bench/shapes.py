@@ -34,6 +34,8 @@ class Scene:
     center: tuple[float, float]  # fractions of the image side
     radius: float  # fraction of the image side
     style: str = "plain"
+    # How thick a striped style's stripes are, relative to the usual width (a dial LoRA's pictures vary it).
+    stripe_width: float = 1.0
 
     @property
     def caption(self) -> str:
@@ -91,7 +93,15 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
         stripes = ImageDraw.Draw(fill)
         step = max(6, size // 5)
         for offset in range(-size, 2 * size, step):
-            stripes.line([(offset, 0), (offset + size, size)], fill=(15, 15, 15), width=max(2, step * 2 // 5))
+            if scene.stripe_width == 1.0:
+                # The usual stripes, drawn as they always were: the shipped base's VAE learnt these exact pixels.
+                stripes.line([(offset, 0), (offset + size, size)], fill=(15, 15, 15), width=max(2, step * 2 // 5))
+            else:
+                # PIL draws a diagonal line 3, 4 or 5 pixels wide alike, so other widths are parallelograms, a
+                # third of the period wide (along a row) times `stripe_width`: the usual stripes' share of the shape.
+                width = step / 3 * scene.stripe_width
+                stripes.polygon([(offset, 0), (offset + width, 0), (offset + width + size, size),
+                                 (offset + size, size)], fill=(15, 15, 15))
     image.paste(fill, mask=mask)
     if scene.style == "outline":
         border = ImageDraw.Draw(image)

@@ -9,6 +9,16 @@ from pydantic import Field, field_validator, model_validator
 
 from sdlora.config.section import SIZES_IN_EIGHTS, Section
 
+# Adapter weights users stack run from about -2 to 2 (sliders: -1..1); ten times that is a typo, not a dial.
+MAX_ADAPTER_WEIGHT = 10.0
+
+
+def _nonzero_weight(value: float | None) -> float | None:
+    if value == 0:
+        raise ValueError("0 trains nothing (the adapter is off at weight 0): use a weight such as 0.25, or drop the "
+                         "images")
+    return value
+
 
 class CaptionSection(Section):
     """How a caption is turned into the training text; deterministic for a (seed, epoch, item)."""
@@ -37,6 +47,11 @@ class SourceSection(Section):
     path: Path = Field(..., description="Image folder (searched recursively).")
     repeats: int = Field(1, ge=1, description="Times each image is used per epoch (kohya '10_name' folders set it too).")
     loss_weight: float = Field(1.0, gt=0, description="Multiplies the loss of this source's images.")
+    adapter_weight: float = Field(
+        1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT, description="The adapter weight this source's images are "
+        "trained at (1.0: as usual). Images of a weaker effect at a lower weight (and of the opposite effect at a "
+        "negative one) make the weight a dial, as a slider LoRA: see docs/steering.md, 'A weight that works as a dial'."
+    )
     caption_extension: str = Field(".txt", description="Sidecar caption extension ('.caption' is also read).")
     default_caption: str = Field("", description="Caption for images that have none.")
     captions: CaptionSection = CaptionSection()
@@ -48,6 +63,11 @@ class SourceSection(Section):
         False, description="Held-out images: never trained on, scored as the validation loss (instead of "
         "validation.path or validation.fraction; see the `validation:` section for when and how)."
     )
+
+    @field_validator("adapter_weight")
+    @classmethod
+    def _weight_trains_something(cls, value: float) -> float:
+        return _nonzero_weight(value)
 
 
 class RegularizationSection(Section):
@@ -66,7 +86,13 @@ class FolderSettings(Section):
 
     repeats: int | None = Field(None, ge=1)
     loss_weight: float | None = Field(None, gt=0)
+    adapter_weight: float | None = Field(None, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
     caption_extension: str | None = None
+
+    @field_validator("adapter_weight")
+    @classmethod
+    def _weight_trains_something(cls, value: float | None) -> float | None:
+        return _nonzero_weight(value)
     default_caption: str | None = None
     captions: CaptionSection | None = None
 
@@ -152,6 +178,12 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _something_to_learn(self) -> DataSection:
         for number, source in enumerate(self.sources):
+            if (source.regularization or source.validation) and source.adapter_weight != 1.0:
+                kind = "regularization images are trained" if source.regularization else "held-out images are scored"
+                raise ValueError(
+                    f"data.sources[{number}].adapter_weight: {kind} at weight 1.0; drop adapter_weight from this "
+                    "source"
+                )
             if source.regularization and source.validation:
                 raise ValueError(
                     f"data.sources[{number}].regularization cannot be combined with data.sources[{number}].validation "

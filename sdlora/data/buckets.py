@@ -17,6 +17,8 @@ from sdlora.data.sampler import EndlessBatches
 from sdlora.data.sources import DatasetError
 
 Bucket = tuple[int, int]  # (height, width)
+# What a batch must not mix: a bucket, or (bucket, adapter weight) when images train at several weights.
+Group = Bucket | tuple[Bucket, float]
 
 
 def make_buckets(resolution: int, step: int, min_side: int, max_side: int, max_aspect: float) -> list[Bucket]:
@@ -59,6 +61,7 @@ def assign_bucket(size: tuple[int, int], buckets: Sequence[Bucket], step: int, u
 
 class BucketBatchSampler(EndlessBatches):
     """Endless stream of batches of (epoch, index) keys, each batch from one bucket, starting at micro-batch `start`.
+    A bucket here is any group a batch must not mix (`Group`): `bucket_of` gives each item's.
 
     Per epoch: items are permuted (seeded by seed and epoch), grouped by bucket, cut into global batches (a bucket's
     last partial batch is filled by wrapping around that bucket's own items, so no image is left out), and the
@@ -66,7 +69,7 @@ class BucketBatchSampler(EndlessBatches):
     (epoch, position). With `num_replicas` > 1 each process takes its own slice of each global batch.
     """
 
-    def __init__(self, bucket_of: Sequence[Bucket], batch_size: int, seed: int, start: int = 0,
+    def __init__(self, bucket_of: Sequence[Group], batch_size: int, seed: int, start: int = 0,
                  num_replicas: int = 1, rank: int = 0):
         if not bucket_of:
             raise DatasetError("data.path: no usable images to sample from; run `sdlora dataset check` to see why")
@@ -74,7 +77,7 @@ class BucketBatchSampler(EndlessBatches):
         self.batch_size, self.seed, self.start = batch_size, seed, start
         self.num_replicas, self.rank = num_replicas, rank
         self.global_batch = batch_size * num_replicas
-        counts: dict[Bucket, int] = {}
+        counts: dict[Group, int] = {}
         for bucket in self.bucket_of:
             counts[bucket] = counts.get(bucket, 0) + 1
         self.counts = dict(sorted(counts.items()))
@@ -85,7 +88,7 @@ class BucketBatchSampler(EndlessBatches):
         if self._cached[0] == epoch:
             return self._cached[1]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        grouped: dict[Bucket, list[int]] = {bucket: [] for bucket in self.counts}
+        grouped: dict[Group, list[int]] = {bucket: [] for bucket in self.counts}
         for index in torch.randperm(len(self.bucket_of), generator=generator).tolist():
             grouped[self.bucket_of[index]].append(index)
         batches = []

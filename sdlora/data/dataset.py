@@ -75,6 +75,17 @@ class CaptionedImageDataset(Dataset):
         slots = [self.mix.bucket(s) for s in range(len(self.mix))] if self.mix is not None else []
         return [self.targets[r] for r in self.items] + slots
 
+    @property
+    def weighted(self) -> bool:
+        """Some images train at an adapter weight other than 1.0: batches must not mix weights."""
+        return any(record.adapter_weight != 1.0 for record in self.records)
+
+    def item_groups(self) -> list[tuple[tuple[int, int], float]]:
+        """(bucket, adapter weight) of every item: a batch is drawn from one group, since the adapter has one
+        weight per forward pass. Regularization slots train at 1.0."""
+        weights = [self.records[r].adapter_weight for r in self.items] + [1.0] * (len(self) - len(self.items))
+        return list(zip(self.item_buckets(), weights))
+
     def fixed_captions(self) -> set[str]:
         """Every caption an item can get when no caption option varies (what a text cache must hold)."""
         return {build_caption(r.caption, r.captions, random.Random(0)) for r in self.records}
@@ -92,7 +103,8 @@ class CaptionedImageDataset(Dataset):
         weight = self.records[index].loss_weight
         if self.records[index].regularization:
             weight = weight * self.prior_loss_weight
-        out: dict[str, Any] = {"caption": caption, "index": item, "loss_weight": weight}
+        out: dict[str, Any] = {"caption": caption, "index": item, "loss_weight": weight,
+                               "adapter_weight": self.records[index].adapter_weight}
         if self.latent_cache is not None:
             record = self.records[index]
             resized, placement = plan_crop(record.size, self.targets[index], self.crop, rng, self.flip_probability)
@@ -150,6 +162,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "target_sizes": [item["target_size"] for item in items],
         "indices": torch.tensor([item["index"] for item in items]),
         "loss_weights": torch.tensor([float(item["loss_weight"]) for item in items]),
+        "adapter_weights": torch.tensor([float(item["adapter_weight"]) for item in items]),
     }
     if "mask" in items[0]:
         batch["masks"] = torch.stack([item["mask"] for item in items])

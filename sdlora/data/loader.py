@@ -15,8 +15,12 @@ from sdlora.data.sampler import ResumableBatchSampler
 def training_loader(dataset: CaptionedImageDataset, *, bucketed: bool, batch_size: int, seed: int, start: int,
                     num_workers: int, num_replicas: int, rank: int, device: torch.device) -> DataLoader:
     """Batches from global micro-batch `start` on, in the order an uninterrupted run would see them; with
-    `num_replicas` > 1, this process's slice of each global batch."""
-    if bucketed:
+    `num_replicas` > 1, this process's slice of each global batch. Images trained at other adapter weights
+    (`adapter_weight`) are batched like buckets: one weight per batch."""
+    if dataset.weighted:
+        sampler = BucketBatchSampler(dataset.item_groups(), batch_size, seed, start=start,
+                                     num_replicas=num_replicas, rank=rank)
+    elif bucketed:
         sampler = BucketBatchSampler(dataset.item_buckets(), batch_size, seed, start=start,
                                      num_replicas=num_replicas, rank=rank)
     else:

@@ -207,16 +207,23 @@ def check(
         tags.setdefault(record.source, Counter()).update(split_tags(record.caption))
         records.append(replace(record, size=result, content_hash=digest))
         buckets.append(bucket)
-    per_bucket = Counter()  # items per epoch by bucket: training items, then regularization slots
+    # Items per epoch by what a batch must not mix (data/buckets.py's `Group`): the bucket, and the adapter weight
+    # when images train at several; training items, then regularization slots (at weight 1.0).
+    weighted = any(record.adapter_weight != 1.0 for record in records)
+
+    def group(bucket, weight=1.0):
+        return (bucket, weight) if weighted else bucket
+
+    per_bucket = Counter()
     for record, bucket in zip(records, buckets):
-        per_bucket[bucket] += 0 if record.regularization else record.repeats
+        per_bucket[group(bucket, record.adapter_weight)] += 0 if record.regularization else record.repeats
     pool = [i for i, record in enumerate(records) if record.regularization for _ in range(record.repeats)]
     if pool:
-        per_bucket.update(RegularizationMix(pool, buckets, sum(per_bucket.values()), data.regularization.ratio,
-                                            0).per_bucket)
+        mix = RegularizationMix(pool, buckets, sum(per_bucket.values()), data.regularization.ratio, 0)
+        per_bucket.update({group(bucket): count for bucket, count in mix.per_bucket.items()})
     items = sum(per_bucket.values())
     global_batch = batch_size * num_replicas
-    if bucket_cfg.enabled:
+    if bucket_cfg.enabled or weighted:
         batches = sum(math.ceil(n / global_batch) for n in per_bucket.values() if n)
     else:
         batches = items // global_batch

@@ -49,6 +49,7 @@ class ImageRecord:
     source: str = ""
     repeats: int = 1
     loss_weight: float = 1.0
+    adapter_weight: float = 1.0  # the adapter weight it trains at (`data.sources[*].adapter_weight`)
     captions: CaptionSection = field(default_factory=CaptionSection)
     size: tuple[int, int] | None = None  # (height, width) after EXIF orientation; set by the preflight
     content_hash: str = ""  # sha256 of the file bytes; set by the preflight
@@ -167,11 +168,16 @@ def scan_sources(sources: tuple[SourceSection, ...] | list[SourceSection]) -> So
                     unsupported.append(path)
                 continue
             settings = resolver.settings(path.parent)
+            if source.regularization and settings.adapter_weight != 1.0:
+                raise DatasetError(
+                    f"{where}: {path.parent} sets adapter_weight {settings.adapter_weight:g} in its dataset file, but "
+                    "regularization images are trained at weight 1.0; drop adapter_weight there"
+                )
             caption, status = _caption_for(path, settings, metadata)
             records.append(ImageRecord(
                 path=path, caption=caption, caption_missing=status == "missing", caption_status=status,
                 source=str(folder), repeats=settings.repeats, loss_weight=settings.loss_weight,
-                captions=settings.captions, regularization=source.regularization, mask=mask_file_for(path),
+                adapter_weight=settings.adapter_weight, captions=settings.captions, regularization=source.regularization, mask=mask_file_for(path),
             ))
         settings_files += resolver.settings_files
     return SourceScan(records, unsupported, settings_files)

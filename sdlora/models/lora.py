@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -210,6 +211,21 @@ def set_weights(model: torch.nn.Module, weights: dict[str, float]) -> None:
         for name in present:
             for param in _adapter_params(layer, name):
                 param.requires_grad_(False)
+
+
+def weight_setter(*models: torch.nn.Module) -> Callable[[float], None]:
+    """A function that sets the weight of every adapter in `models` while training: each layer's output scale
+    becomes weight x its scale at this call (alpha / r, or alpha / sqrt(r) for rsLoRA), the scale that
+    `set_weights` gives generation at that weight. The weights themselves are untouched, so the saved file is the
+    same whichever weight a step trained at."""
+    scales = [(layer.scaling, name, scale) for model in models for layer in lora_layers(model)
+              for name, scale in layer.scaling.items()]
+
+    def set_weight(weight: float) -> None:
+        for scaling, name, scale in scales:
+            scaling[name] = scale * weight
+
+    return set_weight
 
 
 def set_trainable(model: torch.nn.Module, adapter_name: str) -> None:

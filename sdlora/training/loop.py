@@ -50,6 +50,9 @@ class TrainingParts:
     trained_models: tuple[torch.nn.Module, ...] = ()
     # SD3: rectified-flow training (`training.flow`) of a transformer in place of the UNet's diffusion objective.
     flow: FlowObjective | None = None
+    # Sets every trained adapter's weight (1.0: as saved); batches of images with another `adapter_weight` train
+    # at theirs (`models.lora.weight_setter`).
+    set_adapter_weight: Callable[[float], None] | None = None
 
 
 class Hooks(Protocol):
@@ -143,6 +146,21 @@ def _flow_loss(parts: TrainingParts, batch, latents, noise, states, added_cond) 
     return flow_loss(objective, prediction, latents, noise, noisy, sigmas, batch.get("loss_weights"))
 
 
+def use_adapter_weight(parts: TrainingParts, batch: dict[str, Any] | None) -> None:
+    """Train this micro-batch at its images' adapter weight (the sampler never mixes weights in a batch); None puts
+    the adapter back at 1.0, as samples, validation and saving see it."""
+    if parts.set_adapter_weight is None:
+        return
+    weights = None if batch is None else batch.get("adapter_weights")
+    if weights is None or not len(weights):
+        parts.set_adapter_weight(1.0)
+        return
+    weight = float(weights[0])
+    if not bool((weights == weights[0]).all()):
+        raise ValueError(f"a batch mixes adapter weights {sorted(set(weights.tolist()))}: the sampler must group them")
+    parts.set_adapter_weight(weight)
+
+
 def _step_is_finite(parts: TrainingParts, step_loss: float) -> bool:
     """Loss and gradients all finite, decided the same on every process. Under fp16 the grad scaler already skips
     overflowing steps (and lowers its scale), so there only the loss is checked."""
@@ -183,12 +201,15 @@ def fit(parts: TrainingParts, batches: Iterator[dict[str, Any]], start_step: int
         for _ in range(parts.gradient_accumulation):
             # accelerate all-reduces only on the last micro-batch of the window (DDP/FSDP no_sync, DeepSpeed's
             # boundary flag) and divides the loss by the window length (Accelerator(gradient_accumulation_steps)).
+            batch = next(batches)
+            use_adapter_weight(parts, batch)
             with accelerator.accumulate(*trained):
-                loss = micro_step_loss(parts, next(batches))
+                loss = micro_step_loss(parts, batch)
                 if parts.inject_inf is not None and parts.inject_inf(step):
                     loss = loss * float("inf")
                 accelerator.backward(loss)
             step_loss += loss.detach().float().item() / parts.gradient_accumulation
+        use_adapter_weight(parts, None)
         # The norm before clipping, as accelerate returns it (None under DeepSpeed, which clips in its own step).
         # Without clipping it is still measured the same way: a limit of inf scales every gradient by exactly 1.0.
         grad_norm = accelerator.clip_grad_norm_(parts.params, parts.max_grad_norm or math.inf)

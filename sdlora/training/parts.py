@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from sdlora.config import RunConfig
 from sdlora.data import CaptionedImageDataset, cache
-from sdlora.models import BaseModel, families, sd3
+from sdlora.models import BaseModel, families, lora, sd3
 from sdlora.models.prepare import TrainableModels
 from sdlora.training import distributed
 from sdlora.training.diffusion import LossSpec
@@ -64,6 +64,7 @@ def build_parts(cfg: RunConfig, accelerator: Accelerator, models: TrainableModel
         timestep_range=(cfg.train.min_timestep, cfg.train.max_timestep),
         train_text_encoder=cfg.lora.train_text_encoder,
         conditioning=conditioning, trained_models=tuple(trained_models.values()), flow=flow,
+        set_adapter_weight=lora.weight_setter(*trained_models.values()),
     )
     return parts, trained_models
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sdlora.bench.quality import STRIPED_THRESHOLD, base_prompts, styled_prompts
 from sdlora.bench.shapes import (
@@ -89,6 +94,34 @@ def test_reader_sees_stripes_only_on_striped_scenes():
     plain = [read_scene(render(random_scene(rng, colors=NOT_BLACK))) for _ in range(40)]
     assert min(r.stripe_fraction for r in striped) > STRIPED_THRESHOLD
     assert max(r.stripe_fraction for r in plain) < STRIPED_THRESHOLD
+
+
+def test_thicker_stripes_cover_more_of_every_shape():
+    """The dial dataset's levels (scripts/make_demo_datasets.py): each width covers more of each shape than the
+    thinner one, and the usual width sits where it always did."""
+    rng = random.Random(4)
+    for scene in (random_scene(rng, style="striped", shape=s, colors=NOT_BLACK) for s in SHAPES * 3):
+        shares = [read_scene(render(dataclasses.replace(scene, stripe_width=w))).stripe_fraction
+                  for w in (0.5, 0.75, 1.0, 1.25)]
+        assert shares == sorted(shares) and shares[0] + 0.05 < shares[1] and shares[2] + 0.05 < shares[3], shares
+        assert 0.35 < shares[2] < 0.45, shares
+
+
+def test_the_demo_datasets_script_writes_the_committed_files(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, str(root / "scripts" / "make_demo_datasets.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(root / "datasets") for name in {p.parts[0] for p in written}
+                       for p in (root / "datasets" / name).rglob("*") if p.is_file())
+    assert written == committed
+
+
+    def content(path: Path):  # pixels, not PNG bytes: another Pillow or zlib compresses the same pixels differently
+        return path.read_bytes() if path.suffix != ".png" else Image.open(path).convert("RGB").tobytes()
+
+    changed = [str(p) for p in written if content(tmp_path / p) != content(root / "datasets" / p)]
+    assert not changed
 
 
 def test_prompt_sets_are_fixed_and_cover_the_world():
