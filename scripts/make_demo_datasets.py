@@ -1,6 +1,9 @@
 """Write the bundled demo datasets into datasets/ (deterministic; re-running reproduces the committed files).
 
 - demo-style:   shapes drawn with diagonal black stripes, captioned "..., striped style" (a look the base never saw)
+- demo-style-dial: the same 24 shapes with thinner to thicker stripes, one folder per adapter weight
+                (`weight-0.25/` ... `weight-1/`, each with a dataset.toml setting `adapter_weight`), so the demo's
+                style LoRA learns its weight as a dial: thin stripes at 0.25, thick ones at 1.0
 - demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ...",
                 once in every colour on every other background (30 pictures), so the ring is tied to `sks` and not
                 to the colours it happened to be drawn in
@@ -31,6 +34,20 @@ def write_set(folder: Path, scenes, size: int) -> None:
         stem.with_suffix(".txt").write_text(scene.caption + "\n", encoding="utf-8")
 
 
+# adapter weight -> stripe width (relative to the usual stripes): the stripes' share of the shape then goes
+# 0.25 / 0.33 / 0.42 / 0.50. The usual stripes sit at 0.75, so that 1.0 is a clearly stronger look.
+DIAL = {0.25: 0.5, 0.5: 0.75, 0.75: 1.0, 1.0: 1.25}
+
+
+def write_dial(folder: Path, scenes, size: int) -> None:
+    for weight, width in DIAL.items():
+        level = folder / f"weight-{weight:g}"
+        write_set(level, [replace(scene, stripe_width=width) for scene in scenes], size)
+        (level / "dataset.toml").write_text(
+            f"# these pictures train the adapter at weight {weight:g} (stripes {width:g}x the usual width)\n"
+            f"adapter_weight = {weight}\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("datasets"))
@@ -41,6 +58,7 @@ def main() -> None:
     rng = random.Random(1)
     style = [random_scene(rng, style="striped", shape=SHAPES[i % 3], colors=NOT_BLACK) for i in range(args.count)]
     write_set(args.out / "demo-style", style, args.size)
+    write_dial(args.out / "demo-style-dial", style, args.size)
     rng = random.Random(2)
     # Drawn at random, 24 rings covered 17 of the 30 colour pairs (three of them three times); with every pair
     # once, the subject leaked less on the shipped base (scripts/quality.py, lr 8e-3, 700 steps: shape kept without
@@ -52,7 +70,8 @@ def main() -> None:
     rng = random.Random(3)
     prior = [random_scene(rng, shape=SHAPES[i % 3]) for i in range(args.prior_count)]
     write_set(args.out / "demo-prior", prior, args.size)
-    print(f"wrote {args.count} images to {args.out / 'demo-style'}, {len(subject)} to {args.out / 'demo-subject'}, "
+    print(f"wrote {args.count} images to {args.out / 'demo-style'} ({len(DIAL)} x {args.count} to "
+          f"{args.out / 'demo-style-dial'}), {len(subject)} to {args.out / 'demo-subject'}, "
           f"{args.prior_count} to {args.out / 'demo-prior'}")
 
 

@@ -258,9 +258,12 @@ def log_summary(report: PreflightReport, check_command: str = "sdlora dataset ch
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         log.warning("%d image(s) have no caption; using the default caption: %s", len(missing), shown)
-    log.info("dataset: %d of %d image(s) usable, %d item(s) per epoch with repeats, %d batch(es) per epoch%s",
+    weights = Counter(r.adapter_weight for r in report.records if not r.regularization)
+    log.info("dataset: %d of %d image(s) usable, %d item(s) per epoch with repeats, %d batch(es) per epoch%s%s",
              report.usable, report.found, report.items_per_epoch, report.batches_per_epoch,
-             f", buckets {report.bucket_histogram()}" if report.bucketing else "")
+             f", buckets {report.bucket_histogram()}" if report.bucketing else "",
+             ", images by adapter weight " + ", ".join(f"{w:g}: {n}" for w, n in sorted(weights.items()))
+             if set(weights) != {1.0} else "")
 
 
 def require_usable(report: PreflightReport, batch_size: int, num_replicas: int = 1,

@@ -16,6 +16,14 @@ def test_every_shipped_config_loads(path):
     assert config.lora.rank >= 1
 
 
+def _trains_at_weights(config) -> set[float]:
+    """The adapter weights the images of a config's dataset train at (set by the folders' dataset.toml)."""
+    from sdlora.data.sources import scan_sources
+
+    sources = [s.model_copy(update={"path": SHIPPED.parent / s.path}) for s in config.data.resolved_sources()]
+    return {record.adapter_weight for record in scan_sources(sources).records}
+
+
 # What each example in configs/examples/ shows: a config that stopped setting it would no longer be its example.
 EXAMPLE_SHOWS = {
     "regularization.yaml": lambda c: any(s.regularization for s in c.data.sources),
@@ -27,6 +35,7 @@ EXAMPLE_SHOWS = {
     "lora-plus.yaml": lambda c: c.train.lora_plus_ratio is not None,
     "huber-loss.yaml": lambda c: c.train.loss_type == "huber",
     "timestep-range.yaml": lambda c: c.train.max_timestep is not None,
+    "dial.yaml": lambda c: _trains_at_weights(c) == {0.25, 0.5, 0.75, 1.0},
     # docs/watching.md
     "validation.yaml": lambda c: c.validation.enabled and c.validation.every > 0,
     "ema.yaml": lambda c: c.ema.enabled,

@@ -44,6 +44,14 @@ def _scales(run) -> list[float]:
     return [scale for layer in lora.lora_layers(run.parts.unet) for scale in layer.scaling.values()]
 
 
+def test_the_run_log_counts_images_by_weight(dial_run, caplog):
+    from sdlora.data.preflight import log_summary
+
+    with caplog.at_level("INFO", logger="sdlora.data.preflight"):
+        log_summary(dial_run.report, "sdlora dataset check")
+    assert "images by adapter weight 0.5: 4, 1: 6" in caplog.text
+
+
 def test_batches_never_mix_weights_and_every_image_comes_each_epoch(dial_run):
     run = dial_run
     weights = {r.path.parent.name: r.adapter_weight for r in run.dataset.records}
