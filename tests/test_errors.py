@@ -50,6 +50,7 @@ INTERNAL_RAISES: dict[tuple[str, str], str] = {
     ("training/checkpoint.py", "_jsonable"): "the run stores only JSON-able state",
     ("training/distributed.py", "shard_for_process"): "process indices come from accelerate",
     ("training/loop.py", "fit"): "TrainingParts built inconsistently by the caller",
+    ("training/loop.py", "use_adapter_weight"): "the samplers never put two adapter weights in one batch",
     ("training/offload.py", "Released.forward"): "a released encoder called after caching: a bug in the run",
     ("training/offload.py", "borrowed"): "a released module borrowed again: a bug in the run",
     ("training/run.py", "TrainingRun.__init__"): "API misuse: hub.push_checkpoints on a run started without a publisher",

@@ -13,11 +13,7 @@ from sdlora.config.section import SIZES_IN_EIGHTS, Section
 MAX_ADAPTER_WEIGHT = 10.0
 
 
-def _nonzero_weight(value: float | None) -> float | None:
-    if value == 0:
-        raise ValueError("0 trains nothing (the adapter is off at weight 0): use a weight such as 0.25, or drop the "
-                         "images")
-    return value
+ZERO_WEIGHT = "0 trains nothing (the adapter is off at weight 0): use a weight such as 0.25, or drop the images"
 
 
 class CaptionSection(Section):
@@ -67,7 +63,9 @@ class SourceSection(Section):
     @field_validator("adapter_weight")
     @classmethod
     def _weight_trains_something(cls, value: float) -> float:
-        return _nonzero_weight(value)
+        if value == 0:
+            raise ValueError(ZERO_WEIGHT)
+        return value
 
 
 class RegularizationSection(Section):
@@ -92,7 +90,9 @@ class FolderSettings(Section):
     @field_validator("adapter_weight")
     @classmethod
     def _weight_trains_something(cls, value: float | None) -> float | None:
-        return _nonzero_weight(value)
+        if value == 0:
+            raise ValueError(ZERO_WEIGHT)
+        return value
     default_caption: str | None = None
     captions: CaptionSection | None = None
 

@@ -162,7 +162,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "target_sizes": [item["target_size"] for item in items],
         "indices": torch.tensor([item["index"] for item in items]),
         "loss_weights": torch.tensor([float(item["loss_weight"]) for item in items]),
-        "adapter_weights": torch.tensor([float(item["adapter_weight"]) for item in items]),
+        "adapter_weights": torch.tensor([float(item.get("adapter_weight", 1.0)) for item in items]),
     }
     if "mask" in items[0]:
         batch["masks"] = torch.stack([item["mask"] for item in items])
