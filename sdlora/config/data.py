@@ -9,10 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from sdlora.config.section import SIZES_IN_EIGHTS, Section
 
-# Adapter weights users stack run from about -2 to 2 (sliders: -1..1); ten times that is a typo, not a dial.
+# Adapters are stacked at weights from about -2 to 2 (sliders: -1..1); ten times that is a typo, not a dial.
 MAX_ADAPTER_WEIGHT = 10.0
-
-
 ZERO_WEIGHT = "0 trains nothing (the adapter is off at weight 0): use a weight such as 0.25, or drop the images"
 
 
@@ -86,6 +84,8 @@ class FolderSettings(Section):
     loss_weight: float | None = Field(None, gt=0)
     adapter_weight: float | None = Field(None, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT)
     caption_extension: str | None = None
+    default_caption: str | None = None
+    captions: CaptionSection | None = None
 
     @field_validator("adapter_weight")
     @classmethod
@@ -93,8 +93,6 @@ class FolderSettings(Section):
         if value == 0:
             raise ValueError(ZERO_WEIGHT)
         return value
-    default_caption: str | None = None
-    captions: CaptionSection | None = None
 
 
 # The largest training side accepted. SD1.x trains at 512, SD2 at 768, SDXL at 1024; 4096 is four times SDXL's side,

@@ -177,7 +177,8 @@ def scan_sources(sources: tuple[SourceSection, ...] | list[SourceSection]) -> So
             records.append(ImageRecord(
                 path=path, caption=caption, caption_missing=status == "missing", caption_status=status,
                 source=str(folder), repeats=settings.repeats, loss_weight=settings.loss_weight,
-                adapter_weight=settings.adapter_weight, captions=settings.captions, regularization=source.regularization, mask=mask_file_for(path),
+                adapter_weight=settings.adapter_weight, captions=settings.captions,
+                regularization=source.regularization, mask=mask_file_for(path),
             ))
         settings_files += resolver.settings_files
     return SourceScan(records, unsupported, settings_files)
