@@ -116,7 +116,6 @@ def test_the_demo_datasets_script_writes_the_committed_files(tmp_path):
                        for p in (root / "datasets" / name).rglob("*") if p.is_file())
     assert written == committed
 
-
     def content(path: Path):  # pixels, not PNG bytes: another Pillow or zlib compresses the same pixels differently
         return path.read_bytes() if path.suffix != ".png" else Image.open(path).convert("RGB").tobytes()
 
