@@ -185,10 +185,11 @@ def checkpoint_step(run_dir: Path) -> int:
 
 def data_override(config_path: Path, name: str) -> str:
     """The config's image folders, found from any working folder: its `data.sources` (the subject adds prior images)
-    under the checkout, else datasets/demo-<name>."""
-    sources = (read_config_file(config_path).get("data") or {}).get("sources")
+    or its `data.path` (the style's dial folders), under the checkout."""
+    data = read_config_file(config_path).get("data") or {}
+    sources = data.get("sources")
     if not sources:
-        return f"data.path={ROOT / 'datasets' / f'demo-{name}'}"
+        return f"data.path={ROOT / data.get('path', f'datasets/demo-{name}')}"
     # JSON is YAML's flow style: the override reads as the same list, each path made absolute.
     return "data.sources=" + json.dumps([{**source, "path": str(ROOT / source["path"])} for source in sources])
 
