@@ -1,9 +1,9 @@
 """Write the bundled demo datasets into datasets/ (deterministic; re-running reproduces the committed files).
 
 - demo-style:   shapes drawn with diagonal black stripes, captioned "..., striped style" (a look the base never saw)
-- demo-style-dial: the same 24 shapes with thinner to thicker stripes, one folder per adapter weight
+- demo-style-dial: the same 24 shapes with thinner to the usual stripes, one folder per adapter weight
                 (`weight-0.25/` ... `weight-1/`, each with a dataset.toml setting `adapter_weight`), so the demo's
-                style LoRA learns its weight as a dial: thin stripes at 0.25, thick ones at 1.0
+                style LoRA learns its weight as a dial: thin stripes at 0.25, the usual ones at 1.0
 - demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ...",
                 once in every colour on every other background (30 pictures), so the ring is tied to `sks` and not
                 to the colours it happened to be drawn in
@@ -18,34 +18,47 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from sdlora.bench.shapes import COLORS, NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
 
 
-def write_set(folder: Path, scenes, size: int) -> None:
+def write_set(folder: Path, scenes, size: int, skip: list | None = None) -> None:
+    """Each scene as NNN.png + NNN.txt; `skip[i]`: leave out scene i where its pixels are exactly those bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.*"):
         old.unlink()
     for index, scene in enumerate(scenes):
+        picture = render(scene, size)
+        if skip is not None and skip[index] == picture.tobytes():
+            continue
         stem = folder / f"{index:03d}"
-        render(scene, size).save(stem.with_suffix(".png"), optimize=True)
+        picture.save(stem.with_suffix(".png"), optimize=True)
         stem.with_suffix(".txt").write_text(scene.caption + "\n", encoding="utf-8")
 
 
-# adapter weight -> stripe width (relative to the usual stripes): the stripes' share of the shape then goes
-# 0.25 / 0.33 / 0.42 / 0.50. The usual stripes sit at 0.75, so that 1.0 is a clearly stronger look.
-DIAL = {0.25: 0.5, 0.5: 0.75, 0.75: 1.0, 1.0: 1.25}
+# adapter weight -> (stripe width relative to the usual stripes, times each picture comes per epoch). Thin stripes
+# at the low weights make the style show from 0.25 on; the full weight has the usual stripes, and most of the
+# batches, so that at 1.0 the dial is no heavier an adapter than the style needs (a heavier one fills a stacked
+# subject's ring; docs/demo.md, fifth round, has the levels measured). At 64 px the stripes are 2 px wide at 0.5;
+# 0.6 adds a pixel here and there (no 0.75 level: widths 0.55-0.7 all draw what 0.6 draws).
+DIAL = {0.25: (0.5, 1), 0.5: (0.6, 1), 1.0: (1.0, 3)}
 
 
 def write_dial(folder: Path, scenes, size: int) -> None:
-    for weight, width in DIAL.items():
+    """One folder per weight; a picture that comes out pixel for pixel as the weight below it is left out (the
+    trainer would skip it as a duplicate, with a warning)."""
+    shutil.rmtree(folder, ignore_errors=True)  # a level no longer in DIAL must not stay behind
+    below: list = [None] * len(scenes)
+    for weight, (width, repeats) in DIAL.items():
         level = folder / f"weight-{weight:g}"
-        write_set(level, [replace(scene, stripe_width=width) for scene in scenes], size)
+        write_set(level, [replace(scene, stripe_width=width) for scene in scenes], size, skip=below)
+        below = [render(replace(scene, stripe_width=width), size).tobytes() for scene in scenes]
         (level / "dataset.toml").write_text(
             f"# these pictures train the adapter at weight {weight:g} (stripes {width:g}x the usual width)\n"
-            f"adapter_weight = {weight}\n", encoding="utf-8")
+            f"adapter_weight = {weight}\n" + (f"repeats = {repeats}\n" if repeats > 1 else ""), encoding="utf-8")
 
 
 def main() -> None:
@@ -70,7 +83,7 @@ def main() -> None:
     rng = random.Random(3)
     prior = [random_scene(rng, shape=SHAPES[i % 3]) for i in range(args.prior_count)]
     write_set(args.out / "demo-prior", prior, args.size)
-    print(f"wrote {args.count} images to {args.out / 'demo-style'} ({len(DIAL)} x {args.count} to "
+    print(f"wrote {args.count} images to {args.out / 'demo-style'} ({len(DIAL)} levels to "
           f"{args.out / 'demo-style-dial'}), {len(subject)} to {args.out / 'demo-subject'}, "
           f"{args.prior_count} to {args.out / 'demo-prior'}")
 

@@ -22,6 +22,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SUBJECT_SHAPE = "ring"  # never in the base's world: the subject LoRA teaches it, with a trigger word
+RING_HOLE = 0.5  # the ring's hole radius, as a share of its outer radius (0.6: docs/demo.md, fifth round)
 SUBJECT_TRIGGER = "sks"
 STYLES = ("plain", "striped", "outline")
 
@@ -80,7 +81,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
         draw.ellipse(outline, fill=255)
     elif scene.shape == SUBJECT_SHAPE:
         draw.ellipse(outline, fill=255)
-        cx, cy, r = scene.center[0] * size, scene.center[1] * size, scene.radius * size * 0.5
+        cx, cy, r = scene.center[0] * size, scene.center[1] * size, scene.radius * size * RING_HOLE
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=0)
     elif scene.shape == "square":
         draw.rectangle(outline, fill=255)

@@ -97,8 +97,8 @@ def test_reader_sees_stripes_only_on_striped_scenes():
 
 
 def test_thicker_stripes_cover_more_of_every_shape():
-    """The dial dataset's levels (scripts/make_demo_datasets.py): each width covers more of each shape than the
-    thinner one, and the usual width sits where it always did."""
+    """Stripe widths (a dial dataset's levels): each width covers more of each shape than the thinner one, and the
+    usual width sits where it always did."""
     rng = random.Random(4)
     for scene in (random_scene(rng, style="striped", shape=s, colors=NOT_BLACK) for s in SHAPES * 3):
         shares = [read_scene(render(dataclasses.replace(scene, stripe_width=w))).stripe_fraction
@@ -121,6 +121,14 @@ def test_the_demo_datasets_script_writes_the_committed_files(tmp_path):
 
     changed = [str(p) for p in written if content(tmp_path / p) != content(root / "datasets" / p)]
     assert not changed
+
+
+def test_the_dial_dataset_holds_no_picture_twice():
+    """A picture at two weights would be skipped by the trainer as a duplicate (with a warning in the demo's log):
+    the script leaves out a level's picture that draws exactly as the level below."""
+    folder = Path(__file__).resolve().parents[2] / "datasets" / "demo-style-dial"
+    pictures = [Image.open(p).convert("RGB").tobytes() for p in sorted(folder.rglob("*.png"))]
+    assert len(pictures) > 3 * 20 and len(set(pictures)) == len(pictures)
 
 
 def test_prompt_sets_are_fixed_and_cover_the_world():

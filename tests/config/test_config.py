@@ -35,7 +35,7 @@ EXAMPLE_SHOWS = {
     "lora-plus.yaml": lambda c: c.train.lora_plus_ratio is not None,
     "huber-loss.yaml": lambda c: c.train.loss_type == "huber",
     "timestep-range.yaml": lambda c: c.train.max_timestep is not None,
-    "dial.yaml": lambda c: _trains_at_weights(c) == {0.25, 0.5, 0.75, 1.0},
+    "dial.yaml": lambda c: _trains_at_weights(c) == {0.25, 0.5, 1.0},
     # docs/watching.md
     "validation.yaml": lambda c: c.validation.enabled and c.validation.every > 0,
     "ema.yaml": lambda c: c.ema.enabled,
