@@ -25,18 +25,22 @@ from pathlib import Path
 from sdlora.bench.shapes import COLORS, NOT_BLACK, SHAPES, SUBJECT_SHAPE, random_scene, render
 
 
-def write_set(folder: Path, scenes, size: int, skip: list | None = None) -> None:
-    """Each scene as NNN.png + NNN.txt; `skip[i]`: leave out scene i where its pixels are exactly those bytes."""
+def write_set(folder: Path, scenes, size: int, skip: list | None = None) -> list[bytes]:
+    """Each scene as NNN.png + NNN.txt; `skip[i]`: leave out scene i where its pixels are exactly those bytes.
+    Returns every scene's pixels (written or not)."""
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.*"):
         old.unlink()
+    drawn = []
     for index, scene in enumerate(scenes):
         picture = render(scene, size)
-        if skip is not None and skip[index] == picture.tobytes():
+        drawn.append(picture.tobytes())
+        if skip is not None and skip[index] == drawn[-1]:
             continue
         stem = folder / f"{index:03d}"
         picture.save(stem.with_suffix(".png"), optimize=True)
         stem.with_suffix(".txt").write_text(scene.caption + "\n", encoding="utf-8")
+    return drawn
 
 
 # adapter weight -> (stripe width relative to the usual stripes, times each picture comes per epoch). Thin stripes
@@ -54,8 +58,7 @@ def write_dial(folder: Path, scenes, size: int) -> None:
     below: list = [None] * len(scenes)
     for weight, (width, repeats) in DIAL.items():
         level = folder / f"weight-{weight:g}"
-        write_set(level, [replace(scene, stripe_width=width) for scene in scenes], size, skip=below)
-        below = [render(replace(scene, stripe_width=width), size).tobytes() for scene in scenes]
+        below = write_set(level, [replace(scene, stripe_width=width) for scene in scenes], size, skip=below)
         (level / "dataset.toml").write_text(
             f"# these pictures train the adapter at weight {weight:g} (stripes {width:g}x the usual width)\n"
             f"adapter_weight = {weight}\n" + (f"repeats = {repeats}\n" if repeats > 1 else ""), encoding="utf-8")
