@@ -124,7 +124,7 @@ def test_the_demo_datasets_script_writes_the_committed_files(tmp_path):
 
 
 def test_the_dial_dataset_holds_no_picture_twice():
-    """A picture at two weights would be skipped by the trainer as a duplicate (with a warning in the demo's log):
+    """A picture at two weights would be skipped by the trainer as a duplicate (with a warning in the run's log):
     the script leaves out a level's picture that draws exactly as the level below."""
     folder = Path(__file__).resolve().parents[2] / "datasets" / "demo-style-dial"
     pictures = [Image.open(p).convert("RGB").tobytes() for p in sorted(folder.rglob("*.png"))]
