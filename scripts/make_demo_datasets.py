@@ -2,8 +2,8 @@
 
 - demo-style:   shapes drawn with diagonal black stripes, captioned "..., striped style" (a look the base never saw)
 - demo-style-dial: the same 24 shapes with thinner to the usual stripes, one folder per adapter weight
-                (`weight-0.25/` ... `weight-1/`, each with a dataset.toml setting `adapter_weight`), so the demo's
-                style LoRA learns its weight as a dial: thin stripes at 0.25, the usual ones at 1.0
+                (`weight-0.25/` ... `weight-1/`, each with a dataset.toml setting `adapter_weight`): the demo's
+                style LoRA trains on it and learns its weight as a dial (thin stripes at 0.25, the usual at 1.0)
 - demo-subject: a ring, an object the base never saw, captioned with the trigger word: "a red sks ring on ...",
                 once in every colour on every other background (30 pictures), so the ring is tied to `sks` and not
                 to the colours it happened to be drawn in
@@ -43,12 +43,13 @@ def write_set(folder: Path, scenes, size: int, skip: list | None = None) -> list
     return drawn
 
 
-# adapter weight -> (stripe width relative to the usual stripes, times each picture comes per epoch). Thin stripes
-# at the low weights make the style show from 0.25 on; the full weight has the usual stripes, and most of the
-# batches, so that at 1.0 the dial is no heavier an adapter than the style needs (a heavier one fills a stacked
-# subject's ring; docs/demo.md, fifth round, has the levels measured). At 64 px the stripes are 2 px wide at 0.5;
-# 0.6 adds a pixel here and there (no 0.75 level: widths 0.55-0.7 all draw what 0.6 draws).
-DIAL = {0.25: (0.5, 1), 0.5: (0.6, 1), 1.0: (1.0, 3)}
+# adapter weight -> (stripe width relative to the usual stripes, times each picture comes per epoch). The demo's
+# style LoRA trains on these. Thin stripes at 0.25 make the style show from 0.25 on; slightly thin ones at 0.75 keep
+# 0.75 below the full weight (with the usual stripes there instead, 0.75 striped as many pictures as 1.0, or more);
+# the full weight has the usual stripes and most of the batches, so that at 1.0 the adapter is no heavier than the
+# style needs (a heavier one fills a stacked subject's ring). docs/demo.md, sixth round, has the levels measured.
+# At 64 px the stripes are 2 px wide at 0.5; 0.6 adds a pixel here and there (widths 0.55-0.7 all draw as 0.6).
+DIAL = {0.25: (0.5, 1), 0.75: (0.6, 1), 1.0: (1.0, 8)}
 
 
 def write_dial(folder: Path, scenes, size: int) -> None:

@@ -35,13 +35,18 @@ EXAMPLE_SHOWS = {
     "lora-plus.yaml": lambda c: c.train.lora_plus_ratio is not None,
     "huber-loss.yaml": lambda c: c.train.loss_type == "huber",
     "timestep-range.yaml": lambda c: c.train.max_timestep is not None,
-    "dial.yaml": lambda c: _trains_at_weights(c) == {0.25, 0.5, 1.0},
     # docs/watching.md
     "validation.yaml": lambda c: c.validation.enabled and c.validation.every > 0,
     "ema.yaml": lambda c: c.ema.enabled,
     "tensorboard.yaml": lambda c: c.logging.tensorboard,
     "continue.yaml": lambda c: c.lora.init_from is not None,
 }
+
+
+def test_the_demo_style_trains_as_a_dial():
+    """The demo's style is the example of per-folder adapter weights (docs/steering.md): a config or dataset that
+    stopped training at three weights would no longer be one."""
+    assert _trains_at_weights(load_config(SHIPPED / "demo-style.yaml")) == {0.25, 0.75, 1.0}
 
 
 def test_each_feature_has_its_example_and_its_optimizer_takes_its_arguments():
